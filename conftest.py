@@ -1,0 +1,27 @@
+"""Shared pytest setup. Runs before any test module imports triton.
+
+Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; the interpreter must be
+switched on before triton is first imported, so it is set here, process-wide, for the test run.
+"""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Keep the 2-core CI machine responsive and results deterministic.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
