@@ -1,0 +1,95 @@
+"""Train a video diffusion model online from a stream: one gradient step per arriving frame.
+
+With no arguments, trains on the generated Lifelong Bouncing Balls stream (balls-o) with the preset
+that fits this machine (`tiny` on a CPU). Every setting can come from a preset, a TOML file
+(--config) and --set section.field=value, later ones winning; `--set` names are the fields of
+fastdiff/config.py, e.g. optim.lr=3e-4, replay.strategy=none, autoencoder.latent=none.
+
+examples:
+  fastdiff train
+  fastdiff train --stream balls-c --frames 20000 --preset small --set replay.strategy=er
+  fastdiff train --stream video:clips/ --set run.window=16
+  fastdiff train --resume runs/balls-o-tiny-20261121-120000 --frames 6000
+"""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "train online on a stream (default: generated bouncing balls)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--stream", help="balls-o (default), balls-c, maze, video:PATH (file, folder or a,b,c), npy:DIR")
+    p.add_argument("--frames", type=int, help="frames to train on (one gradient step each); default: the preset's")
+    p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M); default: fits the machine")
+    p.add_argument("--strategy", choices=("er", "none", "full"), help="replay strategy (replay.strategy); default er")
+    p.add_argument("--out", help="directory that holds runs (default runs/)")
+    p.add_argument("--name", help="run name (default: stream-preset-timestamp)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest readable checkpoint")
+    p.add_argument("--config", metavar="FILE", help="TOML file with [run], [model], [replay], ... sections")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a field, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--seed", type=int, help="run.seed")
+    p.add_argument("--device", help="run.device: auto, cpu, cuda, cuda:1")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from fastdiff.config import ConfigError, build_config, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.set)
+        flag_map = {"stream": "run.stream", "frames": "run.frames", "out": "run.out", "name": "run.name",
+                    "seed": "run.seed", "device": "run.device", "strategy": "replay.strategy"}
+        for flag, key in flag_map.items():
+            if getattr(args, flag) is not None:
+                overrides[key] = getattr(args, flag)
+        if args.no_progress:
+            overrides["run.progress"] = False
+        toml_path = args.config
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.json").exists():
+                print(f"fastdiff train: --resume {run_dir}: no config.json there (not a run directory)",
+                      file=sys.stderr)
+                return 2
+            saved = json.loads((run_dir / "config.json").read_text())
+            from fastdiff.config import Config
+
+            cfg = Config.from_dict(saved)
+            from fastdiff.config import set_value, validate
+
+            for key, value in overrides.items():
+                set_value(cfg, key, value)
+            validate(cfg)
+        else:
+            cfg = build_config(args.preset, toml_path, overrides)
+    except ConfigError as err:
+        print(f"fastdiff train: invalid config: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from fastdiff.streams.base import StreamError
+    from fastdiff.train import OnlineTrainer, new_run_dir, write_config
+
+    try:
+        run_dir = Path(args.resume) if args.resume else new_run_dir(cfg)
+        write_config(cfg, run_dir)
+        print(f"run directory: {run_dir}")
+        trainer = OnlineTrainer(cfg, run_dir, resume=bool(args.resume))
+        summary = trainer.train()
+    except (StreamError, FileExistsError, MemoryError, ValueError) as err:
+        print(f"fastdiff train: {err}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("fastdiff train: out of GPU memory. Try a smaller preset (--preset tiny or small), "
+              "replay.storage=pixel, or --set model.checkpoint_activations=true", file=sys.stderr)
+        return 3
+    print(json.dumps(summary, indent=2))
+    print(f"samples: {run_dir / 'samples'}")
+    return 0

@@ -1,0 +1,323 @@
+"""Run configuration: dataclasses with presets, overridable from a TOML file and `--set key=value`.
+
+Precedence (later wins): dataclass defaults < preset < TOML file < --set overrides < explicit flags.
+`validate()` refuses a bad config before any work starts, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # python < 3.11
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    width: int = 64
+    depth: int = 4
+    heads: int = 4
+    patch: int = 1
+    mlp_ratio: float = 4.0
+    checkpoint_activations: bool = False  # recompute blocks in backward to save memory
+
+
+@dataclass
+class AutoencoderConfig:
+    latent: str = "ae"  # "ae": frozen conv autoencoder; "none": pixel space, as in the paper
+    factor: int = 4  # spatial downsampling (1, 2, 4 or 8)
+    channels: int = 4
+    hidden: int = 32
+    warmup_frames: int = 1000  # stream prefix the autoencoder is fitted on, then frozen
+    fit_steps: int = 400
+    fit_batch: int = 32
+    lr: float = 2e-3
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear (the paper's, 1000 steps) or cosine
+    timesteps: int = 1000
+    prediction: str = "eps"  # eps or v
+    loss_weight: str = "uniform"  # uniform or min-snr
+    min_snr_gamma: float = 5.0
+    paper_pattern_prob: float = 0.5  # share of windows with first K/2 observed; the rest per-frame levels
+    sampler: str = "ddim"  # ddim or heun (EDM stochastic Heun, as the paper sampled)
+    sample_steps: int = 50
+    ddim_eta: float = 0.0
+
+
+@dataclass
+class ReplayConfig:
+    strategy: str = "er"  # er (reservoir), none (live window only), full (everything seen)
+    fraction: float = 0.05  # buffer = this share of the stream's windows (paper: 5%) ...
+    windows: int = 0  # ... or an absolute number of windows when > 0
+    storage: str = "latent"  # latent (bf16 on CUDA, fp32 on CPU) or pixel (uint8)
+    live: int = 1  # live windows per batch
+    replayed: int = 1  # replayed windows per batch (paper, balls: 1 live + 1 replay)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "auto"  # auto: adamw8bit-bnb; or adamw8bit-fused, adamw
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    ema: float = 0.9999
+    ema_warmup: bool = True  # decay = min(ema, (1+step)/(10+step)) so short runs sample a useful EMA
+
+
+@dataclass
+class RunConfig:
+    stream: str = "balls-o"
+    frames: int = 0  # frames to train on (0: the preset's default)
+    stream_frames: int = 0  # the stream's nominal length (drift of balls-c completes over it); 0: = frames
+    window: int = 0  # K; 0: the stream's natural window (balls 10, maze 20)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
+    kernels: str = "auto"  # auto, triton, reference, sdpa, xformers (see kernels/dispatch.py)
+    out: str = "runs"
+    name: str = ""
+    checkpoint_every: int = 500  # frames
+    keep_checkpoints: int = 3
+    sample_every: int = 1000  # frames; 0 disables periodic samples
+    sample_frames: int = 30
+    log_every: int = 50
+    compile: bool = False
+    nan_policy: str = "skip"  # skip (count and go on) or stop
+    disk_full_policy: str = "continue"  # continue (report, keep the old checkpoint) or stop
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        cfg = cls()
+        apply_mapping(cfg, data)
+        return cfg
+
+
+# Presets: model size and the defaults that go with it. `tiny` learns visibly on a 2-core CPU in
+# minutes; `small` is the paper's Balls size (~8M parameters), `base` the paper's maze size (~75M).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": {"width": 96, "depth": 4, "heads": 3, "patch": 1},
+        "run": {"frames": 3000, "checkpoint_every": 500, "sample_every": 1500},
+        # A bigger replay share than the paper's 1+1 so that minutes of CPU show learning.
+        "replay": {"live": 1, "replayed": 7, "fraction": 0.05},
+        "autoencoder": {"warmup_frames": 1000, "fit_steps": 300},
+    },
+    "small": {
+        "model": {"width": 256, "depth": 5, "heads": 4, "patch": 1},
+        "run": {"frames": 100_000, "checkpoint_every": 5000, "sample_every": 20_000},
+    },
+    "base": {
+        "model": {"width": 512, "depth": 12, "heads": 8, "patch": 2},
+        "run": {"frames": 1_000_000, "checkpoint_every": 20_000, "sample_every": 100_000},
+        "replay": {"live": 2, "replayed": 2},
+    },
+}
+
+CHOICES = {
+    "autoencoder.latent": ("ae", "none"),
+    "diffusion.schedule": ("linear", "cosine"),
+    "diffusion.prediction": ("eps", "v"),
+    "diffusion.loss_weight": ("uniform", "min-snr"),
+    "diffusion.sampler": ("ddim", "heun"),
+    "replay.strategy": ("er", "none", "full"),
+    "replay.storage": ("latent", "pixel"),
+    "optim.name": ("auto", "adamw8bit-bnb", "adamw8bit-fused", "adamw"),
+    "run.precision": ("auto", "bf16", "fp32"),
+    "run.kernels": ("auto", "triton", "reference", "sdpa", "xformers"),
+    "run.nan_policy": ("skip", "stop"),
+    "run.disk_full_policy": ("continue", "stop"),
+}
+
+
+def _section_and_field(cfg: Config, dotted: str):
+    parts = dotted.split(".")
+    if len(parts) == 1 and parts[0] == "preset":
+        return cfg, "preset"
+    if len(parts) != 2:
+        raise ConfigError(f"{dotted}: expected section.field (e.g. optim.lr)")
+    section_name, name = parts
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        sections = [f.name for f in dataclasses.fields(cfg) if f.name != "preset"]
+        raise ConfigError(f"{dotted}: unknown section {section_name!r}; sections are {', '.join(sections)}")
+    if name not in {f.name for f in dataclasses.fields(section)}:
+        known = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"{dotted}: unknown field; {section_name} has {known}")
+    return section, name
+
+
+def _coerce(dotted: str, current: Any, value: Any) -> Any:
+    kind = type(current)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{dotted}: expected true/false, got {value!r}")
+        try:
+            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        except ValueError:
+            raise ConfigError(f"{dotted}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{dotted}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    section, name = _section_and_field(cfg, dotted)
+    setattr(section, name, _coerce(dotted, getattr(section, name), value))
+
+
+def apply_mapping(cfg: Config, data: dict, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            apply_mapping(cfg, value, prefix=f"{dotted}.")
+        else:
+            set_value(cfg, dotted, value)
+
+
+def apply_preset(cfg: Config, preset: str) -> None:
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg.preset = preset
+    apply_mapping(cfg, PRESETS[preset])
+
+
+def load_toml(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"--config: file not found: {path}")
+    with open(path, "rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"--config: {path} is not valid TOML: {err}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def build_config(preset: str | None = None, toml_path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults < preset < TOML < overrides. The preset may also come from the TOML or overrides."""
+    data = load_toml(toml_path) if toml_path else {}
+    overrides = dict(overrides or {})
+    preset = overrides.pop("preset", None) or preset or data.pop("preset", None) or default_preset()
+    data.pop("preset", None)
+    cfg = Config()
+    apply_preset(cfg, preset)
+    apply_mapping(cfg, data)
+    for key, value in overrides.items():
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def default_preset() -> str:
+    """The preset that fits this machine: tiny on CPU; bigger ones are chosen by GPU memory."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "small"
+    except Exception:
+        pass
+    return "tiny"
+
+
+def validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, name = _section_and_field(cfg, dotted)
+        if getattr(section, name) not in allowed:
+            raise ConfigError(f"{dotted}: {getattr(section, name)!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,
+        "model.patch": cfg.model.patch, "autoencoder.channels": cfg.autoencoder.channels,
+        "autoencoder.hidden": cfg.autoencoder.hidden, "diffusion.timesteps": cfg.diffusion.timesteps,
+        "diffusion.sample_steps": cfg.diffusion.sample_steps, "replay.live": cfg.replay.live,
+        "run.checkpoint_every": cfg.run.checkpoint_every, "run.keep_checkpoints": cfg.run.keep_checkpoints,
+        "run.log_every": cfg.run.log_every, "run.sample_frames": cfg.run.sample_frames,
+    }
+    for dotted, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{dotted}: must be positive, got {value}")
+    non_negative = {
+        "run.frames": cfg.run.frames, "run.window": cfg.run.window, "run.sample_every": cfg.run.sample_every,
+        "run.stream_frames": cfg.run.stream_frames, "replay.replayed": cfg.replay.replayed,
+        "replay.windows": cfg.replay.windows, "autoencoder.warmup_frames": cfg.autoencoder.warmup_frames,
+        "autoencoder.fit_steps": cfg.autoencoder.fit_steps, "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip, "diffusion.ddim_eta": cfg.diffusion.ddim_eta,
+    }
+    for dotted, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{dotted}: must not be negative, got {value}")
+    if cfg.model.width % cfg.model.heads:
+        raise ConfigError(f"model.width: {cfg.model.width} is not divisible by model.heads={cfg.model.heads}")
+    if cfg.model.width // cfg.model.heads not in (32, 64, 128):
+        raise ConfigError(
+            f"model.heads: head dim model.width/model.heads = {cfg.model.width // cfg.model.heads} is not "
+            "supported; the fused temporal attention kernel serves head dims 32, 64 and 128"
+        )
+    if cfg.autoencoder.factor not in (1, 2, 4, 8):
+        raise ConfigError(f"autoencoder.factor: must be 1, 2, 4 or 8, got {cfg.autoencoder.factor}")
+    if not 0.0 < cfg.replay.fraction <= 1.0:
+        raise ConfigError(f"replay.fraction: must be in (0, 1], got {cfg.replay.fraction}")
+    if not 0.0 <= cfg.diffusion.paper_pattern_prob <= 1.0:
+        raise ConfigError(f"diffusion.paper_pattern_prob: must be in [0, 1], got {cfg.diffusion.paper_pattern_prob}")
+    if not 0.0 < cfg.optim.lr < 1.0:
+        raise ConfigError(f"optim.lr: must be in (0, 1), got {cfg.optim.lr}")
+    if not 0.0 <= cfg.optim.ema < 1.0:
+        raise ConfigError(f"optim.ema: must be in [0, 1), got {cfg.optim.ema}")
+    for dotted, beta in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"{dotted}: must be in [0, 1), got {beta}")
+    if cfg.diffusion.sample_steps > cfg.diffusion.timesteps:
+        raise ConfigError(
+            f"diffusion.sample_steps: {cfg.diffusion.sample_steps} exceeds diffusion.timesteps="
+            f"{cfg.diffusion.timesteps}"
+        )
+    if cfg.run.window == 1:
+        raise ConfigError("run.window: a window needs at least 2 frames (observed + generated)")

@@ -1,0 +1,105 @@
+"""Convolutional frame autoencoder: fitted on a warm-up prefix of the stream, then frozen.
+
+Pixels uint8 (.., H, W, 3) <-> latents (.., C, H/f, W/f). Latents are normalised per channel with
+statistics measured on the warm-up frames, so the diffusion model sees roughly unit-variance inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pixels_to_unit(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    return frames.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+def unit_to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3)."""
+    return x.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
+
+
+class FrameAutoencoder(nn.Module):
+    def __init__(self, channels: int = 4, factor: int = 4, hidden: int = 32):
+        super().__init__()
+        self.channels, self.factor = channels, factor
+        downs = int(math.log2(factor))
+        enc: list[nn.Module] = [nn.Conv2d(3, hidden, 3, padding=1), nn.SiLU()]
+        width = hidden
+        for _ in range(downs):
+            enc += [nn.Conv2d(width, width * 2, 4, stride=2, padding=1), nn.SiLU(),
+                    nn.Conv2d(width * 2, width * 2, 3, padding=1), nn.SiLU()]
+            width *= 2
+        enc.append(nn.Conv2d(width, channels, 1))
+        dec: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU()]
+        for _ in range(downs):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width // 2, 3, padding=1),
+                    nn.SiLU(), nn.Conv2d(width // 2, width // 2, 3, padding=1), nn.SiLU()]
+            width //= 2
+        dec.append(nn.Conv2d(width, 3, 3, padding=1))
+        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+        self.register_buffer("shift", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+
+    def _raw_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> normalised latents (N, C, h, w)."""
+        z = self._raw_encode(pixels_to_unit(frames))
+        return (z - self.shift[:, None, None]) / self.scale[:, None, None]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalised latents (N, C, h, w) -> uint8 (N, H, W, 3)."""
+        z = latents * self.scale[:, None, None] + self.shift[:, None, None]
+        return unit_to_pixels(self.decoder(z).clamp(-1, 1))
+
+    def fit(self, frames: np.ndarray, *, steps: int, batch: int, lr: float, generator: torch.Generator,
+            device: torch.device, progress=None) -> float:
+        """Fit on uint8 frames (N, H, W, 3); returns the final reconstruction MSE in [-1,1] units."""
+        self.train()
+        data = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+        loss_value = float("nan")
+        for step in range(steps):
+            idx = torch.randint(0, len(data), (min(batch, len(data)),), generator=generator).to(device)
+            x = pixels_to_unit(data[idx])
+            recon = self.decoder(self._raw_encode(x))
+            # Balls are small bright blobs on black: weight error on lit pixels so they are not averaged away.
+            weight = 1.0 + 4.0 * (x.amax(dim=1, keepdim=True) > -0.9).float()
+            loss = (weight * (recon - x).pow(2)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress is not None and (step % 20 == 0 or step == steps - 1):
+                loss_value = loss.item()
+                progress(step, loss_value)
+        self.eval()
+        with torch.no_grad():
+            z = torch.cat([self._raw_encode(pixels_to_unit(chunk)) for chunk in data.split(256)])
+            self.shift.copy_(z.mean(dim=(0, 2, 3)))
+            self.scale.copy_(z.std(dim=(0, 2, 3)).clamp_min(1e-3))
+            recon = torch.cat([self.decoder(self._raw_encode(pixels_to_unit(c))) for c in data[:512].split(256)])
+            loss_value = F.mse_loss(recon, pixels_to_unit(data[:512])).item()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return loss_value
+
+
+class PixelSpace(nn.Module):
+    """`--latent none`: the identity 'autoencoder', so the diffusion model runs on pixels in [-1, 1]."""
+
+    channels, factor = 3, 1
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return pixels_to_unit(frames)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return unit_to_pixels(latents.clamp(-1, 1))

@@ -1,0 +1,154 @@
+"""Video DiT: factorised spatial + temporal attention over latent clips, one timestep per frame.
+
+Input (B, K, C, H, W) noisy clip, timesteps (B, K), observed mask (B, K) -> prediction (B, K, C, H, W).
+Tokens are (B, K, S, D) with S = patches per frame. Each block: spatial attention over S for every
+(b, k), temporal attention over K for every (b, s) with a learned relative-position bias (heads, K, K),
+then an MLP; each sub-layer is modulated per frame by adaLN-zero from the frame's conditioning vector
+(timestep embedding + observed-frame embedding). Observed frames also carry an indicator channel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastdiff import ops
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, any shape -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, D)
+        b, k, s, d = x.shape
+        qkv = self.qkv(x).view(b * k, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B*K, H, S, Dh)
+        return self.proj(out.transpose(1, 2).reshape(b, k, s, d))
+
+
+class TemporalAttention(nn.Module):
+    """Attention over the K frames of every spatial location, with a relative-position bias.
+
+    q, k and v reach the kernel as strided views of the fused qkv projection (no copies)."""
+
+    def __init__(self, width: int, heads: int, max_frames: int):
+        super().__init__()
+        self.heads = heads
+        self.max_frames = max_frames
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.rel_bias = nn.Parameter(torch.zeros(heads, 2 * max_frames - 1))
+
+    def bias(self, frames: int) -> torch.Tensor:
+        idx = torch.arange(frames, device=self.rel_bias.device)
+        offsets = idx[None, :] - idx[:, None] + self.max_frames - 1  # j - i, shifted to >= 0
+        return self.rel_bias[:, offsets]  # (H, K, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, D)
+        b, k, s, d = x.shape
+        if k > self.max_frames:
+            raise ValueError(f"temporal attention built for {self.max_frames} frames, got {k}")
+        # One transpose of the D-wide activations so that each (b, s) sequence is a single stride.
+        qkv = self.qkv(x.transpose(1, 2)).view(b * s, k, 3, self.heads, d // self.heads)
+        out = ops.temporal_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=self.bias(k).to(qkv.dtype))
+        return self.proj(out.reshape(b, s, k, d).transpose(1, 2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, max_frames: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.spatial = SpatialAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.temporal = TemporalAttention(width, heads, max_frames)
+        self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
+        nn.init.zeros_(self.ada[1].weight)  # adaLN-zero: every block starts as the identity
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # cond (B, K, D) -> nine (B, K, 1, D) modulation tensors, one set per frame.
+        mods = self.ada(cond)[:, :, None].chunk(9, dim=-1)
+        x = x + mods[2] * self.spatial(modulate(self.norm1(x), mods[0], mods[1]))
+        x = x + mods[5] * self.temporal(modulate(self.norm2(x), mods[3], mods[4]))
+        return x + mods[8] * self.mlp(modulate(self.norm3(x), mods[6], mods[7]))
+
+
+class VideoDiT(nn.Module):
+    def __init__(self, channels: int, height: int, width_px: int, max_frames: int, *, width: int = 64,
+                 depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
+                 checkpoint_activations: bool = False):
+        super().__init__()
+        if height % patch or width_px % patch:
+            raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
+        self.channels, self.patch, self.max_frames = channels, patch, max_frames
+        self.grid = (height // patch, width_px // patch)
+        self.checkpoint_activations = checkpoint_activations
+        patch_dim = (channels + 1) * patch * patch  # +1: the observed-frame indicator channel
+        self.embed = nn.Linear(patch_dim, width)
+        self.pos = nn.Parameter(torch.randn(self.grid[0] * self.grid[1], width) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.observed_embed = nn.Embedding(2, width)
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, channels * patch * patch)
+        for layer in (self.final_ada[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, C, H, W) -> (B, K, S, C*p*p)
+        b, k, c, _, _ = x.shape
+        p, (gh, gw) = self.patch, self.grid
+        x = x.reshape(b, k, c, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(b, k, gh * gw, c * p * p)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, C*p*p) -> (B, K, C, H, W)
+        b, k = x.shape[:2]
+        p, (gh, gw), c = self.patch, self.grid, self.channels
+        x = x.reshape(b, k, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, k, c, gh * p, gw * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        b, k, c, h, w = x.shape
+        if c != self.channels or (h // self.patch, w // self.patch) != self.grid:
+            raise ValueError(f"expected (B, K, {self.channels}, {self.grid[0] * self.patch}, "
+                             f"{self.grid[1] * self.patch}), got {tuple(x.shape)}")
+        if t.shape != (b, k) or observed.shape != (b, k):
+            raise ValueError(f"timesteps and observed mask must be (B, K)=({b}, {k}); "
+                             f"got {tuple(t.shape)} and {tuple(observed.shape)}")
+        indicator = observed.to(x.dtype)[:, :, None, None, None].expand(b, k, 1, h, w)
+        tokens = self.embed(self.patchify(torch.cat([x, indicator], dim=2))) + self.pos
+        cond = self.time_mlp(timestep_embedding(t, 256)) + self.observed_embed(observed.long())
+        for block in self.blocks:
+            if self.checkpoint_activations and self.training:
+                tokens = checkpoint(block, tokens, cond, use_reentrant=False)
+            else:
+                tokens = block(tokens, cond)
+        shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
+        return self.unpatchify(self.out(modulate(self.final_norm(tokens), shift, scale)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

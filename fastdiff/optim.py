@@ -1,0 +1,278 @@
+"""Optimizer choice and state-dict conversion between optimizers (so a resumed run can switch).
+
+``build_optimizer(name, params, *, lr, betas, eps, weight_decay)`` with ``name`` one of
+:data:`OPTIMIZERS`:
+
+* ``adamw8bit-fused``: ours, :class:`kernels.adamw8bit.AdamW8bitFused` (CUDA-graph capturable);
+* ``adamw8bit-bnb``: ``bitsandbytes.optim.AdamW8bit`` (the design's default, decision 8);
+* ``adamw``: ``torch.optim.AdamW``, ``fused=True`` when every parameter is on CUDA.
+
+Conversion. Every optimizer's per-parameter state is read into one neutral form — either 8-bit
+(uint8 exp_avg with the signed dynamic code, uint8 exp_avg_sq with the unsigned one, fp32 absmax per
+256-element block) or fp32 (exp_avg, exp_avg_sq), plus the step count — and written out in the
+destination's layout. Ours and bitsandbytes use the same code tables, block size and size rule
+(tensors of at least 4,096 elements are 8-bit), so between them the bytes are copied unchanged.
+Into ``adamw`` 8-bit moments are dequantised (cast to the parameter's dtype, as torch keeps them);
+out of ``adamw`` fp32 moments are quantised blockwise. Where source and destination disagree on
+whether a tensor is 8-bit (e.g. another ``min_8bit_size``) the moments are (de)quantised as needed.
+Hyper-parameters (lr, betas, eps, weight_decay) come from the source; every other group key takes
+the destination optimizer's value.
+
+Use :func:`load_state_dict_any` on resume: it detects which optimizer wrote the state dict and
+converts it for the optimizer at hand.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from kernels.adamw8bit import (
+    MIN_8BIT_SIZE,
+    AdamW8bitFused,
+    code_on,
+    dequantize_blockwise,
+    quantize_blockwise,
+)
+
+OPTIMIZERS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")
+_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+_BNB_WRAP_KEY = "__bnb_optimizer_quant_state__"
+
+
+def _check_name(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _flat_params(params) -> list[torch.Tensor]:
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            ps = item["params"]
+            out += [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        else:
+            out.append(item)
+    return out
+
+
+def build_optimizer(
+    name: str,
+    params,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``params`` (tensors or groups)."""
+    _check_name(name)
+    params = list(params)
+    if name == "adamw8bit-fused":
+        return AdamW8bitFused(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "adamw8bit-bnb":
+        try:
+            import bitsandbytes as bnb
+        except Exception as exc:  # pragma: no cover - bitsandbytes is a dependency
+            raise RuntimeError(
+                f"optimizer 'adamw8bit-bnb' not available because bitsandbytes fails to import: {exc}"
+            ) from exc
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    flat = _flat_params(params)
+    on_cuda = bool(flat) and all(p.is_cuda for p in flat)
+    return torch.optim.AdamW(
+        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True if on_cuda else None
+    )
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """Which entry of :data:`OPTIMIZERS` this optimizer instance is."""
+    if isinstance(optimizer, AdamW8bitFused):
+        return "adamw8bit-fused"
+    if type(optimizer).__module__.startswith("bitsandbytes"):
+        return "adamw8bit-bnb"
+    if isinstance(optimizer, torch.optim.AdamW):
+        return "adamw"
+    raise ValueError(f"optimizer {type(optimizer).__name__} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def detect_format(state_dict: dict) -> str:
+    """Which optimizer wrote ``state_dict`` (by its per-parameter keys)."""
+    for st in state_dict["state"].values():
+        if "state1" in st or _BNB_WRAP_KEY in st:
+            return "adamw8bit-bnb"
+        if "absmax_exp_avg" in st:
+            return "adamw8bit-fused"
+    groups = state_dict.get("param_groups", [])
+    if groups and ("t_alpha" in groups[0] or "alpha" in groups[0]):
+        return "adamw8bit-bnb"
+    if groups and "amsgrad" in groups[0]:
+        return "adamw"
+    return "adamw8bit-fused"
+
+
+# ---- neutral per-parameter state -------------------------------------------------------------
+
+
+def _read_state(st: dict, fmt: str) -> dict | None:
+    """-> {"step": float, "q": (m_u8, v_u8, absmax_m, absmax_v)} or {"step", "fp": (m, v)}; None if empty."""
+    if not st:
+        return None
+    if fmt == "adamw8bit-bnb":
+        st = dict(st)
+        st.update(st.pop(_BNB_WRAP_KEY, {}))
+        step = float(st["step"])
+        if st["state1"].dtype == torch.uint8:
+            m, v = st["state1"], st["state2"]
+            am, av = st["absmax1"], st["absmax2"]
+            # bitsandbytes keeps its code tables in the state; if they differ from ours, go through fp32.
+            if not (
+                torch.equal(st["qmap1"].cpu(), code_on(True, torch.device("cpu")))
+                and torch.equal(st["qmap2"].cpu(), code_on(False, torch.device("cpu")))
+            ):
+                return {"step": step, "fp": (dequantize_blockwise(m, am, st["qmap1"]),
+                                             dequantize_blockwise(v, av, st["qmap2"]))}
+            return {"step": step, "q": (m, v, am, av)}
+        return {"step": step, "fp": (st["state1"].float(), st["state2"].float())}
+    step = float(st["step"])
+    if "exp_avg" not in st:
+        return {"step": step, "fp": None}
+    if st["exp_avg"].dtype == torch.uint8:
+        moments = (st["exp_avg"], st["exp_avg_sq"], st["absmax_exp_avg"], st["absmax_exp_avg_sq"])
+        return {"step": step, "q": moments}
+    return {"step": step, "fp": (st["exp_avg"].float(), st["exp_avg_sq"].float())}
+
+
+def _as_q(neutral: dict, like: torch.Tensor):
+    if "q" in neutral:
+        return neutral["q"]
+    m, v = neutral["fp"] if neutral["fp"] is not None else (torch.zeros_like(like, dtype=torch.float32),) * 2
+    dev = m.device
+    qm, am = quantize_blockwise(m, code_on(True, dev))
+    qv, av = quantize_blockwise(v, code_on(False, dev), positive_floor=True)
+    return qm, qv, am, av
+
+
+def _as_fp(neutral: dict, like: torch.Tensor):
+    if "fp" in neutral:
+        if neutral["fp"] is None:
+            return torch.zeros_like(like, dtype=torch.float32), torch.zeros_like(like, dtype=torch.float32)
+        return neutral["fp"]
+    m, v, am, av = neutral["q"]
+    dev = m.device
+    return dequantize_blockwise(m, am, code_on(True, dev)), dequantize_blockwise(v, av, code_on(False, dev))
+
+
+def _write_state(neutral: dict, fmt: str, p: torch.Tensor, min_8bit_size: int) -> dict:
+    eight_bit = p.numel() >= min_8bit_size
+    step = neutral["step"]
+    if fmt == "adamw":
+        m, v = _as_fp(neutral, p)
+        return {"step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": m.reshape(p.shape).to(p.dtype), "exp_avg_sq": v.reshape(p.shape).to(p.dtype)}
+    if fmt == "adamw8bit-fused":
+        if eight_bit:
+            qm, qv, am, av = _as_q(neutral, p)
+            return {"step": torch.tensor(step, dtype=torch.float32), "exp_avg": qm.reshape(p.shape),
+                    "exp_avg_sq": qv.reshape(p.shape), "absmax_exp_avg": am, "absmax_exp_avg_sq": av}
+        m, v = _as_fp(neutral, p)
+        return {"step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": m.reshape(p.shape).float(), "exp_avg_sq": v.reshape(p.shape).float()}
+    # bitsandbytes: int step, state1/state2, code tables in the state
+    if eight_bit:
+        qm, qv, am, av = _as_q(neutral, p)
+        return {"step": int(round(step)), "state1": qm.reshape(p.shape), "state2": qv.reshape(p.shape),
+                "absmax1": am, "absmax2": av,
+                "qmap1": code_on(True, qm.device).clone(), "qmap2": code_on(False, qm.device).clone()}
+    m, v = _as_fp(neutral, p)
+    return {"step": int(round(step)), "state1": m.reshape(p.shape).float(),
+            "state2": v.reshape(p.shape).float()}
+
+
+_DEFAULT_GROUPS: dict[tuple[str, bool], dict] = {}
+
+
+def _group_defaults(name: str, on_cuda: bool) -> dict:
+    """Every group key the destination optimizer uses, with its default (from a throwaway instance)."""
+    key = (name, on_cuda)
+    if key not in _DEFAULT_GROUPS:
+        dummy = torch.zeros(1, requires_grad=True)
+        opt = build_optimizer(name, [dummy], lr=1e-3, weight_decay=0.0)
+        group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        if name == "adamw" and on_cuda:
+            group["fused"], group["foreach"] = True, None
+        _DEFAULT_GROUPS[key] = group
+    return dict(_DEFAULT_GROUPS[key])
+
+
+def convert_state_dict(
+    state_dict: dict,
+    src_name: str,
+    dst_name: str,
+    params,
+    *,
+    min_8bit_size: int = MIN_8BIT_SIZE,
+    dst_param_groups: list[dict] | None = None,
+) -> dict:
+    """``state_dict`` written by optimizer ``src_name`` -> the same training state for ``dst_name``.
+
+    ``params``: the parameters (or param-group dicts) in the order the optimizer was given them, for
+    shapes, dtypes and devices. ``dst_param_groups``: the destination optimizer's groups, whose
+    non-hyper-parameter keys are kept (default: that optimizer's defaults).
+    """
+    _check_name(src_name)
+    _check_name(dst_name)
+    flat = _flat_params(params)
+    saved_groups = state_dict["param_groups"]
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    if len(saved_ids) != len(flat):
+        raise ValueError(
+            f"convert_state_dict: the state dict covers {len(saved_ids)} parameters but "
+            f"{len(flat)} were given"
+        )
+    on_cuda = bool(flat) and all(p.is_cuda for p in flat)
+    new_state = {}
+    for new_id, (saved_id, p) in enumerate(zip(saved_ids, flat)):
+        neutral = _read_state(state_dict["state"].get(saved_id, {}), src_name)
+        if neutral is None:
+            continue
+        for key in ("q", "fp"):
+            if neutral.get(key) is not None:
+                neutral[key] = tuple(t.to(p.device) for t in neutral[key])
+        new_state[new_id] = _write_state(neutral, dst_name, p, min_8bit_size)
+    new_groups, start = [], 0
+    for gi, sg in enumerate(saved_groups):
+        base = (
+            {k: v for k, v in dst_param_groups[gi].items() if k != "params"}
+            if dst_param_groups is not None
+            else _group_defaults(dst_name, on_cuda)
+        )
+        for k in _HYPER_KEYS:
+            if k in sg:
+                base[k] = copy.deepcopy(sg[k])
+        n = len(sg["params"])
+        base["params"] = list(range(start, start + n))
+        start += n
+        new_groups.append(base)
+    return {"state": new_state, "param_groups": new_groups}
+
+
+def load_state_dict_any(
+    optimizer: torch.optim.Optimizer, state_dict: dict, src_name: str | None = None
+) -> None:
+    """Load a state dict written by any of :data:`OPTIMIZERS` into ``optimizer``, converting if needed."""
+    dst_name = optimizer_name(optimizer)
+    src_name = src_name or detect_format(state_dict)
+    if src_name == dst_name:
+        optimizer.load_state_dict(state_dict)
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    min_8bit = getattr(optimizer, "min_8bit_size", None)
+    if min_8bit is None:
+        min_8bit = getattr(getattr(optimizer, "args", None), "min_8bit_size", MIN_8BIT_SIZE)
+    converted = convert_state_dict(
+        state_dict, src_name, dst_name, params,
+        min_8bit_size=min_8bit, dst_param_groups=optimizer.param_groups,
+    )
+    optimizer.load_state_dict(converted)

@@ -1,0 +1,62 @@
+import pytest
+
+from fastdiff.config import PRESETS, Config, ConfigError, build_config, parse_overrides, validate
+
+
+def test_presets_build_and_validate():
+    for name in PRESETS:
+        cfg = build_config(name)
+        assert cfg.preset == name
+        validate(cfg)
+
+
+def test_precedence_preset_then_toml_then_overrides(tmp_path):
+    toml = tmp_path / "cfg.toml"
+    toml.write_text('[optim]\nlr = 3e-4\n[run]\nframes = 123\n')
+    cfg = build_config("tiny", str(toml), {"run.frames": "77"})
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.run.frames == 77
+    assert cfg.model.width == PRESETS["tiny"]["model"]["width"]
+
+
+def test_overrides_coerce_types():
+    cfg = build_config("tiny", None, parse_overrides(["run.compile=true", "optim.lr=1e-3", "run.frames=2e3"]))
+    assert cfg.run.compile is True and cfg.optim.lr == 1e-3 and cfg.run.frames == 2000
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"model.width": "-8"}, "model.width"),
+        ({"model.heads": "5"}, "model.width"),  # 96 not divisible by 5
+        ({"model.heads": "1"}, "model.heads"),  # head dim 96 unsupported
+        ({"replay.fraction": "2.0"}, "replay.fraction"),
+        ({"replay.strategy": "magic"}, "replay.strategy"),
+        ({"optim.lr": "abc"}, "optim.lr"),
+        ({"optim.nosuch": "1"}, "optim.nosuch"),
+        ({"nosection.x": "1"}, "nosection"),
+        ({"run.frames": "-1"}, "run.frames"),
+        ({"diffusion.sample_steps": "5000"}, "diffusion.sample_steps"),
+        ({"run.compile": "maybe"}, "run.compile"),
+    ],
+)
+def test_invalid_configs_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build_config("tiny", None, override)
+
+
+def test_unknown_preset_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="preset"):
+        build_config("enormous")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nframes = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        build_config("tiny", str(bad))
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_roundtrip_dict():
+    cfg = build_config("small", None, {"optim.lr": "2e-4"})
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg

@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+
+from fastdiff.config import DiffusionConfig
+from fastdiff.diffusion import (
+    Schedule,
+    ddim_sample,
+    heun_sample,
+    predict_x0_eps,
+    rollout,
+    sample_training_levels,
+    training_loss,
+)
+from fastdiff.models.dit import VideoDiT
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_identities(kind):
+    s = Schedule.make(kind, 1000)
+    torch.testing.assert_close(s.alpha**2 + s.sigma**2, torch.ones(1000), atol=1e-6, rtol=0)
+    assert torch.all(s.alpha[1:] < s.alpha[:-1])  # signal decreases monotonically
+    assert s.alpha[0] > 0.99 and s.alpha[-1] < 0.02
+    t = torch.tensor([0, 1, 17, 500, 998, 999])
+    torch.testing.assert_close(s.t_from_ve_sigma(s.ve_sigma()[t]), t.float(), atol=1e-3, rtol=0)
+
+
+def test_linear_matches_ddpm_betas():
+    s = Schedule.make("linear", 1000)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    expected = torch.cumprod(1 - betas, 0)[[0, 999]].sqrt().float()
+    torch.testing.assert_close(s.alpha[[0, 999]], expected)
+
+
+def test_v_and_eps_parameterisations_agree():
+    torch.manual_seed(0)
+    x0, eps = torch.randn(100), torch.randn(100)
+    a, s = 0.6, 0.8
+    x_t = a * x0 + s * eps
+    v = a * eps - s * x0
+    x0_hat, eps_hat = predict_x0_eps(v, x_t, a, s, "v")
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, eps)
+    x0_hat, _ = predict_x0_eps(eps, x_t, a, s, "eps")
+    torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=0)
+
+
+def test_training_levels_patterns():
+    g = torch.Generator().manual_seed(0)
+    t, obs = sample_training_levels(2000, 10, 1000, 0.5, g, "cpu")
+    assert t.shape == obs.shape == (2000, 10)
+    assert torch.all(t[obs] == 0)
+    paper = obs[:, :5].all(1) & ~obs[:, 5:].any(1) & (t[:, 5:] == t[:, 5:6]).all(1)
+    assert 0.4 < paper.float().mean() < 0.65  # about half follow the paper's pattern
+    free = ~paper
+    distinct = torch.tensor([len(set(row[~o].tolist())) for row, o in zip(t[free][:200], obs[free][:200])])
+    assert distinct.float().mean() > 4  # independent levels per frame
+    assert (obs.sum(1) == 0).any()  # sometimes nothing is observed (pure FIFO queues)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_observed_frames_never_contribute(prediction):
+    """d loss / d noise is exactly zero on observed frames, and not on the others."""
+    from fastdiff import ops
+
+    torch.manual_seed(0)
+    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    s = Schedule.make("linear", 1000)
+    x0 = torch.randn(2, 6, 3, 4, 4)
+    noise = torch.randn_like(x0, requires_grad=True)
+    t, observed = sample_training_levels(2, 6, 1000, 1.0, torch.Generator().manual_seed(1), "cpu")
+    x_t, target = ops.add_noise(x0, t, observed, s.alpha, s.sigma, noise=noise, prediction=prediction)
+    loss = ops.frame_mse_loss(model(x_t, t.float(), observed), target, torch.ones(2, 6), observed)
+    loss.backward()
+    assert torch.all(noise.grad[observed] == 0)
+    assert torch.all(noise.grad[~observed].abs().flatten(1).sum(1) > 0)
+
+
+def _gaussian_denoiser(schedule, mu, std):
+    """Exact eps-prediction for data x0 ~ N(mu, std^2); accepts fractional t."""
+
+    def model(x, t, observed):
+        lo = t.floor().long().clamp(0, schedule.timesteps - 1)
+        hi = (lo + 1).clamp(max=schedule.timesteps - 1)
+        frac = (t - lo.float())[..., None, None, None]
+        a = schedule.alpha[lo][..., None, None, None] * (1 - frac) + schedule.alpha[hi][..., None, None, None] * frac
+        s = (1 - a**2).sqrt()
+        return s * (x - a * mu) / (a**2 * std**2 + s**2)
+
+    return model
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun"])
+def test_sampler_recovers_toy_distribution(sampler):
+    schedule = Schedule.make("linear", 1000)
+    mu, std = 0.7, 0.3
+    model = _gaussian_denoiser(schedule, mu, std)
+    clip = torch.zeros(400, 4, 1, 2, 2)
+    observed = torch.zeros(400, 4, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    if sampler == "ddim":
+        x = ddim_sample(model, clip, observed, schedule, steps=50, generator=g)
+    else:
+        x = heun_sample(model, clip, observed, schedule, steps=30, generator=g, s_churn=10.0)
+    assert abs(float(x.mean()) - mu) < 0.03
+    assert abs(float(x.std()) - std) < 0.03
+
+
+def test_samplers_keep_observed_frames():
+    schedule = Schedule.make("linear", 1000)
+    model = _gaussian_denoiser(schedule, 0.0, 1.0)
+    clip = torch.randn(2, 6, 1, 2, 2)
+    observed = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    for out in (ddim_sample(model, clip, observed, schedule, steps=5),
+                heun_sample(model, clip, observed, schedule, steps=5)):
+        assert torch.equal(out[observed], clip[observed])
+
+
+def test_rollout_length_and_context():
+    schedule = Schedule.make("linear", 1000)
+    model = _gaussian_denoiser(schedule, 0.0, 1.0)
+    cfg = DiffusionConfig(sample_steps=4)
+    context = torch.randn(1, 3, 1, 2, 2)
+    video = rollout(model, context, 17, 6, schedule, cfg, generator=torch.Generator().manual_seed(0))
+    assert video.shape == (1, 17, 1, 2, 2)
+    assert torch.equal(video[:, :3], context)
+    with pytest.raises(ValueError):
+        rollout(model, context, 10, 6, schedule, cfg, n_observed=6)
+
+
+def test_training_loss_is_finite_and_learns():
+    torch.manual_seed(0)
+    model = VideoDiT(2, 4, 4, 6, width=32, depth=1, heads=1)
+    s = Schedule.make("linear", 1000)
+    cfg = DiffusionConfig()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x0 = torch.randn(1, 1, 2, 4, 4).expand(8, 6, 2, 4, 4).contiguous()  # one fixed image, learnable
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        loss = training_loss(model, x0, s, cfg, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert math.isfinite(losses[-1])
+    assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20

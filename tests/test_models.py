@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, unit_to_pixels
+from fastdiff.models.dit import TemporalAttention, VideoDiT, count_parameters
+
+
+@pytest.mark.parametrize("patch, hw", [(1, (8, 8)), (2, (8, 12))])
+def test_dit_shapes(patch, hw):
+    torch.manual_seed(0)
+    model = VideoDiT(4, hw[0], hw[1], 10, width=64, depth=2, heads=2, patch=patch)
+    x = torch.randn(3, 10, 4, *hw)
+    t = torch.randint(0, 1000, (3, 10)).float()
+    observed = torch.rand(3, 10) < 0.3
+    out = model(x, t, observed)
+    assert out.shape == x.shape
+    # adaLN-zero + zero output layer: a fresh model predicts exactly zero ...
+    assert torch.count_nonzero(out) == 0
+    # ... but is not dead: gradients reach the output layer.
+    (out * torch.randn_like(x)).sum().backward()
+    assert model.out.weight.grad is not None and model.out.weight.grad.abs().sum() > 0
+
+
+def test_dit_uses_every_frame_condition():
+    torch.manual_seed(0)
+    model = VideoDiT(3, 8, 8, 6, width=64, depth=2, heads=2)
+    for p in model.parameters():  # leave adaLN-zero so that the output depends on the inputs
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 6, 3, 8, 8)
+    t = torch.full((1, 6), 500.0)
+    obs = torch.zeros(1, 6, dtype=torch.bool)
+    base = model(x, t, obs)
+    t2 = t.clone()
+    t2[0, 4] = 10.0
+    changed = model(x, t2, obs)
+    # changing frame 4's timestep changes frame 4 most, and other frames through temporal attention
+    assert (changed - base)[0, 4].abs().mean() > 0
+    assert (changed - base)[0, 0].abs().mean() > 0
+    obs2 = obs.clone()
+    obs2[0, 1] = True
+    assert not torch.allclose(model(x, t, obs2), base)
+
+
+def test_dit_rejects_bad_shapes():
+    model = VideoDiT(4, 8, 8, 10, width=32, depth=1, heads=1)
+    with pytest.raises(ValueError, match="expected"):
+        model(torch.randn(1, 10, 3, 8, 8), torch.zeros(1, 10), torch.zeros(1, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\(B, K\)"):
+        model(torch.randn(1, 10, 4, 8, 8), torch.zeros(1, 9), torch.zeros(1, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="divisible"):
+        VideoDiT(4, 9, 8, 10, patch=2)
+
+
+def test_relative_bias_is_toeplitz():
+    attn = TemporalAttention(16, 2, max_frames=5)
+    torch.nn.init.normal_(attn.rel_bias)
+    bias = attn.bias(5)
+    assert bias.shape == (2, 5, 5)
+    for i in range(5):
+        for j in range(5):
+            assert torch.equal(bias[:, i, j], attn.rel_bias[:, j - i + 4])
+
+
+def test_preset_sizes_match_paper():
+    from fastdiff.config import build_config
+
+    sizes = {}
+    for preset in ("small", "base"):
+        m = build_config(preset).model
+        model = VideoDiT(4, 8 if preset == "small" else 16, 8 if preset == "small" else 16,
+                         10 if preset == "small" else 20, width=m.width, depth=m.depth, heads=m.heads, patch=m.patch)
+        sizes[preset] = count_parameters(model)
+    assert 6e6 < sizes["small"] < 10e6  # paper: Balls 8M
+    assert 65e6 < sizes["base"] < 85e6  # paper: maze 78M
+
+
+def test_pixel_conversions_roundtrip():
+    frames = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
+    assert torch.equal(unit_to_pixels(pixels_to_unit(frames)), frames)
+    assert torch.equal(PixelSpace().decode(PixelSpace().encode(frames)), frames)
+
+
+def test_autoencoder_fits_and_freezes():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    frames = np.zeros((64, 16, 16, 3), np.uint8)
+    for f in frames:  # one bright square per frame at a random place
+        y, x = rng.integers(0, 12, 2)
+        f[y : y + 4, x : x + 4] = rng.integers(100, 256, 3)
+    ae = FrameAutoencoder(channels=4, factor=4, hidden=16)
+    mse = ae.fit(frames, steps=300, batch=16, lr=1e-3, generator=torch.Generator().manual_seed(0),
+                 device=torch.device("cpu"))
+    baseline = float(pixels_to_unit(torch.from_numpy(frames)).var())
+    assert mse < 0.75 * baseline
+    assert all(not p.requires_grad for p in ae.parameters())
+    z = ae.encode(torch.from_numpy(frames))
+    assert z.shape == (64, 4, 4, 4)
+    assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1  # normalised latents
+    assert ae.decode(z).dtype == torch.uint8

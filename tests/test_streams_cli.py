@@ -1,0 +1,105 @@
+"""`fastdiff streams list | preview | export`, the media writers and the npy:DIR stream."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastdiff import media
+from fastdiff.cli import main
+from fastdiff.streams import StreamError, list_streams, make_stream
+
+
+def test_list(capsys):
+    assert main(["streams", "list"]) == 0
+    out = capsys.readouterr().out
+    for name, _ in list_streams():
+        assert name in out
+    assert {n for n, _ in list_streams()} >= {"balls-o", "balls-c", "maze", "video:PATH", "npy:DIR"}
+
+
+@pytest.mark.parametrize("suffix", ["png", "gif", "mp4"])
+def test_preview(tmp_path, suffix):
+    out = tmp_path / f"prev.{suffix}"
+    assert main(["streams", "preview", "balls-o", "--frames", "12", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    if suffix == "png":
+        img = np.asarray(Image.open(out))
+        # 12 frames of 32x32 enlarged 4x, 10 per row -> 2 rows
+        assert img.shape[1] >= 10 * 128 and img.shape[0] >= 2 * 128
+    if suffix == "gif":
+        assert Image.open(out).n_frames == 12
+    if suffix == "mp4":
+        import decord
+
+        assert len(decord.VideoReader(str(out))) == 12
+
+
+def test_preview_rejects_unknown_suffix(tmp_path, capsys):
+    assert main(["streams", "preview", "balls-o", "--frames", "2", "--out", str(tmp_path / "x.bmp")]) == 2
+    assert "suffix" in capsys.readouterr().err
+
+
+def test_export_balls_and_read_back(tmp_path):
+    out = tmp_path / "exp"
+    args = ["streams", "export", "balls-c", "--frames", "2500", "--out", str(out), "--seed", "3",
+            "--split", "test"]
+    assert main(args) == 0
+    frames = np.load(out / "frames.npy", mmap_mode="r")
+    pos, col = np.load(out / "positions.npy"), np.load(out / "colors.npy")
+    assert frames.shape == (2500, 32, 32, 3) and frames.dtype == np.uint8
+    assert pos.shape == (2500, 2, 2) and pos.dtype == np.float32 and col.dtype == np.int8
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stream"] == "balls-c" and meta["seed"] == 3 and meta["split"] == "test"
+    assert meta["fps"] == 10 and meta["window"] == 10
+    ref = make_stream("balls-c", seed=3, split="test", total_frames=2500)
+    f, p, c = ref.read_with_truth(2500)
+    np.testing.assert_array_equal(frames, f)
+    np.testing.assert_array_equal(pos, p)
+    np.testing.assert_array_equal(col, c)
+    s = make_stream(f"npy:{out}")
+    assert s.info.length == 2500 and s.info.fps == 10 and s.info.window == 10
+    np.testing.assert_array_equal(s.read(10), f[:10])
+    state = s.state_dict()
+    rest = s.read(5000)
+    np.testing.assert_array_equal(rest, f[10:])
+    again = make_stream(f"npy:{out}")
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(next(again), f[10])
+
+
+def test_export_maze_with_options(tmp_path):
+    out = tmp_path / "maze"
+    assert main(["streams", "export", "maze", "--frames", "12", "--out", str(out),
+                 "--option", "cells=4", "--option", "size=32"]) == 0
+    frames = np.load(out / "frames.npy")
+    assert frames.shape == (12, 32, 32, 3)
+    np.testing.assert_array_equal(frames, make_stream("maze", cells=4, size=32).read(12))
+    assert not (out / "positions.npy").exists()
+    assert json.loads((out / "meta.json").read_text())["window"] == 20
+
+
+def test_bad_specs(tmp_path, capsys):
+    with pytest.raises(StreamError, match="not one of"):
+        make_stream("pong")
+    with pytest.raises(StreamError, match="no such file"):
+        make_stream(f"npy:{tmp_path}")
+    args = ["streams", "export", "video:/nonexistent.mp4", "--frames", "3", "--out", str(tmp_path / "v")]
+    assert main(args) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_media_writers(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)
+    png = media.save_png_strip(frames, tmp_path / "s.png", scale=3, max_cols=2)
+    img = np.asarray(Image.open(png))
+    assert img.shape == (3 * 21 + 2 * 3, 2 * 27 + 3, 3)
+    np.testing.assert_array_equal(img[:21, :27], media.upscale(frames[:1], 3)[0])
+    np.testing.assert_array_equal(img[24:45, 30:57], media.upscale(frames[3:4], 3)[0])
+    gif = media.save_gif(frames, tmp_path / "a.gif", fps=5, scale=2)
+    assert Image.open(gif).size == (18, 14)
+    mp4 = media.save_mp4(frames, tmp_path / "a.mp4", fps=5)  # odd sizes are padded to even
+    assert mp4.stat().st_size > 0
+    with pytest.raises(ValueError, match="uint8"):
+        media.save_gif(frames.astype(np.float32), tmp_path / "b.gif")
