@@ -127,10 +127,10 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"width": 96, "depth": 4, "heads": 3, "patch": 1},
-        "run": {"frames": 3000, "checkpoint_every": 500, "sample_every": 1500},
+        "run": {"frames": 2500, "checkpoint_every": 500, "sample_every": 1250},
         # A bigger replay share than the paper's 1+1 so that minutes of CPU show learning.
-        "replay": {"live": 1, "replayed": 7, "fraction": 0.05},
-        "autoencoder": {"warmup_frames": 1000, "fit_steps": 300},
+        "replay": {"live": 1, "replayed": 5, "fraction": 0.05},
+        "autoencoder": {"warmup_frames": 1000, "fit_steps": 400},
     },
     "small": {
         "model": {"width": 256, "depth": 5, "heads": 4, "patch": 1},

@@ -25,6 +25,7 @@ converts it for the optimizer at hand.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
@@ -57,6 +58,22 @@ def _flat_params(params) -> list[torch.Tensor]:
     return out
 
 
+class _DropHubKernelWarning(logging.Filter):
+    """bitsandbytes' CPU backend tries `from kernels import get_kernel` (Hugging Face's `kernels` package,
+    for a 4-bit GEMM we never use); our own top-level package is also called `kernels`, so the import
+    fails and it warns on every start. The warning is about 4-bit inference only: drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def _import_bitsandbytes():
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelWarning())
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def build_optimizer(
     name: str,
     params,
@@ -73,7 +90,7 @@ def build_optimizer(
         return AdamW8bitFused(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw8bit-bnb":
         try:
-            import bitsandbytes as bnb
+            bnb = _import_bitsandbytes()
         except Exception as exc:  # pragma: no cover - bitsandbytes is a dependency
             raise RuntimeError(
                 f"optimizer 'adamw8bit-bnb' not available because bitsandbytes fails to import: {exc}"

@@ -235,7 +235,7 @@ class OnlineTrainer:
         loss.backward()
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss_value, norm_value = float(loss), float(grad_norm)  # the eager path syncs here, on purpose
+        loss_value, norm_value = float(loss.detach()), float(grad_norm)  # the eager path syncs here, on purpose
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -292,6 +292,9 @@ class OnlineTrainer:
                     self._log_metrics(metrics, last, fps)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last.loss:.4f}", fps=f"{fps:.1f}", buffer=self._fill_text())
+                    elif self.frames_seen % (10 * cfg.log_every) == 0:  # no bar: a plain line now and then
+                        self.log(f"frame {self.frames_seen}/{self.total_frames}  loss {last.loss:.4f}  "
+                                 f"{fps:.1f} frames/s  buffer {self._fill_text()}  skipped {self.skipped}")
                 if bar is not None:
                     bar.update(1)
                 if self.frames_seen % cfg.checkpoint_every == 0:

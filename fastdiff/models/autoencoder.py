@@ -65,7 +65,11 @@ class FrameAutoencoder(nn.Module):
         self.train()
         data = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+        # Short warm-up then cosine decay: at full lr from step 0 the fit can jump into the "predict the
+        # mean colour" basin (frames are ~90% black) and never leave it.
+        warmup = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
         loss_value = float("nan")
         for step in range(steps):
             idx = torch.randint(0, len(data), (min(batch, len(data)),), generator=generator).to(device)
@@ -76,6 +80,7 @@ class FrameAutoencoder(nn.Module):
             loss = (weight * (recon - x).pow(2)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
             opt.step()
             sched.step()
             if progress is not None and (step % 20 == 0 or step == steps - 1):
