@@ -98,3 +98,23 @@ def test_autoencoder_fits_and_freezes():
     assert z.shape == (64, 4, 4, 4)
     assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1  # normalised latents
     assert ae.decode(z).dtype == torch.uint8
+
+
+def test_autoencoder_reconstructs_balls_with_the_default_settings():
+    """The default fit schedule (lr, warm-up, clipping) on real stream frames must beat "predict the mean
+    frame" by far: ~90% of a balls frame is black, and an unstable fit settles on the mean colour (seen
+    before the warm-up was added: MSE 0.16, the baseline's own value, and samples of brown squares).
+    Half-width encoder and 200 steps keep it quick (measured 0.049 against a baseline of 0.105, i.e. 0.46);
+    the preset's full-width 400-step fit reaches 0.0025."""
+    from fastdiff.config import AutoencoderConfig
+    from fastdiff.streams import make_stream
+
+    cfg = AutoencoderConfig()
+    frames = make_stream("balls-o", total_frames=2000).read(256)
+    torch.manual_seed(0)
+    ae = FrameAutoencoder(cfg.channels, cfg.factor, hidden=16)
+    mse = ae.fit(frames, steps=200, batch=16, lr=cfg.lr, generator=torch.Generator().manual_seed(0),
+                 device=torch.device("cpu"))
+    unit = pixels_to_unit(torch.from_numpy(frames))
+    mean_frame_mse = float((unit - unit.mean(dim=0)).pow(2).mean())
+    assert mse < 0.6 * mean_frame_mse, (mse, mean_frame_mse)

@@ -107,12 +107,13 @@ class VideoStream(FrameStream):
             n = len(vr)
             if n == 0:
                 raise StreamError(f"video: {p}: holds no frames")
-            h, w = self._shape_of(vr, p, n)
+            (h, w), vr = self._shape_of(vr, p, n)
             src_fps = float(vr.get_avg_fps() or 0) or 30.0
             if self.crop and (self.crop[0] + self.crop[2] > w or self.crop[1] + self.crop[3] > h):
                 raise StreamError(f"video: {p}: crop {self.crop} does not fit in its {w}x{h} frames")
             self.files.append((n, src_fps, (h, w)))
-            del vr
+            if len(self.files) == 1:
+                first_reader = vr  # reading starts here: don't pay for opening the file twice
         h, w = self.files[0][2]
         if self.crop:
             h, w = self.crop[3], self.crop[2]
@@ -128,7 +129,7 @@ class VideoStream(FrameStream):
         self.info = StreamInfo(name, h, w, out_fps, length, window)
         self.file_index, self.frame_index = 0, 0  # next output frame: index into _indices(file)
         self.errors: list[str] = []  # messages about undecodable frames
-        self._reader = None
+        self._reader = first_reader
         self._keys = np.zeros(0, np.int64)  # output index (within its file) of each buffered frame
         self._frames = None  # buffered decoded frames, (len(_keys), H, W, 3)
         self._offset = 0  # next buffered frame to hand out
@@ -136,18 +137,26 @@ class VideoStream(FrameStream):
 
     @staticmethod
     def _shape_of(vr, path, count):
-        """Frame size from the first decodable frame among the first 16."""
+        """Frame size from the first decodable frame among the first 16, and the reader that decoded it."""
         err = None
         for i in range(min(count, 16)):
             try:
-                return tuple(vr.get_batch([i]).shape[1:3])
+                return tuple(vr.get_batch([i]).shape[1:3]), vr
             except Exception as e:  # DECORDError: damaged frame; try the next with a fresh reader
                 err, vr = e, _open(path)
         raise StreamError(f"video: {path}: none of its first frames can be decoded: "
                           f"{str(err).splitlines()[-1][:200]}") from None
 
     def _indices(self, file: int) -> np.ndarray:
-        """Source frame indices that make up the output of one file (after fps resampling)."""
+        """Source frame indices that make up the output of one file (after fps resampling); cached, since
+        every batch asks and a long file has millions of frames."""
+        cached = getattr(self, "_index_cache", None)
+        if cached is not None and cached[0] == file:
+            return cached[1]
+        self._index_cache = (file, self._compute_indices(file))
+        return self._index_cache[1]
+
+    def _compute_indices(self, file: int) -> np.ndarray:
         n, src_fps, _ = self.files[file]
         if not self.fps or abs(self.fps - src_fps) < 1e-6:
             return np.arange(n)
@@ -242,7 +251,9 @@ class VideoStream(FrameStream):
             left -= take
         if not parts:
             return np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
-        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        # A single part is a view of the decoded batch, not a copy: batches are replaced on refill, never
+        # written in place, so the view stays valid and unchanged.
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # ---- state: which output frame of which file comes next
     def state_dict(self) -> dict:
