@@ -82,6 +82,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     stream: str = "balls-o"
+    streams: str = ""  # one stream per rank under torchrun, ";"-separated (fastdiff/distributed.py)
     frames: int = 0  # frames to train on (0: the preset's default)
     stream_frames: int = 0  # the stream's nominal length (drift of balls-c completes over it); 0: = frames
     window: int = 0  # K; 0: the stream's natural window (balls 10, maze 20)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import checkpoint as ckpt
 from fastdiff import ops
-from fastdiff.config import Config
-from fastdiff.diffusion import Schedule, rollout
+from fastdiff.config import Config, DiffusionConfig
+from fastdiff.diffusion import Schedule, ddim_sample, heun_sample
+from fastdiff.fifo import FifoPlan, default_partitions, fifo_frames
+from fastdiff.lora import FastLearner, remove_temporal_lora
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
 from fastdiff.models.dit import VideoDiT
 from fastdiff.streams import make_stream
@@ -83,20 +89,117 @@ def context_frames(run: LoadedRun, count: int, start: int = 0, split: str = "tes
     return frames
 
 
-@torch.no_grad()
+MODES = ("autoregressive", "fifo")
+
+
+def autoregressive_chunks(model, context: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig, window: int, *,
+                          generator: torch.Generator | None = None, clip_x0: float | None = None
+                          ) -> Iterator[torch.Tensor]:
+    """The paper's sliding rollout, endless: observe the last K/2 frames, generate K/2, slide. Yields the
+    new chunks (B, K - K/2, C, H, W); only the observed frames are kept, so memory is constant."""
+    b = context.shape[0]
+    n_obs = window // 2
+    recent = context[:, -n_obs:]
+    while True:
+        n_ctx = recent.shape[1]
+        clip = torch.zeros(b, window, *recent.shape[2:], device=recent.device)
+        clip[:, :n_ctx] = recent
+        observed = (torch.arange(window, device=recent.device) < n_ctx).expand(b, window)
+        if cfg.sampler == "heun":
+            out = heun_sample(model, clip, observed, schedule, steps=cfg.sample_steps, prediction=cfg.prediction,
+                              generator=generator)
+        else:
+            out = ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
+                              prediction=cfg.prediction, generator=generator, clip_x0=clip_x0)
+        new = out[:, n_ctx:]
+        yield new
+        recent = torch.cat([recent, new], dim=1)[:, -n_obs:]
+
+
+@dataclass
+class SampleOptions:
+    mode: str = "autoregressive"
+    seed: int = 0
+    partitions: int = 0  # FIFO n; 0: about diffusion.sample_steps rungs in the queue
+    lookahead: bool = True
+    warmup: int | None = None  # FIFO outputs dropped at the start; None: the paper's L - f
+    fast_learning: bool = False
+    lora_rank: int = 32
+    fast_steps: int = 1
+    fast_lr: float = 1e-4
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sampling mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.partitions < 0:
+            raise ValueError(f"--partitions must be >= 0 (0 = automatic), got {self.partitions}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.lora_rank < 1 or self.fast_steps < 1 or not 0 < self.fast_lr < 1:
+            raise ValueError("--lora-rank and --fast-steps must be >= 1 and --fast-lr in (0, 1)")
+
+
+def fifo_plan(run: LoadedRun, opts: SampleOptions) -> FifoPlan:
+    n = opts.partitions or default_partitions(run.cfg.diffusion.sample_steps, run.window)
+    return FifoPlan(run.window, n, opts.lookahead, run.schedule.timesteps)
+
+
+def generate_latents(run: LoadedRun, context: torch.Tensor, opts: SampleOptions, learner: FastLearner | None = None,
+                     generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Endless clean latent frames (B, C, H, W) continuing `context` (B, n, C, H, W). With a learner, every
+    K/2 new frames are handed to it as a chunk (it adapts the temporal LoRA on previous + new chunk)."""
+    clip_x0 = 1.0 if run.cfg.autoencoder.latent == "none" else None
+    chunk = max(1, run.window // 2)
+    if learner is not None:
+        learner.previous = context[:, -chunk:]
+    if opts.mode == "autoregressive":
+        for new in autoregressive_chunks(run.model, context, run.schedule, run.cfg.diffusion, run.window,
+                                         generator=generator, clip_x0=clip_x0):
+            if learner is not None:
+                learner.observe(new)
+            yield from new.unbind(1)
+        return
+    pending = []
+    for frame in fifo_frames(run.model, context, run.schedule, run.cfg.diffusion, fifo_plan(run, opts),
+                             generator=generator, clip_x0=clip_x0, warmup=opts.warmup):
+        yield frame
+        if learner is not None:
+            pending.append(frame)
+            if len(pending) == chunk:
+                learner.observe(torch.stack(pending, dim=1))
+                pending = []
+
+
 def sample_video(run: LoadedRun, frames: int, *, mode: str = "autoregressive", seed: int = 0,
-                 context: np.ndarray | None = None) -> np.ndarray:
-    if mode != "autoregressive":
-        raise ValueError(f"sampling mode {mode!r} is not available")
+                 context: np.ndarray | None = None, options: SampleOptions | None = None) -> np.ndarray:
+    """uint8 (frames, H, W, 3): the observed context frames, then generated ones. Frames are decoded and
+    moved to the host as they come, so device memory does not grow with `frames`."""
+    opts = options or SampleOptions(mode=mode, seed=seed)
+    opts.check()
     n_obs = run.window // 2
     if context is None:
         context = context_frames(run, n_obs)
-    latents = run.autoencoder.encode(torch.from_numpy(np.ascontiguousarray(context)).to(run.device))
-    gen = torch.Generator(device=run.device).manual_seed(seed)
-    clip_x0 = 1.0 if run.cfg.autoencoder.latent == "none" else None
-    video = rollout(run.model, latents[None], frames, run.window, run.schedule, run.cfg.diffusion,
-                    generator=gen, clip_x0=clip_x0)
-    return run.autoencoder.decode(video[0]).cpu().numpy()
+    if frames <= len(context):
+        raise ValueError(f"--frames {frames} must exceed the {len(context)} context frames")
+    with torch.no_grad():
+        latents = run.autoencoder.encode(torch.from_numpy(np.ascontiguousarray(context)).to(run.device))[None]
+    gen = torch.Generator(device=run.device).manual_seed(opts.seed)
+    learner = None
+    if opts.fast_learning:
+        learner = FastLearner(run.model, run.schedule, run.cfg.diffusion, window=run.window, rank=opts.lora_rank,
+                              lr=opts.fast_lr, steps=opts.fast_steps, generator=gen)
+    video = np.empty((frames, *context.shape[1:]), np.uint8)
+    video[: len(context)] = context
+    try:
+        stream = generate_latents(run, latents, opts, learner, gen)
+        for i in range(len(context), frames):
+            latent = next(stream)
+            with torch.no_grad():
+                video[i] = run.autoencoder.decode(latent)[0].cpu().numpy()
+    finally:
+        if learner is not None:
+            remove_temporal_lora(run.model)
+    return video
 
 
 def save_video(frames: np.ndarray, out: Path, fps: float) -> None:
@@ -114,3 +217,193 @@ def save_video(frames: np.ndarray, out: Path, fps: float) -> None:
         media.save_mp4(frames, out, fps=fps, scale=scale)
     else:
         raise ValueError(f"--out {out}: use .mp4, .gif or .png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring the modes: held-out loss under each mode's noise pattern, memory
+# --------------------------------------------------------------------------------------------------
+
+
+def heldout_clips(run: LoadedRun, count: int, start: int = 0) -> torch.Tensor:
+    """`count` non-overlapping K-frame windows of the held-out stream as latents (count, K, C, h, w)."""
+    frames = context_frames(run, count * run.window, start=start)
+    with torch.no_grad():
+        latents = run.autoencoder.encode(torch.from_numpy(np.ascontiguousarray(frames)).to(run.device))
+    return latents.view(count, run.window, *latents.shape[1:])
+
+
+def autoregressive_pattern(run: LoadedRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (t, observed, kept) of every model call the autoregressive DDIM rollout makes per chunk."""
+    k, n_obs = run.window, run.window // 2
+    levels = torch.linspace(run.schedule.timesteps - 1, 0, run.cfg.diffusion.sample_steps).round().long()
+    observed = (torch.arange(k) < n_obs).expand(len(levels), k)
+    t = levels[:, None].expand(-1, k).masked_fill(observed, 0)
+    return t, observed, ~observed
+
+
+@torch.no_grad()
+def pattern_loss(model, clips: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
+                 pattern: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int = 0) -> float:
+    """Unweighted held-out loss of `model` on real clips noised the way a sampling mode noises its model
+    inputs: the mean over the mode's model calls of the loss on the frames each call writes back."""
+    t_rows, obs_rows, kept_rows = (p.to(clips.device) for p in pattern)
+    gen = torch.Generator(device=clips.device).manual_seed(seed)
+    b = clips.shape[0]
+    total = 0.0
+    for t, observed, kept in zip(t_rows, obs_rows, kept_rows):
+        t, observed, kept = (m.expand(b, -1).contiguous() for m in (t, observed, kept))
+        x_t, target = ops.add_noise(clips, t, observed, schedule.alpha, schedule.sigma, generator=gen,
+                                    prediction=cfg.prediction)
+        pred = model(x_t, t.float(), observed).float()
+        total += float(ops.frame_mse_loss(pred, target, None, ~kept | observed))
+    return total / len(t_rows)
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the block (any device, deterministic).
+
+    Every op's outputs are recorded by storage; a storage counts until it is freed (a weak reference
+    tells). Tensors that existed before the block (weights) are not counted. On CUDA prefer
+    torch.cuda.max_memory_allocated; this works on CPU, where torch keeps no allocator statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.total = 0
+        self.peak = 0
+
+    def _prune(self) -> None:
+        for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
+            self.total -= self.live.pop(ptr)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out,) if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr, size = storage.data_ptr(), storage.nbytes()
+                known = self.live.get(ptr)
+                if size == 0 or (known is not None and not known[0].expired()):
+                    continue
+                if known is not None:  # the address was freed and reused
+                    self.total -= known[1]
+                self.live[ptr] = (StorageWeakRef(storage), size)
+                self.total += size
+        if self.total > self.peak:  # only a possible new peak needs the exact (pruned) count
+            self._prune()
+            self.peak = max(self.peak, self.total)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Balls domain metric: ball count stability and the colour rule, from pixels (template matching)
+# --------------------------------------------------------------------------------------------------
+
+RED, YELLOW, GREEN = 0, 1, 2
+COLOUR_RG = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # (red, green) channels; blue drifts in balls-c
+FIRST_ORDER_OK = {(YELLOW, RED), (GREEN, RED), (RED, YELLOW), (RED, GREEN)}
+
+
+def find_balls(frames: np.ndarray, radius_box: float = 1.2, box: float = 10.0, threshold: float = 0.5
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per frame: ball centres (m, 2) as (x, y) pixels and colours (m,) (0 red, 1 yellow, 2 green).
+
+    Template matching: the brightness of the red/green channels correlated with the stream's ball
+    profile exp(-(d^2/r^2)^4); local maxima above `threshold` times an isolated ball's response count as
+    balls. A ball's colour is the nearest of red/yellow/green to its mean (r, g) over the central 3x3."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)  # (N, H, W, 3)
+    n, h, w, _ = x.shape
+    r_px = radius_box * h / box
+    half = int(np.ceil(1.3 * r_px))
+    d = torch.arange(-half, half + 1, dtype=torch.float32)
+    bump = torch.exp(-(((d[:, None] ** 2 + d[None, :] ** 2) / r_px**2) ** 4))
+    template = bump / bump.sum()
+    bright = x[..., :2].amax(-1)[:, None]  # (N, 1, H, W)
+    score = torch.nn.functional.conv2d(bright, template[None, None], padding=half)[:, 0]
+    isolated = float((bump * template).sum())
+    peaks = (score == torch.nn.functional.max_pool2d(score[:, None], 2 * half + 1, 1, half)[:, 0])
+    peaks &= score > threshold * isolated
+    rg = torch.nn.functional.avg_pool2d(x[..., :2].permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1)
+    found = []
+    for i in range(n):
+        ys, xs = torch.nonzero(peaks[i], as_tuple=True)
+        colours = torch.cdist(rg[i, ys, xs], COLOUR_RG).argmin(-1)
+        found.append((torch.stack([xs, ys], -1).float().numpy(), colours.numpy()))
+    return found
+
+
+def _colour_runs(colours: list[int], hold: int) -> list[tuple[int, int]]:
+    """(colour, length) runs of a track, ignoring flickers shorter than `hold` frames."""
+    runs: list[list[int]] = []
+    for c in colours:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    stable: list[list[int]] = []
+    for c, length in runs:
+        if length < hold and stable:
+            stable[-1][1] += length  # a flicker: count it as the colour it interrupted
+        elif stable and stable[-1][0] == c:
+            stable[-1][1] += length
+        else:
+            stable.append([c, length])
+    return [(c, length) for c, length in stable]
+
+
+def balls_metrics(frames: np.ndarray, window: int, balls: int | None = None, hold: int = 2) -> dict:
+    """Ball-count stability and colour-rule accuracy of a video of the balls stream.
+
+    count_ok: share of frames with the expected number of balls (that of the first frame unless given);
+    count_changes_per_100: how often the detected count changes. Balls are tracked while the count
+    holds (nearest-centre matching); every colour change of a track is checked against the rule:
+    first_order_acc: share of changes that are red->yellow/green or yellow/green->red;
+    second_order_acc: after red, the ball must take the colour it did not have before red (chance 0.5);
+    second_order_acc_long: the same, only where the red phase outlasted the model's window, so the
+    colour before red had left the context (the long-range memory test)."""
+    found = find_balls(frames)
+    counts = np.array([len(c) for c, _ in found])
+    expected = counts[0] if balls is None else balls
+    tracks: list[list[int]] = []
+    open_tracks: list[int] = []  # index into tracks, per ball slot
+    prev = None
+    for centres, colours in found:
+        if len(centres) != expected:
+            prev, open_tracks = None, []
+            continue
+        if prev is None:
+            open_tracks = [len(tracks) + i for i in range(expected)]
+            tracks.extend([] for _ in range(expected))
+            order = list(range(expected))
+        else:
+            order = min(itertools.permutations(range(expected)),
+                        key=lambda p: sum(np.sum((centres[j] - prev[i]) ** 2) for i, j in enumerate(p)))
+        for slot, j in enumerate(order):
+            tracks[open_tracks[slot]].append(int(colours[j]))
+        prev = centres[list(order)]
+    first = [0, 0]
+    second = [0, 0]
+    second_long = [0, 0]
+    for track in tracks:
+        runs = _colour_runs(track, hold)
+        for (a, _), (b, _) in zip(runs, runs[1:]):
+            first[0] += (a, b) in FIRST_ORDER_OK
+            first[1] += 1
+        for (a, _), (b, red_len), (c, _) in zip(runs, runs[1:], runs[2:]):
+            if b != RED or a == RED or c == RED:
+                continue
+            ok = c != a  # red -> the colour it did not come from
+            second[0] += ok
+            second[1] += 1
+            if red_len > window:
+                second_long[0] += ok
+                second_long[1] += 1
+    ratio = lambda hits: hits[0] / hits[1] if hits[1] else float("nan")
+    return {
+        "frames": len(found), "balls": int(expected),
+        "count_ok": float(np.mean(counts == expected)),
+        "count_changes_per_100": float(np.count_nonzero(np.diff(counts)) * 100 / max(len(counts) - 1, 1)),
+        "colour_changes": first[1], "first_order_acc": ratio(first),
+        "second_order_checks": second[1], "second_order_acc": ratio(second),
+        "second_order_long_checks": second_long[1], "second_order_acc_long": ratio(second_long),
+    }

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fastdiff import checkpoint as ckpt
-from fastdiff import ops
+from fastdiff import distributed, ops
 from fastdiff.config import Config
 from fastdiff.diffusion import Schedule, rollout, training_loss
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
@@ -54,7 +54,11 @@ class StepResult:
 class OnlineTrainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, log=print):
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
-        self.device = pick_device(cfg.run.device)
+        self.world = distributed.current()  # one process unless launched with torchrun
+        self.world.check(cfg)
+        if not self.world.is_main:
+            self.log = lambda *_, **__: None  # rank 0 speaks for every rank
+        self.device = self.world.device(pick_device(cfg.run.device))
         ops.use_kernels(cfg.run.kernels)
         self.autocast_dtype = self._autocast_dtype()
         torch.manual_seed(cfg.run.seed)
@@ -64,7 +68,8 @@ class OnlineTrainer:
         # --- the stream ---------------------------------------------------------------------------
         self.total_frames = cfg.run.frames
         stream_frames = cfg.run.stream_frames or self.total_frames
-        self.stream = make_stream(cfg.run.stream, split="train", seed=cfg.run.seed, total_frames=stream_frames)
+        stream_spec, stream_seed = self.world.stream_spec(cfg)  # several streams: one per rank
+        self.stream = make_stream(stream_spec, split="train", seed=stream_seed, total_frames=stream_frames)
         info = self.stream.info
         if info.length is not None and info.length < self.total_frames:
             log(f"stream {info.name} has {info.length} frames; training on all of them")
@@ -75,11 +80,12 @@ class OnlineTrainer:
         self.frame_shape = (info.height, info.width, 3)
 
         # --- frozen autoencoder (fitted on a warm-up prefix of the stream) -------------------------
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.world.rank_seed(cfg.run.seed))
         self._chunk_state = self.stream.state_dict()
         self._chunk = self.stream.read(max(cfg.autoencoder.warmup_frames, INGEST_CHUNK))
         self._chunk_pos = 0
-        self.autoencoder = self._build_autoencoder(resume)
+        with self.world.main_first():  # rank 0 fits and saves the autoencoder, the other ranks load it
+            self.autoencoder = self._build_autoencoder(resume)
         self.latent_shape = (self.autoencoder.channels, info.height // self.autoencoder.factor,
                              info.width // self.autoencoder.factor)
 
@@ -98,6 +104,7 @@ class OnlineTrainer:
         self.optimizer_name = opt_name
         self.schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, self.device)
         self.train_model = torch.compile(self.model) if cfg.run.compile else self.model
+        self.train_model = self.world.wrap(self.model, self.train_model, cfg.run.compile)  # DDP under torchrun
 
         # --- replay buffer --------------------------------------------------------------------------
         self.buffer = self._build_buffer(stream_frames)
@@ -159,8 +166,8 @@ class OnlineTrainer:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         need = (capacity + 1) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         self._check_memory(need, "replay buffer")
-        return ReplayBuffer(capacity, shape, dtype=dtype, device=self.device,
-                            mode="full" if r.strategy == "full" else "reservoir")
+        return self.world.replay_buffer(self.cfg, capacity, shape, dtype=dtype, device=self.device,
+                                        mode="full" if r.strategy == "full" else "reservoir")
 
     def _check_memory(self, nbytes: int, what: str) -> None:
         if self.device.type == "cuda":
@@ -235,7 +242,8 @@ class OnlineTrainer:
         loss.backward()
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss_value, norm_value = float(loss.detach()), float(grad_norm)  # the eager path syncs here, on purpose
+        # the eager path syncs here, on purpose; the loss is the mean over ranks so that all skip or step together
+        loss_value, norm_value = float(self.world.mean(loss.detach())), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -311,7 +319,8 @@ class OnlineTrainer:
         summary = {"frames": self.frames_seen, "steps": self.steps, "skipped_steps": self.skipped,
                    "seconds": elapsed, "frames_per_second": (self.frames_seen - frames_at_start) / max(elapsed, 1e-9),
                    "stream_wait_seconds": self.wait_seconds, "last_loss": last.loss if last else None}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.world.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self._tb is not None:
             self._tb.close()
         return summary
@@ -319,10 +328,10 @@ class OnlineTrainer:
     def _fill_text(self) -> str:
         if self.buffer is None:
             return "off"
-        return f"{min(self.buffer.seen.item(), self.buffer.capacity)}/{self.buffer.capacity}"
+        return f"{int(self.buffer.filled())}/{self.buffer.capacity}"  # filled(): this rank's shard under DDP
 
     def _progress(self):
-        if not self.cfg.run.progress:
+        if not self.cfg.run.progress or not self.world.is_main:
             return None
         from tqdm import tqdm
 
@@ -330,6 +339,8 @@ class OnlineTrainer:
                     desc=f"train {self.cfg.run.stream}")
 
     def _log_metrics(self, metrics_file, result: StepResult, fps: float) -> None:
+        if not self.world.is_main:
+            return
         row = {"frame": self.frames_seen, "step": self.steps, "loss": result.loss, "grad_norm": result.grad_norm,
                "skipped_steps": self.skipped, "frames_per_second": fps, "lr": self.cfg.optim.lr,
                "buffer": None if self.buffer is None else int(self.buffer.filled()),
@@ -367,8 +378,11 @@ class OnlineTrainer:
 
     def save_checkpoint(self) -> Path | None:
         directory = self.run_dir / "checkpoints"
+        state = self.world.gather_checkpoint(self.state_dict(), self.world.stream_specs(self.cfg))
+        if state is None:  # not rank 0: its own part went to rank 0, which writes the file
+            return None
         try:
-            path = ckpt.save_checkpoint(self.state_dict(), directory, self.frames_seen, self.cfg.run.keep_checkpoints)
+            path = ckpt.save_checkpoint(state, directory, self.frames_seen, self.cfg.run.keep_checkpoints)
         except OSError as err:  # e.g. disk full: the previous checkpoint is untouched
             self.checkpoint_failures += 1
             self.log(f"checkpoint at frame {self.frames_seen} failed ({err}); the previous checkpoint is intact")
@@ -379,6 +393,7 @@ class OnlineTrainer:
 
     def _load_checkpoint(self) -> None:
         state, path = ckpt.load_latest(self.run_dir / "checkpoints", map_location=self.device, log=self.log)
+        state = self.world.localize_checkpoint(state, self.world.stream_specs(self.cfg), self.device)
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
@@ -421,7 +436,7 @@ class OnlineTrainer:
         return self.autoencoder.decode(video[0]).cpu().numpy()
 
     def write_samples(self, tag: str) -> Path | None:
-        if self.frames_seen < self.window:
+        if self.frames_seen < self.window or not self.world.is_main:
             return None
         from fastdiff import media
 

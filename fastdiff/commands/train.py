@@ -21,6 +21,8 @@ HELP = "train online on a stream (default: generated bouncing balls)"
 
 def add_arguments(p) -> None:
     p.add_argument("--stream", help="balls-o (default), balls-c, maze, video:PATH (file, folder or a,b,c), npy:DIR")
+    p.add_argument("--streams", nargs="+", metavar="SPEC",
+                   help="under torchrun: one stream per rank (as many as --nproc-per-node), e.g. balls-o balls-c")
     p.add_argument("--frames", type=int, help="frames to train on (one gradient step each); default: the preset's")
     p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M); default: fits the machine")
     p.add_argument("--strategy", choices=("er", "none", "full"), help="replay strategy (replay.strategy); default er")
@@ -50,6 +52,10 @@ def run(args) -> int:
                 overrides[key] = getattr(args, flag)
         if args.no_progress:
             overrides["run.progress"] = False
+        if getattr(args, "streams", None):
+            from fastdiff.distributed import STREAMS_SEPARATOR
+
+            overrides["run.streams"] = STREAMS_SEPARATOR.join(args.streams)
         toml_path = args.config
         if args.resume:
             run_dir = Path(args.resume)
@@ -74,15 +80,24 @@ def run(args) -> int:
 
     import torch
 
+    from fastdiff import distributed
     from fastdiff.streams.base import StreamError
     from fastdiff.train import OnlineTrainer, new_run_dir, write_config
 
     try:
-        run_dir = Path(args.resume) if args.resume else new_run_dir(cfg)
-        write_config(cfg, run_dir)
-        print(f"run directory: {run_dir}")
+        world = distributed.init_from_env(cfg.run.device)  # under torchrun: join the process group
+
+        def make_run_dir():  # rank 0 only; the other ranks get its path
+            run_dir = Path(args.resume) if args.resume else new_run_dir(cfg)
+            write_config(cfg, run_dir)
+            print(f"run directory: {run_dir}" + (f" ({world.size} ranks)" if world.active else ""))
+            return run_dir
+
+        run_dir = world.run_on_main(make_run_dir)
         trainer = OnlineTrainer(cfg, run_dir, resume=bool(args.resume))
         summary = trainer.train()
+        if not world.is_main:
+            return 0
     except (StreamError, FileExistsError, MemoryError, ValueError) as err:
         print(f"fastdiff train: {err}", file=sys.stderr)
         return 2
