@@ -10,11 +10,16 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{10})\.pt$")
+
+
+# Seconds to wait between the fsync of a temp file and its rename: only the kill tests set it.
+_PAUSE_BEFORE_RENAME = float(os.environ.get("FASTDIFF_TEST_CHECKPOINT_PAUSE", "0") or 0)
 
 
 class CheckpointError(RuntimeError):
@@ -31,6 +36,8 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if _PAUSE_BEFORE_RENAME:  # test hook: hold the write window open so a kill can land inside it
+            time.sleep(_PAUSE_BEFORE_RENAME)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

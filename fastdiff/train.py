@@ -80,6 +80,11 @@ class OnlineTrainer:
         self.frame_shape = (info.height, info.width, 3)
 
         # --- frozen autoencoder (fitted on a warm-up prefix of the stream) -------------------------
+        if resume and not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            # Stopped before its first checkpoint (e.g. killed while fitting the autoencoder): nothing was
+            # trained that could be lost, so the run starts over, deterministically, from frame 0.
+            log(f"{self.run_dir} has no checkpoint yet: starting the run from its first frame")
+            resume = False
         self.generator = torch.Generator(device=self.device).manual_seed(self.world.rank_seed(cfg.run.seed))
         self._chunk_state = self.stream.state_dict()
         self._chunk = self.stream.read(max(cfg.autoencoder.warmup_frames, INGEST_CHUNK))
