@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_temporal_attention import copy_bandwidth_gbs, time_ms, write_rows  # noqa: E402
+from bench_temporal_attention import copy_bandwidth_gbs, time_ms, write_rows
+from bench_temporal_attention import default_out_path as shared_out_path  # noqa: E402
 
 from fastdiff.config import build_config  # noqa: E402
 from fastdiff.models.dit import VideoDiT  # noqa: E402
@@ -109,12 +109,7 @@ def run_benchmark(device=None, presets=("tiny", "small", "base"), out_path=None,
 
 
 def default_out_path(device) -> Path | None:
-    env = os.environ.get("FASTDIFF_BENCH_OUT")
-    if env:
-        return Path(env)
-    if torch.device(device).type == "cuda":
-        return autotune.profiles_root() / autotune.slug(autotune.device_name(device)) / "bench_adamw8bit.json"
-    return None
+    return shared_out_path(device, "bench_adamw8bit")
 
 
 # ---- pytest (smoke on CPU, the real run on a GPU) ----------------------------------------------

@@ -253,13 +253,14 @@ def write_rows(rows, out_path) -> None:
         writer.writerows(rows)
 
 
-def default_out_path(device) -> Path | None:
+def default_out_path(device, name: str = "bench_temporal_attention") -> Path | None:
+    """$FASTDIFF_BENCH_OUT, else profiles/<gpu>/<name>.json on a GPU; None on a CPU (smoke rows are not kept)."""
     env = os.environ.get("FASTDIFF_BENCH_OUT")
     if env:
         return Path(env)
     if torch.device(device).type == "cuda":
         gpu_folder = autotune.profiles_root() / autotune.slug(autotune.device_name(device))
-        return gpu_folder / "bench_temporal_attention.json"
+        return gpu_folder / f"{name}.json"
     return None
 
 

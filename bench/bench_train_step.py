@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import tempfile
 import time
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_temporal_attention import write_rows  # noqa: E402
+from bench_temporal_attention import default_out_path as shared_out_path  # noqa: E402
+from bench_temporal_attention import write_rows
 
 from fastdiff.config import build_config  # noqa: E402
 from fastdiff.train import OnlineTrainer  # noqa: E402
@@ -123,12 +123,7 @@ def run_benchmark(device=None, preset=None, steps=None, out_path=None, log=print
 
 
 def default_out_path(device) -> Path | None:
-    env = os.environ.get("FASTDIFF_BENCH_OUT")
-    if env:
-        return Path(env)
-    if torch.device(device).type == "cuda":
-        return autotune.profiles_root() / autotune.slug(autotune.device_name(device)) / "bench_train_step.json"
-    return None
+    return shared_out_path(device, "bench_train_step")
 
 
 # ---- pytest (a CPU smoke run of the eager configs; the full run on a GPU) ------------------------

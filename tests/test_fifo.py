@@ -17,13 +17,7 @@ SCHEDULE = Schedule.make("linear", 1000)
 CFG = DiffusionConfig()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These ops are tiny: a second intra-op thread only adds spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Spy(nn.Module):

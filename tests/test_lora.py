@@ -12,13 +12,7 @@ from fastdiff.models.dit import VideoDiT
 SCHEDULE = Schedule.make("linear", 1000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These ops are tiny: a second intra-op thread only adds spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(depth=2):
