@@ -20,14 +20,17 @@ import datetime
 import json
 import os
 import re
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels import noise_schedule as ns
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_temporal_attention import time_ms  # noqa: E402
+
+from kernels import dispatch  # noqa: E402
+from kernels import noise_schedule as ns  # noqa: E402
 
 GPU_SIZES = {
     "balls": (2, 10, 4, 8, 8),
@@ -39,25 +42,11 @@ CPU_SIZES = {"smoke": (2, 4, 4, 8, 8)}
 STEPS = 1000
 
 
-def _time_ms(fn, device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
-    fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _copy_bandwidth(device, numel: int) -> float:
     """GB/s of a plain device copy (read + write) of numel fp32 elements: the ceiling for these ops."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device)
+    ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * numel * 4 / (ms * 1e-3) / 1e9
 
 
@@ -160,7 +149,7 @@ def _run(device, sizes, on_gpu, name, date) -> list[dict]:
             timings = {}
             with dispatch.backend_override("auto"):
                 for impl, call in impls.items():
-                    timings[impl] = _time_ms(call, device)
+                    timings[impl] = time_ms(call, device)
             for impl, ms in timings.items():
                 gbs = traffic * numel * itemsize / (ms * 1e-3) / 1e9
                 rows.append(
