@@ -58,12 +58,16 @@ class DiffusionConfig:
 
 @dataclass
 class ReplayConfig:
-    strategy: str = "er"  # er (reservoir), none (live window only), full (everything seen)
+    strategy: str = "er"  # er (reservoir), none (live window only), full (everything seen), offline (i.i.d.
+    # windows from the whole stream), gen-distill (teacher-generated replay, fastdiff/strategies.py)
     fraction: float = 0.05  # buffer = this share of the stream's windows (paper: 5%) ...
     windows: int = 0  # ... or an absolute number of windows when > 0
     storage: str = "latent"  # latent (bf16 on CUDA, fp32 on CPU) or pixel (uint8)
     live: int = 1  # live windows per batch
     replayed: int = 1  # replayed windows per batch (paper, balls: 1 live + 1 replay)
+    teacher_every: int = 1000  # gen-distill: frames between teacher refreshes
+    distill_steps: int = 2  # gen-distill: DDIM steps the teacher generates replay windows with (Masip et al.: 2)
+    distill_weight: float = 1.0  # gen-distill: lambda on the distillation term
 
 
 @dataclass
@@ -97,6 +101,7 @@ class RunConfig:
     sample_every: int = 1000  # frames; 0 disables periodic samples
     sample_frames: int = 30
     log_every: int = 50
+    milestone_every: int = 0  # frames; >0 keeps the EMA weights every so often (milestones/) for eval curves
     compile: bool = False
     nan_policy: str = "skip"  # skip (count and go on) or stop
     disk_full_policy: str = "continue"  # continue (report, keep the old checkpoint) or stop
@@ -150,7 +155,7 @@ CHOICES = {
     "diffusion.prediction": ("eps", "v"),
     "diffusion.loss_weight": ("uniform", "min-snr"),
     "diffusion.sampler": ("ddim", "heun"),
-    "replay.strategy": ("er", "none", "full"),
+    "replay.strategy": ("er", "none", "full", "offline", "gen-distill"),
     "replay.storage": ("latent", "pixel"),
     "optim.name": ("auto", "adamw8bit-bnb", "adamw8bit-fused", "adamw"),
     "run.precision": ("auto", "bf16", "fp32"),
@@ -281,6 +286,7 @@ def validate(cfg: Config) -> None:
         "diffusion.sample_steps": cfg.diffusion.sample_steps, "replay.live": cfg.replay.live,
         "run.checkpoint_every": cfg.run.checkpoint_every, "run.keep_checkpoints": cfg.run.keep_checkpoints,
         "run.log_every": cfg.run.log_every, "run.sample_frames": cfg.run.sample_frames,
+        "replay.teacher_every": cfg.replay.teacher_every, "replay.distill_steps": cfg.replay.distill_steps,
     }
     for dotted, value in positive.items():
         if value <= 0:
@@ -291,6 +297,7 @@ def validate(cfg: Config) -> None:
         "replay.windows": cfg.replay.windows, "autoencoder.warmup_frames": cfg.autoencoder.warmup_frames,
         "autoencoder.fit_steps": cfg.autoencoder.fit_steps, "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip, "diffusion.ddim_eta": cfg.diffusion.ddim_eta,
+        "run.milestone_every": cfg.run.milestone_every, "replay.distill_weight": cfg.replay.distill_weight,
     }
     for dotted, value in non_negative.items():
         if value < 0:

@@ -304,15 +304,12 @@ COLOUR_RG = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # (red, green) c
 FIRST_ORDER_OK = {(YELLOW, RED), (GREEN, RED), (RED, YELLOW), (RED, GREEN)}
 
 
-def find_balls(frames: np.ndarray, radius_box: float = 1.2, box: float = 10.0, threshold: float = 0.5
-               ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per frame: ball centres (m, 2) as (x, y) pixels and colours (m,) (0 red, 1 yellow, 2 green).
-
-    Template matching: the brightness of the red/green channels correlated with the stream's ball
-    profile exp(-(d^2/r^2)^4); local maxima above `threshold` times an isolated ball's response count as
-    balls. A ball's colour is the nearest of red/yellow/green to its mean (r, g) over the central 3x3."""
+def ball_score_map(frames: np.ndarray, radius_box: float = 1.2, box: float = 10.0):
+    """Template matching of the balls stream's ball profile exp(-(d^2/r^2)^4) against the brightness of
+    the red/green channels (blue drifts in balls-c). Returns the score (N, H, W), its local maxima (N, H, W)
+    bool, the score of an isolated ball, and the mean (r, g) over each pixel's 3x3 neighbourhood (N, H, W, 2)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)  # (N, H, W, 3)
-    n, h, w, _ = x.shape
+    h = x.shape[1]
     r_px = radius_box * h / box
     half = int(np.ceil(1.3 * r_px))
     d = torch.arange(-half, half + 1, dtype=torch.float32)
@@ -321,11 +318,22 @@ def find_balls(frames: np.ndarray, radius_box: float = 1.2, box: float = 10.0, t
     bright = x[..., :2].amax(-1)[:, None]  # (N, 1, H, W)
     score = torch.nn.functional.conv2d(bright, template[None, None], padding=half)[:, 0]
     isolated = float((bump * template).sum())
-    peaks = (score == torch.nn.functional.max_pool2d(score[:, None], 2 * half + 1, 1, half)[:, 0])
-    peaks &= score > threshold * isolated
+    local_max = score == torch.nn.functional.max_pool2d(score[:, None], 2 * half + 1, 1, half)[:, 0]
     rg = torch.nn.functional.avg_pool2d(x[..., :2].permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1)
+    return score, local_max, isolated, rg
+
+
+def find_balls(frames: np.ndarray, radius_box: float = 1.2, box: float = 10.0, threshold: float = 0.5
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per frame: ball centres (m, 2) as (x, y) pixels and colours (m,) (0 red, 1 yellow, 2 green).
+
+    Template matching: the brightness of the red/green channels correlated with the stream's ball
+    profile exp(-(d^2/r^2)^4); local maxima above `threshold` times an isolated ball's response count as
+    balls. A ball's colour is the nearest of red/yellow/green to its mean (r, g) over the central 3x3."""
+    score, local_max, isolated, rg = ball_score_map(frames, radius_box, box)
+    peaks = local_max & (score > threshold * isolated)
     found = []
-    for i in range(n):
+    for i in range(len(frames)):
         ys, xs = torch.nonzero(peaks[i], as_tuple=True)
         colours = torch.cdist(rg[i, ys, xs], COLOUR_RG).argmin(-1)
         found.append((torch.stack([xs, ys], -1).float().numpy(), colours.numpy()))

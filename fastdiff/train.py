@@ -26,6 +26,7 @@ from fastdiff.diffusion import Schedule, rollout, training_loss
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
 from fastdiff.models.dit import VideoDiT, count_parameters
 from fastdiff.replay import ReplayBuffer
+from fastdiff.strategies import GenerativeDistillation, StreamBank
 from fastdiff.streams import make_stream
 
 INGEST_CHUNK = 256  # frames read and encoded at once; the stream's state is saved per chunk
@@ -111,8 +112,13 @@ class OnlineTrainer:
         self.train_model = torch.compile(self.model) if cfg.run.compile else self.model
         self.train_model = self.world.wrap(self.model, self.train_model, cfg.run.compile)  # DDP under torchrun
 
-        # --- replay buffer --------------------------------------------------------------------------
+        # --- replay buffer (or the offline bank / the distillation teacher) ----------------------------
         self.buffer = self._build_buffer(stream_frames)
+        self.bank = self._build_bank(stream_spec, stream_seed, stream_frames) if cfg.replay.strategy == "offline" \
+            else None
+        self.distill = GenerativeDistillation(cfg.replay.teacher_every, cfg.replay.distill_steps,
+                                              cfg.replay.distill_weight) if cfg.replay.strategy == "gen-distill" \
+            else None
         live_frames = self.window + cfg.replay.live - 1
         self.ring = torch.zeros((live_frames, *self.latent_shape), device=self.device)
         self.ring_pixels = torch.zeros((live_frames, *self.frame_shape), dtype=torch.uint8, device=self.device)
@@ -157,7 +163,7 @@ class OnlineTrainer:
 
     def _build_buffer(self, stream_frames: int) -> ReplayBuffer | None:
         r = self.cfg.replay
-        if r.strategy == "none":
+        if r.strategy in ("none", "offline", "gen-distill"):
             return None
         windows_in_stream = max(stream_frames - self.window + 1, 1)
         if r.strategy == "full":
@@ -173,6 +179,18 @@ class OnlineTrainer:
         self._check_memory(need, "replay buffer")
         return self.world.replay_buffer(self.cfg, capacity, shape, dtype=dtype, device=self.device,
                                         mode="full" if r.strategy == "full" else "reservoir")
+
+    def _build_bank(self, stream_spec: str, stream_seed: int, stream_frames: int) -> StreamBank:
+        """The offline baseline's i.i.d. source: a second reader of the same stream, read to the end."""
+        storage_pixels = self.cfg.replay.storage == "pixel"
+        dtype = torch.uint8 if storage_pixels else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        per_frame = math.prod(self.frame_shape if storage_pixels else self.latent_shape)
+        self._check_memory(self.total_frames * per_frame * torch.empty((), dtype=dtype).element_size(),
+                           "offline bank (the whole stream)")
+        encode = (lambda px: px) if storage_pixels else self.autoencoder.encode
+        with make_stream(stream_spec, split="train", seed=stream_seed, total_frames=stream_frames) as stream:
+            return StreamBank.from_stream(stream, self.total_frames, self.window, encode, dtype=dtype,
+                                          device=self.device, log=self.log)
 
     def _check_memory(self, nbytes: int, what: str) -> None:
         if self.device.type == "cuda":
@@ -194,7 +212,7 @@ class OnlineTrainer:
             "parameters": params,
             "weights_ema_grads_MiB": params * 12 / 2**20,
             "optimizer_state_MiB": params * opt_bytes / 2**20,
-            "replay_buffer_MiB": (self.buffer.nbytes if self.buffer else 0) / 2**20,
+            "replay_buffer_MiB": (self.buffer.nbytes if self.buffer else self.bank.nbytes if self.bank else 0) / 2**20,
         }
 
     # --- ingest -----------------------------------------------------------------------------------
@@ -226,6 +244,14 @@ class OnlineTrainer:
     # --- one online step --------------------------------------------------------------------------
     def _batch(self, live: torch.Tensor) -> torch.Tensor:
         r = self.cfg.replay
+        if self.bank is not None:  # offline: every window i.i.d. from the whole stream
+            drawn = self.bank.sample(r.live + r.replayed, self.generator)
+            if r.storage == "pixel":
+                with torch.no_grad():
+                    drawn = self.autoencoder.encode(drawn.flatten(0, 1)).view(len(drawn), *live.shape[1:])
+            return drawn.float()
+        if self.distill is not None:
+            return live  # the replayed windows are generated inside the loss
         if self.buffer is None:  # no replay: the batch is filled with the live window
             return live[-1:].expand(r.live + r.replayed, *live.shape[1:])
         if r.replayed == 0:
@@ -242,7 +268,11 @@ class OnlineTrainer:
         batch = self._batch(live)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            loss = training_loss(self.train_model, batch, self.schedule, self.cfg.diffusion, self.generator)
+            if self.distill is not None:
+                loss = self.distill.loss(self.train_model, batch, self.cfg.replay.replayed, self.schedule,
+                                         self.cfg.diffusion, self.generator)
+            else:
+                loss = training_loss(self.train_model, batch, self.schedule, self.cfg.diffusion, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.optim.grad_clip or float("inf")
@@ -298,6 +328,10 @@ class OnlineTrainer:
                     continue  # not a full live window yet
                 last = self.train_step(self._live_windows())
                 self._insert_live()
+                if self.distill is not None and self.distill.maybe_refresh(self.ema, self.frames_seen):
+                    self.log(f"frame {self.frames_seen}: distillation teacher refreshed from the EMA model")
+                if cfg.milestone_every and self.frames_seen % cfg.milestone_every == 0:
+                    self.save_milestone()
                 if self.frames_seen % cfg.log_every == 0:
                     now = time.perf_counter()
                     fps = cfg.log_every / max(now - window_start, 1e-9)
@@ -373,6 +407,7 @@ class OnlineTrainer:
             "optimizer": self.optimizer.state_dict(),
             "optimizer_name": self.optimizer_name,
             "buffer": None if self.buffer is None else self.buffer.state_dict(),
+            "distill": None if self.distill is None else self.distill.state_dict(),
             "ring": self.ring.clone(),
             "ring_pixels": self.ring_pixels.clone(),
             "stream": {"chunk_state": self._chunk_state, "skip": self._chunk_pos, "info": self.stream.info.__dict__},
@@ -396,6 +431,22 @@ class OnlineTrainer:
             return None
         return path
 
+    def save_milestone(self) -> Path | None:
+        """The EMA weights at this frame, kept for good (milestones/): `fastdiff eval` turns them into curves."""
+        if not self.world.is_main:
+            return None
+        state = {"config": self.cfg.to_dict(), "ema": self.ema.state_dict(),
+                 "stream": {"info": self.stream.info.__dict__},
+                 "counters": {"frames_seen": self.frames_seen, "steps": self.steps, "skipped": self.skipped}}
+        path = self.run_dir / "milestones" / f"frame{self.frames_seen:010d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt.atomic_torch_save(state, path)
+        except OSError as err:
+            self.log(f"milestone at frame {self.frames_seen} not written ({err})")
+            return None
+        return path
+
     def _load_checkpoint(self) -> None:
         state, path = ckpt.load_latest(self.run_dir / "checkpoints", map_location=self.device, log=self.log)
         state = self.world.localize_checkpoint(state, self.world.stream_specs(self.cfg), self.device)
@@ -414,6 +465,8 @@ class OnlineTrainer:
         self.optimizer.load_state_dict(opt_state)
         if self.buffer is not None and state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])
+        if self.distill is not None and state.get("distill") is not None:
+            self.distill.load_state_dict(state["distill"], self.ema)
         self.ring.copy_(state["ring"])
         self.ring_pixels.copy_(state["ring_pixels"])
         self.stream.load_state_dict(state["stream"]["chunk_state"])

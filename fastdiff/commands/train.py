@@ -25,7 +25,8 @@ def add_arguments(p) -> None:
                    help="under torchrun: one stream per rank (as many as --nproc-per-node), e.g. balls-o balls-c")
     p.add_argument("--frames", type=int, help="frames to train on (one gradient step each); default: the preset's")
     p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M); default: fits the machine")
-    p.add_argument("--strategy", choices=("er", "none", "full"), help="replay strategy (replay.strategy); default er")
+    p.add_argument("--strategy", choices=("er", "none", "full", "offline", "gen-distill"),
+                   help="replay strategy (replay.strategy); default er")
     p.add_argument("--out", help="directory that holds runs (default runs/)")
     p.add_argument("--name", help="run name (default: stream-preset-timestamp)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest readable checkpoint")
