@@ -56,23 +56,23 @@ class EvalOptions:
 
 
 @dataclass
-class TestClips:
+class HeldoutClips:
     frames: np.ndarray  # (N, length, H, W, 3) uint8
     starts: np.ndarray  # (N,) first frame of each clip in the test stream
     horizon: int  # frames the clips are spread over
     centres: np.ndarray | None = None  # balls: (N, length, balls, 2) pixels
     colours: np.ndarray | None = None  # balls: (N, length, balls)
 
-    def subset(self, idx: np.ndarray) -> TestClips:
+    def subset(self, idx: np.ndarray) -> HeldoutClips:
         pick = lambda a: None if a is None else a[idx]
-        return TestClips(self.frames[idx], self.starts[idx], self.horizon, pick(self.centres), pick(self.colours))
+        return HeldoutClips(self.frames[idx], self.starts[idx], self.horizon, pick(self.centres), pick(self.colours))
 
 
 def is_balls(run: LoadedRun) -> bool:
     return run.cfg.run.stream.split(":")[0] in ("balls-o", "balls-c")
 
 
-def test_clips(run: LoadedRun, count: int, length: int) -> TestClips:
+def evaluation_clips(run: LoadedRun, count: int, length: int) -> HeldoutClips:
     """`count` clips evenly spaced over the held-out stream's horizon (the training stream's nominal length)."""
     horizon = run.cfg.run.stream_frames or run.cfg.run.frames
     try:
@@ -101,7 +101,7 @@ def test_clips(run: LoadedRun, count: int, length: int) -> TestClips:
     if not frames:
         raise ValueError(f"eval: the test stream of {run.cfg.run.stream} has fewer than {length} frames")
     n = len(frames)
-    return TestClips(np.stack(frames), starts[:n], horizon,
+    return HeldoutClips(np.stack(frames), starts[:n], horizon,
                      np.stack(centres[:n]) if centres else None, np.stack(colours[:n]) if colours else None)
 
 
@@ -118,7 +118,7 @@ def noise_levels(run: LoadedRun, count: int) -> list[int]:
     return [int((i + 0.5) * steps / count) for i in range(count)]
 
 
-def heldout_loss(run: LoadedRun, clips: TestClips, opts: EvalOptions) -> dict:
+def heldout_loss(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> dict:
     levels = noise_levels(run, opts.levels)
     x0 = _encode(run, clips.frames[:, : run.window])
     gen = torch.Generator(device=run.device).manual_seed(opts.seed)
@@ -142,7 +142,7 @@ def heldout_loss(run: LoadedRun, clips: TestClips, opts: EvalOptions) -> dict:
 
 
 @torch.no_grad()
-def continuations(run: LoadedRun, clips: TestClips, opts: EvalOptions) -> np.ndarray:
+def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.ndarray:
     """uint8 (N, samples, length, H, W, 3): each clip's first `observed` frames, then generated ones."""
     context = _encode(run, clips.frames[:, : opts.observed])
     context = context.repeat_interleave(opts.samples, dim=0)
@@ -159,7 +159,7 @@ def continuations(run: LoadedRun, clips: TestClips, opts: EvalOptions) -> np.nda
     return np.concatenate(out).reshape(len(clips.frames), opts.samples, opts.length, *run.frame_shape)
 
 
-def balls_scores(videos: np.ndarray, clips: TestClips, observed: int) -> dict:
+def balls_scores(videos: np.ndarray, clips: HeldoutClips, observed: int) -> dict:
     """minADE, ColorKL and colour accuracy of sampled continuations (N, S, T, H, W, 3)."""
     n, s, t = videos.shape[:3]
     balls = clips.centres.shape[2]
@@ -182,7 +182,7 @@ def balls_scores(videos: np.ndarray, clips: TestClips, observed: int) -> dict:
             "colour_accuracy": float(accuracy.max(1).mean()), "transitions": counts.tolist()}
 
 
-def evaluate(run: LoadedRun, clips: TestClips, opts: EvalOptions, *, sample: bool = True,
+def evaluate(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions, *, sample: bool = True,
              i3d: metrics.I3DFeatures | None = None) -> dict:
     started = time.perf_counter()
     result = {"frame": run.frame, "clips": len(clips.frames), **heldout_loss(run, clips, opts)}
@@ -212,7 +212,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions, *, curve: bool = True, device
     i3d = metrics.I3DFeatures(opts.i3d, run.device) if opts.i3d else None
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    clips = test_clips(run, opts.clips, opts.length)
+    clips = evaluation_clips(run, opts.clips, opts.length)
     log(f"eval {run_dir}: {len(clips.frames)} test clips of {opts.length} frames, {opts.samples} samples each")
     final = evaluate(run, clips, opts, i3d=i3d)
     report = {"run": str(run_dir), "options": asdict(opts), "final": final, "curve": []}

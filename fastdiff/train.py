@@ -182,14 +182,15 @@ class OnlineTrainer:
 
     def _build_bank(self, stream_spec: str, stream_seed: int, stream_frames: int) -> StreamBank:
         """The offline baseline's i.i.d. source: a second reader of the same stream, read to the end."""
+        frames = min(stream_frames, self.stream.info.length or stream_frames)  # the whole stream, not just the run
         storage_pixels = self.cfg.replay.storage == "pixel"
         dtype = torch.uint8 if storage_pixels else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         per_frame = math.prod(self.frame_shape if storage_pixels else self.latent_shape)
-        self._check_memory(self.total_frames * per_frame * torch.empty((), dtype=dtype).element_size(),
+        self._check_memory(frames * per_frame * torch.empty((), dtype=dtype).element_size(),
                            "offline bank (the whole stream)")
         encode = (lambda px: px) if storage_pixels else self.autoencoder.encode
         with make_stream(stream_spec, split="train", seed=stream_seed, total_frames=stream_frames) as stream:
-            return StreamBank.from_stream(stream, self.total_frames, self.window, encode, dtype=dtype,
+            return StreamBank.from_stream(stream, frames, self.window, encode, dtype=dtype,
                                           device=self.device, log=self.log)
 
     def _check_memory(self, nbytes: int, what: str) -> None:

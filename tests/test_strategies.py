@@ -1,0 +1,152 @@
+"""The paper's strategies on CPU: each trains, offline draws i.i.d. windows of the whole stream,
+generative distillation replays its teacher, both resume bit-identically; `fastdiff eval` and
+`fastdiff experiment paper` end to end at toy sizes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_train import TINY, _cfg, _params
+
+from fastdiff.cli import main
+from fastdiff.config import ConfigError, build_config
+from fastdiff.strategies import StreamBank
+from fastdiff.train import OnlineTrainer
+
+QUIET = lambda *_, **__: None  # noqa: E731
+
+
+@pytest.mark.parametrize("strategy", ["er", "none", "full", "offline", "gen-distill"])
+def test_each_strategy_trains(tmp_path, strategy):
+    trainer = OnlineTrainer(_cfg(tmp_path, run__frames=24, replay__strategy=strategy, replay__teacher_every=12),
+                            tmp_path / "run", log=QUIET)
+    before = _params(trainer)
+    summary = trainer.train()
+    assert summary["steps"] == 24 - 10 + 1 and summary["skipped_steps"] == 0
+    assert np.isfinite(summary["last_loss"]) and summary["last_loss"] > 0
+    after = _params(trainer)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_offline_bank_draws_whole_stream_windows_uniformly():
+    frames = torch.arange(1000, dtype=torch.float32)[:, None].expand(1000, 3).contiguous()
+    bank = StreamBank(frames, window=10)
+    windows = bank.sample(4000, torch.Generator().manual_seed(0))
+    starts = windows[:, 0, 0].long()
+    assert torch.equal(windows[..., 0], starts[:, None] + torch.arange(10))  # contiguous stream windows
+    assert starts.min() >= 0 and starts.max() <= 990
+    counts = torch.bincount(starts // 100, minlength=10).float()  # uniform over the stream's deciles
+    assert counts.min() > 0.8 * counts.mean()
+    with pytest.raises(ValueError, match="shorter than one window"):
+        StreamBank(frames[:5], window=10)
+
+
+def test_offline_trains_on_the_whole_stream_not_the_prefix(tmp_path):
+    trainer = OnlineTrainer(_cfg(tmp_path, run__frames=60, replay__strategy="offline"), tmp_path / "run", log=QUIET)
+    assert trainer.bank.frames.shape[0] == 60  # read to the end before the first step
+    batch = trainer._batch(trainer.ring[None, :10])
+    assert batch.shape[0] == 1 + 2
+
+
+def test_gen_distill_replays_teacher_windows_and_targets_its_prediction(tmp_path, monkeypatch):
+    trainer = OnlineTrainer(_cfg(tmp_path, run__frames=24, replay__strategy="gen-distill", replay__teacher_every=12),
+                            tmp_path / "run", log=QUIET)
+    trainer.train()
+    distill = trainer.distill
+    assert distill.refreshed_at == 24 and distill.teacher is not None
+    assert not any(p.requires_grad for p in distill.teacher.parameters())
+    for a, b in zip(distill.teacher.parameters(), trainer.ema.parameters()):
+        assert torch.equal(a, b)  # refreshed from the EMA at frame 24
+    # The replayed part's target is the teacher's output: with a student equal to the teacher and the
+    # live part's error removed, the loss is exactly 0; with any other student it is not.
+    live = trainer.ring[None, :10].clone()
+    calls = []
+    original = distill.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(distill, "generate", spy)
+    gen = torch.Generator().manual_seed(0)
+    cfg = trainer.cfg.diffusion
+    loss_teacher = distill.loss(distill.teacher, live, 2, trainer.schedule, cfg, gen)
+    assert calls and calls[0].shape == (2, *live.shape[1:])
+    assert not torch.allclose(calls[0][0], live[0])  # generated, not copied
+    assert loss_teacher > 0  # the live windows' error remains
+    distill.weight = 0.0
+    gen = torch.Generator().manual_seed(0)
+    live_only = distill.loss(distill.teacher, live, 2, trainer.schedule, cfg, gen)
+    distill.weight = 1.0
+    # same draws: the replayed frames contributed nothing, because student == teacher
+    assert float(loss_teacher) == pytest.approx(float(live_only), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["offline", "gen-distill"])
+def test_strategy_resumes_bit_identically(tmp_path, strategy):
+    extra = {"replay__strategy": strategy, "replay__teacher_every": 12, "run__stream_frames": 30}
+    straight = OnlineTrainer(_cfg(tmp_path, run__frames=30, **extra), tmp_path / "a", log=QUIET)
+    straight.train()
+    OnlineTrainer(_cfg(tmp_path, run__frames=20, **extra), tmp_path / "b", log=QUIET).train()
+    resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30, **extra), tmp_path / "b", resume=True, log=QUIET)
+    resumed.train()
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_strategy_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="replay.strategy"):
+        build_config("tiny", None, {"replay.strategy": "dreaming"})
+    with pytest.raises(ConfigError, match="replay.teacher_every"):
+        build_config("tiny", None, {"replay.strategy": "gen-distill", "replay.teacher_every": "0"})
+
+
+def test_eval_cli_with_milestones(tmp_path, capsys):
+    cfg = _cfg(tmp_path, run__frames=40, run__milestone_every=20, autoencoder__latent="none", model__patch="4",
+               diffusion__sample_steps="3")
+    from fastdiff.train import write_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_config(cfg, run_dir)
+    OnlineTrainer(cfg, run_dir, log=QUIET).train()
+    assert sorted(p.name for p in (run_dir / "milestones").iterdir()) == ["frame0000000020.pt",
+                                                                          "frame0000000040.pt"]
+    code = main(["eval", str(run_dir), "--clips", "3", "--curve-clips", "2", "--samples", "2", "--length", "15"])
+    assert code == 0
+    report = json.loads((run_dir / "eval" / "eval.json").read_text())
+    final = report["final"]
+    assert final["clips"] == 3 and len(final["loss_per_level"]) == 10
+    assert final["loss"] > 0 and 0 <= final["colour_accuracy"] <= 1 and final["minADE"] > 0
+    assert [row["frame"] for row in report["curve"]] == [20, 40]
+    assert (run_dir / "eval" / "curve.png").stat().st_size > 0
+    assert "minADE" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert main(["eval", str(run_dir), "--observed", "20", "--length", "15"]) == 2
+
+
+def test_experiment_paper_writes_the_report_and_keeps_finished_runs(tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = ["experiment", "paper", "--stream", "balls-c", "--frames", "100", "--strategies", "er,none",
+            "--out", str(out), "--clips", "2", "--curve-clips", "1", "--samples", "1", "--steps", "2",
+            "--curve-points", "2"]
+    for key, value in TINY.items():
+        if key not in ("run.checkpoint_every", "replay.replayed"):
+            args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    for needle in ("| ER (5%) |", "| No replay |", "Who forgets", "q1", "Table 6", "along_stream.png"):
+        assert needle in report
+    data = json.loads((out / "report.json").read_text())
+    assert [r["summary"]["steps"] for r in data["results"]["er"]] == [91]
+    assert len(data["results"]["none"][0]["curve"]) == 2
+    for png in ("along_stream.png", "loss_by_quarter.png"):
+        assert (out / png).stat().st_size > 0
+    stamp = (out / "er-seed0" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # again: nothing retrained, nothing re-evaluated
+    assert (out / "er-seed0" / "summary.json").stat().st_mtime_ns == stamp
+    assert "finished earlier" in capsys.readouterr().out
+    assert main(["experiment", "paper", "--strategies", "er,magic", "--out", str(out)]) == 2
