@@ -216,7 +216,7 @@ if triton is not None:
     @triton.jit
     def _adamw_blockwise_kernel(
         blk_tensor_ptr, table_ptr, steps_ptr, hyper_ptr,
-        m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, seed_ptr,
+        m_ptr, v_ptr, absmax_m_ptr, absmax_v_ptr, code_m_ptr, code_v_ptr, seed_ptr, skip_ptr,
         n_blocks, salt,
         P_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr, STOCHASTIC: tl.constexpr,
         ROWS: tl.constexpr, BLOCK: tl.constexpr, NCOL: tl.constexpr, NHYPER: tl.constexpr,
@@ -232,7 +232,10 @@ if triton is not None:
         first_block = tl.load(entry + 3, mask=row_ok, other=0)
         hyper_row = hyper_ptr + tl.load(entry + 4, mask=row_ok, other=0) * NHYPER
         step_idx = tl.load(entry + 5, mask=row_ok, other=0)
-        row_on = row_ok & (g_addr != 0)  # a tensor without a grad this step is left untouched
+        # A tensor without a grad this step is left untouched; so is everything when the step is skipped
+        # (found_inf set on the device, e.g. by a non-finite loss): weights, moments and absmax alike.
+        not_skipped = tl.load(skip_ptr + 0 * rows, mask=row_ok, other=1.0) == 0.0  # one flag, read per row
+        row_on = row_ok & (g_addr != 0) & not_skipped
 
         # Inactive rows read harmless values (beta 0.5, step 1) so no inf/nan is formed there.
         lr = tl.load(hyper_row + 0, mask=row_on, other=0.0)
@@ -437,7 +440,8 @@ def adamw_rows_reference(p, g, m, v, lr, beta1, beta2, eps, wd, step):
     return p, m, v
 
 
-def _bucket_step_reference(bucket: _Bucket, steps, hyper, codes, stochastic: bool, generator=None) -> None:
+def _bucket_step_reference(bucket: _Bucket, steps, hyper, codes, stochastic: bool, generator=None,
+                           skip=None) -> None:
     device = bucket.m.device
     active = [p.grad is not None for p in bucket.params]
     if not any(active):
@@ -454,6 +458,9 @@ def _bucket_step_reference(bucket: _Bucket, steps, hyper, codes, stochastic: boo
             lane_ok.view(-1)[fb * BLOCKSIZE : fb * BLOCKSIZE + n] = True
     owner = bucket.blk_tensor.long()
     row_on = torch.tensor(active, device=device)[owner]
+    if skip is not None:  # device-side skip: no host sync
+        row_on = row_on & (skip.reshape(()) == 0)
+    P_before = P.clone() if skip is not None else None
     rows_hyper = hyper[torch.tensor(bucket.group_rows, device=device)[owner]]  # [nb, 5]
     lr, beta1, beta2, eps, wd = (rows_hyper[:, i : i + 1] for i in range(_NHYPER))
     step = steps[torch.tensor(bucket.step_idx, device=device)[owner]][:, None]
@@ -466,6 +473,8 @@ def _bucket_step_reference(bucket: _Bucket, steps, hyper, codes, stochastic: boo
     else:
         M, V = bucket.m.view(nb, BLOCKSIZE), bucket.v.view(nb, BLOCKSIZE)
     P, M, V = adamw_rows_reference(P, G, M, V, lr, beta1, beta2, eps, wd, step)
+    if P_before is not None:
+        P = torch.where(mask, P, P_before)
     M = torch.where(mask, M, torch.zeros_like(M))
     V = torch.where(mask, V, torch.zeros_like(V))
 
@@ -494,7 +503,7 @@ def _bucket_step_reference(bucket: _Bucket, steps, hyper, codes, stochastic: boo
             p.data.view(-1).copy_(flat[fb * BLOCKSIZE : fb * BLOCKSIZE + p.numel()])
 
 
-def _bucket_step_triton(bucket: _Bucket, steps, hyper, codes, seed, stochastic: bool) -> None:
+def _bucket_step_triton(bucket: _Bucket, steps, hyper, codes, seed, stochastic: bool, skip) -> None:
     device = bucket.m.device
     rows = INTERPRETER_ROWS if device.type != "cuda" else GPU_ROWS
     rows = min(rows, triton.next_power_of_2(max(bucket.n_blocks, 1)))
@@ -504,7 +513,7 @@ def _bucket_step_triton(bucket: _Bucket, steps, hyper, codes, seed, stochastic: 
     grid = (triton.cdiv(bucket.n_blocks, rows),)
     _adamw_blockwise_kernel[grid](
         bucket.blk_tensor, bucket.table, steps, hyper,
-        bucket.m, bucket.v, am, av, code_m, code_v, seed,
+        bucket.m, bucket.v, am, av, code_m, code_v, seed, skip,
         bucket.n_blocks, bucket.salt,
         P_DTYPE=_tl_dtype(bucket.dtype), EIGHT_BIT=bucket.eight_bit,
         STOCHASTIC=bool(stochastic and bucket.dtype == torch.bfloat16),
@@ -596,6 +605,7 @@ class AdamW8bitFused(torch.optim.Optimizer):
         self._hyper = torch.zeros(len(self.param_groups), _NHYPER, dtype=torch.float32, device=dev)
         self._hyper_key: list | None = None
         self._seed = torch.tensor([self._seed_value], dtype=torch.int64, device=dev)
+        self._no_skip = torch.zeros(1, dtype=torch.float32, device=dev)  # found_inf when none is set
         self._codes = (code_on(True, dev), code_on(False, dev))
         self._active_staging = (
             torch.empty(len(params), dtype=torch.float32).pin_memory() if dev.type == "cuda" else None
@@ -704,15 +714,25 @@ class AdamW8bitFused(torch.optim.Optimizer):
             return loss
         self._sync_hyper()
         self._sync_pointers()
-        self._steps.add_(self._active)
+        # found_inf (a 0-dim device tensor, 1 = skip), as torch's fused optimizers take it from GradScaler:
+        # a skipped step leaves weights, moments and step counts as they were, decided on the device.
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            self._steps.add_(self._active)
+            skip = self._no_skip
+        else:
+            skip = found_inf.to(device=self._steps.device, dtype=torch.float32).reshape(1)
+            self._steps.add_(self._active * (1.0 - skip))
         for b in self._buckets:
             if not b.any_active:
                 continue
             backend = dispatch.resolve("adamw8bit", b.params[0])
             if backend == "triton":
-                _bucket_step_triton(b, self._steps, self._hyper, self._codes, self._seed, self.stochastic_rounding)
+                _bucket_step_triton(b, self._steps, self._hyper, self._codes, self._seed, self.stochastic_rounding,
+                                    skip)
             else:
-                _bucket_step_reference(b, self._steps, self._hyper, self._codes, self.stochastic_rounding)
+                _bucket_step_reference(b, self._steps, self._hyper, self._codes, self.stochastic_rounding,
+                                       skip=None if found_inf is None else skip)
         return loss
 
     # ---- memory and state dicts ------------------------------------------------------------------

@@ -195,6 +195,42 @@ def test_triton_interpreter_matches_reference(dtype):
                 assert torch.all(before != after)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_found_inf_skips_the_step_on_the_device(backend):
+    """found_inf = 1 (as a non-finite loss sets it, with no host sync) leaves weights, moments, absmax and
+    step counts bit-identical; found_inf = 0 is exactly a normal step."""
+    ps, opt, _ = _run_steps(backend, torch.float32, steps=2)
+    gen = torch.Generator().manual_seed(7)
+    grads = _grads(ps, gen)
+    snapshot = lambda: ([p.detach().clone() for p in ps],
+                        {k: {n: t.clone() for n, t in st.items()} for k, st in enumerate(opt.state.values())})
+
+    def step(found_inf):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.found_inf = found_inf
+        with dispatch.backend_override(backend):
+            opt.step()
+        opt.found_inf = None
+
+    before_p, before_s = snapshot()
+    step(torch.ones(()))
+    after_p, after_s = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(before_p, after_p))
+    for k in before_s:
+        for name in before_s[k]:
+            assert torch.equal(before_s[k][name], after_s[k][name]), name
+    step(torch.zeros(()))
+    ps_ref, opt_ref, _ = _run_steps(backend, torch.float32, steps=2)
+    for p, g in zip(ps_ref, grads):
+        p.grad = g.clone()
+    with dispatch.backend_override(backend):
+        opt_ref.step()
+    for a, b in zip(ps, ps_ref):
+        assert torch.equal(a, b)
+    _assert_states_match(opt, opt_ref)
+
+
 def test_every_element_written_triton():
     # updates of ~lr on O(1) params: any unwritten lane would keep its old value
     ps = _params(torch.float32, gen_seed=3)
