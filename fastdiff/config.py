@@ -102,7 +102,8 @@ class RunConfig:
     sample_frames: int = 30
     log_every: int = 50
     milestone_every: int = 0  # frames; >0 keeps the EMA weights every so often (milestones/) for eval curves
-    compile: bool = False
+    compile: bool = False  # torch.compile(fullgraph=True) of the model
+    step: str = "eager"  # eager (reference), device (no host sync), graph (device step in one CUDA graph)
     nan_policy: str = "skip"  # skip (count and go on) or stop
     disk_full_policy: str = "continue"  # continue (report, keep the old checkpoint) or stop
     progress: bool = True
@@ -161,6 +162,7 @@ CHOICES = {
     "run.precision": ("auto", "bf16", "fp32"),
     "run.kernels": ("auto", "triton", "reference", "sdpa", "xformers"),
     "run.nan_policy": ("skip", "stop"),
+    "run.step": ("eager", "device", "graph"),
     "run.disk_full_policy": ("continue", "stop"),
 }
 

@@ -294,7 +294,7 @@ GRAPH_REFUSAL = (
 
 def graph_capture_requested(cfg) -> bool:
     """True when the config asks for the captured-graph step (the fast path's switch, whatever it is called)."""
-    return any(bool(getattr(cfg.run, name, False)) for name in ("fastpath", "fast_path", "cuda_graph", "graphs"))
+    return getattr(cfg.run, "step", "eager") == "graph"
 
 
 def parse_streams(text: str) -> list[str]:

@@ -82,8 +82,11 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``params`` (tensors or groups)."""
+    """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``params`` (tensors or groups).
+    ``fused`` asks torch's AdamW for its fused kernel on CPU too (it is always used on CUDA): the fused
+    kernel is the one that honours ``found_inf``, which the sync-free fast path skips steps with."""
     _check_name(name)
     params = list(params)
     if name == "adamw8bit-fused":
@@ -99,7 +102,7 @@ def build_optimizer(
     flat = _flat_params(params)
     on_cuda = bool(flat) and all(p.is_cuda for p in flat)
     return torch.optim.AdamW(
-        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True if on_cuda else None
+        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True if (on_cuda or fused) else None
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fastdiff import checkpoint as ckpt
-from fastdiff import distributed, ops
+from fastdiff import distributed, fastpath, ops
 from fastdiff.config import Config
 from fastdiff.diffusion import Schedule, rollout, training_loss
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
@@ -61,6 +61,10 @@ class OnlineTrainer:
             self.log = lambda *_, **__: None  # rank 0 speaks for every rank
         self.device = self.world.device(pick_device(cfg.run.device))
         ops.use_kernels(cfg.run.kernels)
+        # auto: bitsandbytes' 8-bit AdamW; the sync-free fast path needs one that skips on the device: ours.
+        opt_name = cfg.optim.name if cfg.optim.name != "auto" else (
+            "adamw8bit-bnb" if cfg.run.step == "eager" else "adamw8bit-fused")
+        fastpath.check(cfg, self.device, opt_name)  # refuse before any work
         self.autocast_dtype = self._autocast_dtype()
         torch.manual_seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
@@ -103,13 +107,12 @@ class OnlineTrainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         from fastdiff.optim import build_optimizer
 
-        opt_name = "adamw8bit-bnb" if cfg.optim.name == "auto" else cfg.optim.name
         self.optimizer = build_optimizer(opt_name, self.model.parameters(), lr=cfg.optim.lr,
                                          betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                         weight_decay=cfg.optim.weight_decay)
+                                         weight_decay=cfg.optim.weight_decay, fused=cfg.run.step != "eager")
         self.optimizer_name = opt_name
         self.schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, self.device)
-        self.train_model = torch.compile(self.model) if cfg.run.compile else self.model
+        self.train_model = torch.compile(self.model, fullgraph=True) if cfg.run.compile else self.model
         self.train_model = self.world.wrap(self.model, self.train_model, cfg.run.compile)  # DDP under torchrun
 
         # --- replay buffer (or the offline bank / the distillation teacher) ----------------------------
@@ -122,6 +125,7 @@ class OnlineTrainer:
         live_frames = self.window + cfg.replay.live - 1
         self.ring = torch.zeros((live_frames, *self.latent_shape), device=self.device)
         self.ring_pixels = torch.zeros((live_frames, *self.frame_shape), dtype=torch.uint8, device=self.device)
+        self.frames_device = torch.zeros((), dtype=torch.long, device=self.device)  # frames_seen, on the device
 
         # --- counters -------------------------------------------------------------------------------
         self.frames_seen = 0  # frames ingested
@@ -132,6 +136,7 @@ class OnlineTrainer:
         self._tb = None
         if resume:
             self._load_checkpoint()
+        self.fast = None if cfg.run.step == "eager" else fastpath.FastStep(self, graph=cfg.run.step == "graph")
 
     # ----------------------------------------------------------------------------------------------
     def _autocast_dtype(self):
@@ -234,9 +239,13 @@ class OnlineTrainer:
     def _ingest(self, frame: np.ndarray) -> None:
         pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device)
         latent = self.autoencoder.encode(pixels[None])[0]
-        self.ring = torch.cat([self.ring[1:], latent[None].float()])
-        self.ring_pixels = torch.cat([self.ring_pixels[1:], pixels[None]])
+        # in place: the captured step (fastdiff/fastpath.py) reads these very tensors on every replay
+        self.ring[:-1] = self.ring[1:].clone()
+        self.ring[-1] = latent.float()
+        self.ring_pixels[:-1] = self.ring_pixels[1:].clone()
+        self.ring_pixels[-1] = pixels
         self.frames_seen += 1
+        self.frames_device += 1
 
     def _live_windows(self) -> torch.Tensor:
         k, n = self.window, self.cfg.replay.live
@@ -304,7 +313,7 @@ class OnlineTrainer:
     def _insert_live(self) -> None:
         if self.buffer is None:
             return
-        start = self.frames_seen - self.window
+        start = self.frames_device - self.window  # a device value: the captured step replays it correctly
         window = self.ring_pixels[-self.window :] if self.cfg.replay.storage == "pixel" else self.ring[-self.window :]
         self.buffer.insert(window, start, self.generator)
 
@@ -317,6 +326,7 @@ class OnlineTrainer:
         metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in the finally below)
         bar = self._progress()
         started, window_start, frames_at_start = time.perf_counter(), time.perf_counter(), self.frames_seen
+        self._steps_at_start = self.steps + self.skipped
         last = None
         try:
             while self.frames_seen < self.total_frames:
@@ -327,13 +337,18 @@ class OnlineTrainer:
                 self._ingest(frame)
                 if self.frames_seen < self.window + self.cfg.replay.live - 1:
                     continue  # not a full live window yet
-                last = self.train_step(self._live_windows())
-                self._insert_live()
+                if self.fast is not None:
+                    self.fast.step()  # no host sync; results are read below only when logging
+                else:
+                    last = self.train_step(self._live_windows())
+                    self._insert_live()
                 if self.distill is not None and self.distill.maybe_refresh(self.ema, self.frames_seen):
                     self.log(f"frame {self.frames_seen}: distillation teacher refreshed from the EMA model")
                 if cfg.milestone_every and self.frames_seen % cfg.milestone_every == 0:
                     self.save_milestone()
                 if self.frames_seen % cfg.log_every == 0:
+                    if self.fast is not None:
+                        last = self._sync_fast()
                     now = time.perf_counter()
                     fps = cfg.log_every / max(now - window_start, 1e-9)
                     window_start = now
@@ -353,6 +368,8 @@ class OnlineTrainer:
             metrics.close()
             if bar is not None:
                 bar.close()
+        if self.fast is not None and self.steps + self.skipped < self.fast.calls + self._steps_at_start:
+            last = self._sync_fast()
         self.save_checkpoint()
         self.write_samples("final")
         elapsed = time.perf_counter() - started
@@ -364,6 +381,16 @@ class OnlineTrainer:
         if self._tb is not None:
             self._tb.close()
         return summary
+
+    def _sync_fast(self) -> StepResult:
+        """Catch the host counters up with the device (the fast path's only sync, once per log interval)."""
+        result, newly_skipped = self.fast.sync()
+        if newly_skipped:
+            self.log(f"frame {self.frames_seen}: {newly_skipped} step(s) skipped for a non-finite loss/gradient "
+                     f"({self.skipped} so far)")
+            if self.cfg.run.nan_policy == "stop":
+                raise NonFiniteLoss(f"non-finite loss by frame {self.frames_seen} (run.nan_policy=stop)")
+        return result
 
     def _fill_text(self) -> str:
         if self.buffer is None:
@@ -418,6 +445,8 @@ class OnlineTrainer:
         }
 
     def save_checkpoint(self) -> Path | None:
+        if self.fast is not None:
+            self._sync_fast()
         directory = self.run_dir / "checkpoints"
         state = self.world.gather_checkpoint(self.state_dict(), self.world.stream_specs(self.cfg))
         if state is None:  # not rank 0: its own part went to rank 0, which writes the file
@@ -476,6 +505,7 @@ class OnlineTrainer:
         self._chunk_pos = state["stream"]["skip"]
         counters = state["counters"]
         self.frames_seen, self.steps, self.skipped = counters["frames_seen"], counters["steps"], counters["skipped"]
+        self.frames_device.fill_(self.frames_seen)
         self.generator.set_state(state["rng"]["generator"].to("cpu") if self.device.type == "cpu"
                                  else state["rng"]["generator"].cpu())
         torch.set_rng_state(state["rng"]["torch"].cpu())

@@ -250,7 +250,7 @@ def test_refuses_unsupported_combinations(tmp_path):
     with pytest.raises(DistributedError, match="3 streams for 2 rank"):
         World(rank=0, size=2).check(cfg)
     cfg = _cfg(tmp_path)
-    cfg.run.cuda_graph = True  # however the fast path's switch is named, DDP + capture is refused with why
+    cfg.run.step = "graph"  # DDP + the captured step is refused with why
     with pytest.raises(DistributedError, match="captured-graph fast path does not run under DDP"):
         World(rank=1, size=2).check(cfg)
     World().check(cfg)  # one process: the fast path is not our business

@@ -1,0 +1,168 @@
+"""The fast path (fastdiff/fastpath.py): the sync-free device step against the eager reference, its
+device-side skip of non-finite steps, resume, torch.compile for real, refusals; on a GPU the captured
+CUDA graph against eager and under set_sync_debug_mode("error")."""
+
+import json
+
+import pytest
+import torch
+from test_train import _cfg, _params
+
+import fastdiff.fastpath as fastpath
+from fastdiff.cli import main
+from fastdiff.fastpath import FastPathError
+from fastdiff.train import OnlineTrainer
+
+QUIET = lambda *_, **__: None  # noqa: E731
+
+
+def _run(tmp_path, name, **extra):
+    trainer = OnlineTrainer(_cfg(tmp_path, **{"run__log_every": 1, **extra}), tmp_path / name, log=QUIET)
+    summary = trainer.train()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return trainer, summary, losses
+
+
+def test_device_step_is_bit_identical_to_eager_with_the_fused_8bit_optimizer(tmp_path):
+    eager, s_eager, l_eager = _run(tmp_path, "eager", run__frames=30, optim__name="adamw8bit-fused")
+    fast, s_fast, l_fast = _run(tmp_path, "fast", run__frames=30, optim__name="adamw8bit-fused", run__step="device")
+    assert l_eager == l_fast and len(l_fast) == 21
+    assert s_fast["steps"] == s_eager["steps"] == 21
+    a, b = _params(eager), _params(fast)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a, ema_b = eager.ema.state_dict(), fast.ema.state_dict()
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)  # device-side EMA warm-up = the host's
+    assert int(fast.buffer.seen) == int(eager.buffer.seen)
+    assert torch.equal(fast.buffer.starts, eager.buffer.starts)  # insert positions from the device counter
+
+
+def test_device_step_matches_eager_with_fused_adamw(tmp_path):
+    # torch's fused AdamW (the one that honours found_inf) rounds differently from the foreach one: close, not equal
+    _, _, l_eager = _run(tmp_path, "eager", run__frames=25, optim__name="adamw")
+    _, _, l_fast = _run(tmp_path, "fast", run__frames=25, optim__name="adamw", run__step="device")
+    assert l_fast == pytest.approx(l_eager, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit-fused", "adamw"])
+def test_device_step_skips_a_nonfinite_step_on_the_device(tmp_path, monkeypatch, optimizer):
+    trainer = OnlineTrainer(_cfg(tmp_path, run__frames=40, optim__name=optimizer, run__step="device"),
+                            tmp_path / "run", log=QUIET)
+    for _ in range(12):
+        trainer._ingest(trainer._next_frame())
+    fast = trainer.fast
+    fast.step()
+    fast.step()
+    snapshot = lambda: (_params(trainer), {k: v.clone() for k, v in trainer.ema.state_dict().items()},
+                        json.dumps({str(k): {n: t.tolist() for n, t in st.items() if torch.is_tensor(t)}
+                                    for k, st in trainer.optimizer.state_dict()["state"].items()}))
+    before = snapshot()
+    real_loss = fastpath.training_loss
+    monkeypatch.setattr(fastpath, "training_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    fast.step()
+    after = snapshot()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert before[2] == after[2]  # moments and step counts untouched
+    result, newly_skipped = fast.sync()
+    assert result.skipped and newly_skipped == 1 and trainer.skipped == 1 and trainer.steps == 2
+    monkeypatch.setattr(fastpath, "training_loss", real_loss)
+    fast.step()  # training goes on
+    assert not all(torch.equal(after[0][k], v) for k, v in _params(trainer).items())
+    assert fast.sync()[0].skipped is False and trainer.steps == 3
+
+
+def test_device_step_reports_skips_in_the_run_summary(tmp_path, monkeypatch):
+    real_loss = fastpath.training_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("inf") if calls["n"] in (3, 7) else loss
+
+    monkeypatch.setattr(fastpath, "training_loss", sometimes_nan)
+    _, summary, _ = _run(tmp_path, "run", run__frames=25, optim__name="adamw8bit-fused", run__step="device",
+                         run__log_every=5)
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 16 - 2
+
+
+def test_device_step_resumes_bit_identically(tmp_path):
+    extra = {"optim__name": "adamw8bit-fused", "run__step": "device"}
+    straight, _, _ = _run(tmp_path, "a", run__frames=30, **extra)
+    _run(tmp_path, "b", run__frames=20, **extra)
+    resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30, run__log_every=1, **extra), tmp_path / "b", resume=True,
+                            log=QUIET)
+    resumed.train()
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiled_model_trains_like_eager(tmp_path):
+    torch._dynamo.reset()
+    _, _, l_eager = _run(tmp_path, "eager", run__frames=14, optim__name="adamw8bit-fused", run__step="device")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _, _, l_compiled = _run(tmp_path, "compiled", run__frames=14, optim__name="adamw8bit-fused",
+                            run__step="device", run__compile="true")
+    assert counters["stats"]["unique_graphs"] >= 1  # really compiled, fullgraph (a break would raise)
+    assert l_compiled == pytest.approx(l_eager, rel=1e-4, abs=1e-5)
+    torch._dynamo.reset()
+
+
+def test_fast_path_refusals(tmp_path, capsys):
+    with pytest.raises(FastPathError, match="cannot skip a non-finite step on the device"):
+        OnlineTrainer(_cfg(tmp_path, optim__name="adamw8bit-bnb", run__step="device"), tmp_path / "a", log=QUIET)
+    if not torch.cuda.is_available():
+        with pytest.raises(FastPathError, match="CUDA graphs need a CUDA device"):
+            OnlineTrainer(_cfg(tmp_path, run__step="graph"), tmp_path / "b", log=QUIET)
+        code = main(["train", "--out", str(tmp_path), "--set", "run.step=graph", "--no-progress"])
+        assert code == 2 and "CUDA graphs need a CUDA device" in capsys.readouterr().err
+    cfg = _cfg(tmp_path, run__step="graph", replay__strategy="gen-distill")
+    with pytest.raises(FastPathError, match="teacher is replaced"):
+        fastpath.check(cfg, torch.device("cuda"), "adamw8bit-fused")
+    cfg = _cfg(tmp_path, run__step="graph", run__nan_policy="stop")
+    with pytest.raises(FastPathError, match="host sync every step"):
+        fastpath.check(cfg, torch.device("cuda"), "adamw")
+
+
+# --- GPU: the captured graph -------------------------------------------------------------------------------
+
+
+def _gpu_cfg(tmp_path, **extra):
+    return _cfg(tmp_path, run__device="cuda", run__log_every=1, optim__name="adamw8bit-fused", **extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graph_step_matches_eager_losses(tmp_path, precision):
+    runs = {}
+    for step in ("eager", "graph"):
+        trainer = OnlineTrainer(_gpu_cfg(tmp_path, run__frames=40, run__step=step, run__precision=precision),
+                                tmp_path / step, log=QUIET)
+        trainer.train()
+        runs[step] = [json.loads(x)["loss"] for x in (tmp_path / step / "metrics.jsonl").read_text().splitlines()]
+    assert trainer.fast.graph is not None
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    assert runs["graph"] == pytest.approx(runs["eager"], rel=tol, abs=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_model", ["false", "true"])
+def test_graph_step_never_syncs(tmp_path, compile_model):
+    trainer = OnlineTrainer(_gpu_cfg(tmp_path, run__frames=60, run__step="graph", run__compile=compile_model),
+                            tmp_path / "run", log=QUIET)
+    for _ in range(trainer.window + 4):  # ingest (outside the step) and warm-up steps, capture
+        trainer._ingest(trainer._next_frame())
+        trainer.fast.step()
+    torch.cuda.synchronize()
+    frame = torch.from_numpy(trainer._next_frame()).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            trainer.fast.step()  # replay: any host sync raises here
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.fast.graph is not None and frame.is_cuda
+    result, _ = trainer.fast.sync()
+    assert torch.isfinite(torch.tensor(result.loss))
