@@ -7,6 +7,7 @@ kernels.dispatch from the config (`run.kernels`) or FASTDIFF_KERNELS.
 from __future__ import annotations
 
 from kernels import dispatch
+from kernels.adaln_modulate import adaln_modulate
 from kernels.noise_schedule import add_noise, ddim_step, frame_mse_loss
 from kernels.temporal_attention import temporal_attention
 
@@ -16,4 +17,4 @@ def use_kernels(name: str) -> None:
     dispatch.set_backend(None if name == "auto" else name)
 
 
-__all__ = ["add_noise", "ddim_step", "frame_mse_loss", "temporal_attention", "use_kernels"]
+__all__ = ["adaln_modulate", "add_noise", "ddim_step", "frame_mse_loss", "temporal_attention", "use_kernels"]

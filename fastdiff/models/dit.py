@@ -28,6 +28,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The unfused adaLN modulation (the blocks call the fused ops.adaln_modulate(x, shift, scale),
+    which equals modulate(LayerNorm(x), shift, scale) with the no-affine norms kept below for their eps)."""
     return x * (1 + scale) + shift
 
 
@@ -90,9 +92,10 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         # cond (B, K, D) -> nine (B, K, 1, D) modulation tensors, one set per frame.
         mods = self.ada(cond)[:, :, None].chunk(9, dim=-1)
-        x = x + mods[2] * self.spatial(modulate(self.norm1(x), mods[0], mods[1]))
-        x = x + mods[5] * self.temporal(modulate(self.norm2(x), mods[3], mods[4]))
-        return x + mods[8] * self.mlp(modulate(self.norm3(x), mods[6], mods[7]))
+        # ops.adaln_modulate(x, shift, scale, eps) = modulate(norm(x), shift, scale), fused in one pass.
+        x = x + mods[2] * self.spatial(ops.adaln_modulate(x, mods[0], mods[1], self.norm1.eps))
+        x = x + mods[5] * self.temporal(ops.adaln_modulate(x, mods[3], mods[4], self.norm2.eps))
+        return x + mods[8] * self.mlp(ops.adaln_modulate(x, mods[6], mods[7], self.norm3.eps))
 
 
 class VideoDiT(nn.Module):
@@ -147,7 +150,7 @@ class VideoDiT(nn.Module):
             else:
                 tokens = block(tokens, cond)
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
-        return self.unpatchify(self.out(modulate(self.final_norm(tokens), shift, scale)))
+        return self.unpatchify(self.out(ops.adaln_modulate(tokens, shift, scale, self.final_norm.eps)))
 
 
 def count_parameters(model: nn.Module) -> int:
