@@ -85,6 +85,7 @@ def run(args) -> int:
     from fastdiff.streams.base import StreamError
     from fastdiff.train import OnlineTrainer, new_run_dir, write_config
 
+    trainer = None  # set once the run is set up: an allocation failure before that is a config problem (exit 2)
     try:
         world = distributed.init_from_env(cfg.run.device)  # under torchrun: join the process group
 
@@ -106,6 +107,24 @@ def run(args) -> int:
         print("fastdiff train: out of GPU memory. Try a smaller preset (--preset tiny or small), "
               "replay.storage=pixel, or --set model.checkpoint_activations=true", file=sys.stderr)
         return 3
+    except RuntimeError as err:  # torch's host allocator: an absurd size is refused by malloc, not MemoryError
+        if "can't allocate memory" not in str(err):
+            raise
+        when = "while setting up the run" if trainer is None else "while training"
+        print(f"fastdiff train: out of host memory {when}: {_allocation_text(err)}. Lower model.width / "
+              "model.depth, autoencoder.hidden, replay.live, replay.windows / replay.fraction, or use a smaller "
+              "--preset", file=sys.stderr)
+        return 2 if trainer is None else 3
     print(json.dumps(summary, indent=2))
     print(f"samples: {run_dir / 'samples'}")
     return 0
+
+
+def _allocation_text(err: RuntimeError) -> str:
+    """'a tensor of 4096.00 GiB could not be allocated' from torch's allocator message (or its first line)."""
+    import re
+
+    found = re.search(r"allocate (\d+) bytes", str(err))
+    if found:
+        return f"a tensor of {int(found.group(1)) / 2**30:,.2f} GiB could not be allocated"
+    return str(err).splitlines()[0][:200]

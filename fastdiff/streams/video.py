@@ -120,8 +120,15 @@ class VideoStream(FrameStream):
         if self.size:
             h, w = self.size
         elif any(f[2] != self.files[0][2] for f in self.files):
-            raise StreamError("video: the files have different frame sizes; give size=(h, w) to bring them "
-                              "to one size")
+            sizes = {}
+            for p, f in zip(self.paths, self.files):
+                sizes.setdefault(f"{f[2][1]}x{f[2][0]}", []).append(p.name)
+            found = "; ".join(f"{wh}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                              for wh, names in sizes.items())
+            raise StreamError(f"video: the files have different frame sizes (width x height: {found}); give "
+                              "size=(h, w) to bring them to one size (make_stream option; from the command line, "
+                              "`fastdiff streams export video:PATH --option size=[h,w] --out DIR` and train on "
+                              "npy:DIR)")
         out_fps = self.fps or self.files[0][1]
         length = sum(len(self._indices(i)) for i in range(len(self.files)))
         listed = isinstance(source, (list, tuple))
@@ -144,6 +151,10 @@ class VideoStream(FrameStream):
                 return tuple(vr.get_batch([i]).shape[1:3]), vr
             except Exception as e:  # DECORDError: damaged frame; try the next with a fresh reader
                 err, vr = e, _open(path)
+        if "DECORDArrayCopyFromTo" in str(err):  # decord's frame copy fails at some widths: the file is fine
+            raise StreamError(f"video: {path}: decord cannot decode frames of this width (a decord bug at some "
+                              "widths, e.g. 8, 16, 24, 48 or 72 pixels); re-encode the video wider, e.g. "
+                              "`ffmpeg -i IN -vf scale=64:-2 OUT`") from None
         raise StreamError(f"video: {path}: none of its first frames can be decoded: "
                           f"{str(err).splitlines()[-1][:200]}") from None
 
