@@ -317,9 +317,8 @@ def test_replay_buffer_larger_than_memory_is_refused(tmp_path, capsys, settings)
 
 
 @pytest.mark.parametrize("settings", [
-    ["model.width=131072", "model.heads=4096"],  # 256 GiB for one linear layer
-    ["replay.live=1000000000"],  # the live ring alone: ~60 GiB of latents, ~700 GiB of pixels
-    ["autoencoder.hidden=1000000000"],
+    ["replay.live=1000000000"],  # the live ring of 10^9 latent frames alone: ~1 TiB
+    ["autoencoder.hidden=1000000000"],  # ~100 GiB for one convolution
 ])
 def test_model_or_ring_larger_than_memory_is_refused(tmp_path, capsys, settings):
     """torch's host allocator refuses these with a RuntimeError, not MemoryError: the CLI says so, exit 2."""
@@ -329,3 +328,15 @@ def test_model_or_ring_larger_than_memory_is_refused(tmp_path, capsys, settings)
     assert "out of host memory while setting up the run" in err and "GiB could not be allocated" in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("settings", [
+    ["model.depth=100000000"],  # a hundred million small blocks: minutes of building, then the OOM killer
+    ["model.width=131072", "model.heads=4096"],
+])
+def test_model_beyond_physical_memory_is_refused_before_any_work(tmp_path, capsys, settings):
+    args = [x for s in settings for x in ("--set", s)]
+    assert train_cli(tmp_path, *args, "--frames", "20") == 2
+    err = capsys.readouterr().err
+    assert "invalid config" in err and "model.depth=" in err and "GiB" in err and "lower model.width" in err
+    assert not (tmp_path / "runs").exists()  # refused before a run directory was made

@@ -78,6 +78,10 @@ def run(args) -> int:
     except ConfigError as err:
         print(f"fastdiff train: invalid config: {err}", file=sys.stderr)
         return 2
+    too_big = _model_too_big(cfg)
+    if too_big:
+        print(f"fastdiff train: invalid config: {too_big}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -128,3 +132,24 @@ def _allocation_text(err: RuntimeError) -> str:
     if found:
         return f"a tensor of {int(found.group(1)) / 2**30:,.2f} GiB could not be allocated"
     return str(err).splitlines()[0][:200]
+
+
+def _model_too_big(cfg) -> str | None:
+    """A message when the model cannot fit in this machine's memory whatever else runs: its blocks' MLP and
+    adaLN weights alone (a lower bound on the parameters), in fp32 weights, EMA and gradients, exceed the
+    physical memory. Building a model of millions of small blocks would otherwise take minutes and end in
+    the kernel's OOM killer, with no message at all."""
+    import os
+
+    m = cfg.model
+    per_block = (2 * int(m.width * m.mlp_ratio) + 9 * m.width) * m.width
+    need = per_block * m.depth * 12
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    if need <= total:
+        return None
+    return (f"model.width={m.width}, model.depth={m.depth}: the model needs at least {need / 2**30:,.1f} GiB "
+            f"(fp32 weights, EMA and gradients) but this machine has {total / 2**30:,.1f} GiB of memory; "
+            "lower model.width / model.depth")
