@@ -201,6 +201,12 @@ def damaged(tmp_path):
     return corrupt(clean, tmp_path / "damaged.mp4", at=0.75)
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 frames, so that the damaged frames are read by the ingest thread during training."""
+    monkeypatch.setattr(train_module, "INGEST_CHUNK", 16)
+
+
 def _stream_errors(path, policy):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -209,7 +215,7 @@ def _stream_errors(path, policy):
     return len(frames), s.errors
 
 
-def test_corrupt_video_skip_policy_trains_on_and_saves(tmp_path, damaged, capsys):
+def test_corrupt_video_skip_policy_trains_on_and_saves(tmp_path, damaged, capsys, small_chunks):
     """The CLI's stream policy is skip: bad frames are reported and skipped, the run ends with the frames that
     decoded, a final checkpoint holds all of it, and resuming it neither loses nor repeats a frame."""
     delivered, errors = _stream_errors(damaged, "skip")
@@ -234,12 +240,6 @@ def test_corrupt_video_skip_policy_trains_on_and_saves(tmp_path, damaged, capsys
     # the resumed run starts where the checkpoint ended: one step per frame it reads, none trained twice
     assert resumed["frames"] >= summary["frames"]
     assert resumed["steps"] - summary["steps"] == resumed["frames"] - summary["frames"]
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 16 frames, so that the damaged frames are read by the ingest thread during training."""
-    monkeypatch.setattr(train_module, "INGEST_CHUNK", 16)
 
 
 def _with_policy(monkeypatch, policy):
