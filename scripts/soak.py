@@ -30,6 +30,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -124,12 +125,20 @@ def summarize(rows: list[dict], warmup: int, tolerance: float) -> dict:
     start, end = after[0], rows[-1]
     xs = [r["frame"] for r in after]
     rss_slope = slope_per_10k(xs, [r["rss_MiB"] for r in after])
+    # RSS moves by a few MiB for a sample now and then (malloc returning and taking back a block): medians of
+    # the first and last 5% of the samples after warm-up say what a single sample at either end may not
+    k = max(3, len(after) // 20)
+    first_median = statistics.median(r["rss_MiB"] for r in after[:k])
+    last_median = statistics.median(r["rss_MiB"] for r in after[-k:])
     out = {
         "warmup_frames": warmup,
         "rss_warmup_end_MiB": start["rss_MiB"], "rss_warmup_end_frame": start["frame"],
         "rss_end_MiB": end["rss_MiB"], "rss_end_frame": end["frame"],
         "rss_max_MiB": max(r["rss_MiB"] for r in rows),
         "rss_growth_after_warmup_MiB": round(end["rss_MiB"] - start["rss_MiB"], 3),
+        "rss_median_after_warmup_MiB": round(first_median, 3), "rss_median_at_end_MiB": round(last_median, 3),
+        "rss_median_growth_after_warmup_MiB": round(last_median - first_median, 3),
+        "median_over_samples": k,
         "rss_slope_MiB_per_10k_frames": round(rss_slope, 4),
         "tolerance_MiB_per_10k_frames": tolerance,
     }
@@ -168,6 +177,25 @@ def plot(rows: list[dict], warmup: int, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def resummarize(out: Path, warmup: float, tolerance: float) -> int:
+    with open(out / "soak.csv", newline="") as f:
+        rows = [{k: (float(v) if v != "" else "") if k != "frame" else int(v) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+    report = json.loads((out / "soak.json").read_text()) if (out / "soak.json").exists() else {}
+    frames = rows[-1]["frame"]
+    warm = int(warmup * frames) if warmup < 1 else int(warmup)
+    verdict = summarize(rows, warm, tolerance)
+    report.update(verdict)
+    report["resummarized"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") + \
+        " (scripts/soak.py --from-csv: summary and plot rewritten from soak.csv)"
+    (out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, warm, out / "soak.png",
+         f"soak: {frames:,} frames of {report.get('stream', '?')}, {report.get('machine', '?')}; "
+         f"slope {verdict['rss_slope_MiB_per_10k_frames']:+.2f} MiB/10k frames ({verdict['verdict']})")
+    print(json.dumps(verdict))
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,11 +213,16 @@ def parse_args(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides on top of the small soak model, e.g. model.width=64 model.heads=2")
     p.add_argument("--quiet", action="store_true", help="no trainer log lines")
+    p.add_argument("--from-csv", action="store_true",
+                   help="train nothing: summarize and plot the soak.csv already in --out again (keeps the "
+                        "run's fields in soak.json)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_csv:
+        return resummarize(Path(args.out), args.warmup, args.tolerance)
     import torch
 
     from fastdiff.config import ConfigError, build_config, parse_overrides
