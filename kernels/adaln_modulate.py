@@ -17,10 +17,11 @@ Backward, with the per-row effective weight w = 1 + scale[b, k] and g = dy w:
 Forward: a 2-D grid, frames (B*K) on axis 0 and tiles of BLOCK_S rows on axis 1; a program loads
 its frame's shift and scale once, normalises its [BLOCK_S, D] tile in fp32 (fp64 for fp64 inputs;
 two-pass variance on the tile in registers), writes y and saves mean and rstd (fp32) per row.
-Backward: the same grid with ROWS = BLOCK_S * TILES rows per program; the program walks its rows
-in BLOCK_S tiles, writes dx and accumulates fp32 partial sums of dy and dy x_hat in registers, then
-stores one partial per (frame, split); the splits are summed in a fixed order afterwards
-(deterministic, no atomics). x, shift, scale and dy may have any strides (views of a fused ada
+Backward: frames on axis 0, splits of S on axis 1, ROWS = BLOCK_S * TILES rows per program (TILES
+from the tuned config, or chosen so that the grid holds about two programs per SM); the program walks
+its rows in BLOCK_S tiles, writes dx and accumulates fp32 partial sums of dy and dy x_hat in
+registers, then stores one partial per (frame, split); the splits are summed in a fixed order
+afterwards (deterministic, no atomics; one split needs no sum). x, shift, scale and dy may have any strides (views of a fused ada
 projection, stride-0 expanded gradients); y and dx come out contiguous. shift and scale may have a
 different float dtype from x (bf16 modulations on an fp32 residual stream under autocast); y has
 x's dtype, dshift/dscale their inputs' dtypes.
@@ -154,13 +155,14 @@ def config_key(kind: str, block_d: int, dtype: torch.dtype) -> str:
 
 def default_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     """Heuristic: a forward tile of about 4096 elements (2048 in the backward, which holds x, dy and g),
-    halved for 8-byte types; backward programs walk 4 tiles; 4 warps, 8 from 2048-wide rows."""
+    halved for 8-byte types; 4 warps, 8 from 2048-wide rows. Backward TILES = 0 means "as many tiles
+    per program as leave about two programs per SM" (:func:`_backward_rows`)."""
     elems = 4096 if kind == "fwd" else 2048
     if dtype == torch.float64:
         elems //= 2
     cfg = {"BLOCK_S": max(1, elems // block_d), "num_warps": 8 if block_d >= 2048 else 4}
     if kind == "bwd":
-        cfg["TILES"] = 4
+        cfg["TILES"] = 0
     return cfg
 
 
@@ -175,6 +177,24 @@ def select_config(kind: str, block_d: int, dtype: torch.dtype, device) -> tuple[
 
 def _rows_per_tile(cfg: dict, s: int) -> int:
     return max(1, min(cfg["BLOCK_S"], triton.next_power_of_2(s)))  # tiny S: no masked-off rows
+
+
+@functools.cache
+def _target_programs(device_type: str, index: int | None) -> int:
+    """Backward programs worth launching: two per SM on a GPU; on CPU (interpreter) a few, so that the
+    split reduction runs by default there too."""
+    if device_type == "cuda":
+        return 2 * torch.cuda.get_device_properties(index or 0).multi_processor_count
+    return 4
+
+
+def _backward_rows(cfg: dict, block_s: int, frames: int, s: int, device: torch.device) -> int:
+    """Rows per backward program, a multiple of block_s: TILES tiles if the config says so, else
+    enough splits of S to reach the target program count (few splits: few fp32 partials to sum)."""
+    if cfg["TILES"] > 0:
+        return block_s * cfg["TILES"]
+    splits = min(triton.cdiv(_target_programs(device.type, device.index), frames), triton.cdiv(s, block_s))
+    return triton.cdiv(triton.cdiv(s, max(1, splits)), block_s) * block_s
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -228,7 +248,7 @@ def _bwd_op(
     block_d = _block_d(d)
     cfg, _ = select_config("bwd", block_d, x.dtype, x.device)
     block_s = _rows_per_tile(cfg, s)
-    rows = block_s * max(1, cfg["TILES"])
+    rows = _backward_rows(cfg, block_s, b * k, s, x.device)
     splits = triton.cdiv(s, rows)
     acc = _stats_dtype(x.dtype)
     dx = _empty((b, k, s, d), dtype=x.dtype, device=x.device)
@@ -367,7 +387,7 @@ def tune(device=None, *, widths=(256, 384, 512, 1024), dtypes=(torch.bfloat16, t
                 key = config_key(kind, block_d, dtype)
                 axes = dict(BLOCK_S=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8])
                 if kind == "bwd":
-                    axes["TILES"] = [1, 2, 4, 8, 16]
+                    axes["TILES"] = [0, 1, 2, 4, 8, 16]
                 best = None
                 for cfg in autotune.grid(**axes):
                     if cfg["BLOCK_S"] * block_d > 16384:
