@@ -60,7 +60,7 @@ class DiffusionConfig:
 class ReplayConfig:
     strategy: str = "er"  # er (reservoir), none (live window only), full (everything seen), offline (i.i.d.
     # windows from the whole stream), gen-distill (teacher-generated replay, fastdiff/strategies.py)
-    fraction: float = 0.05  # buffer = this share of the stream's windows (paper: 5%) ...
+    fraction: float = 0.05  # buffer = this share of the stream's frames, in windows (paper: 5%) ...
     windows: int = 0  # ... or an absolute number of windows when > 0
     storage: str = "latent"  # latent (bf16 on CUDA, fp32 on CPU) or pixel (uint8)
     live: int = 1  # live windows per batch
@@ -103,6 +103,7 @@ class RunConfig:
     log_every: int = 50
     milestone_every: int = 0  # frames; >0 keeps the EMA weights every so often (milestones/) for eval curves
     compile: bool = False  # torch.compile(fullgraph=True) of the model
+    async_ingest: bool = True  # read and encode the stream ahead on a thread / side stream (fastdiff/ingest.py)
     step: str = "eager"  # eager (reference), device (no host sync), graph (device step in one CUDA graph)
     nan_policy: str = "skip"  # skip (count and go on) or stop
     disk_full_policy: str = "continue"  # continue (report, keep the old checkpoint) or stop
@@ -135,8 +136,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"width": 96, "depth": 4, "heads": 3, "patch": 1},
         "run": {"frames": 2500, "checkpoint_every": 500, "sample_every": 1250},
-        # A bigger replay share than the paper's 1+1 so that minutes of CPU show learning.
-        "replay": {"live": 1, "replayed": 5, "fraction": 0.05},
+        # More replay than the paper's 1+1, and a buffer of half the (short) stream's frames (125 windows),
+        # so that minutes of CPU show learning.
+        "replay": {"live": 1, "replayed": 5, "fraction": 0.5},
         "autoencoder": {"warmup_frames": 1000, "fit_steps": 400},
     },
     "small": {

@@ -23,6 +23,7 @@ from fastdiff import checkpoint as ckpt
 from fastdiff import distributed, fastpath, ops
 from fastdiff.config import Config
 from fastdiff.diffusion import Schedule, rollout, training_loss
+from fastdiff.ingest import AsyncIngest, Chunk, SyncIngest, encode_chunk
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
 from fastdiff.models.dit import VideoDiT, count_parameters
 from fastdiff.replay import ReplayBuffer
@@ -83,6 +84,7 @@ class OnlineTrainer:
         if self.total_frames < self.window:
             raise ValueError(f"run.frames={self.total_frames} is shorter than one window of {self.window} frames")
         self.frame_shape = (info.height, info.width, 3)
+        self._check_buffer_memory(stream_frames)  # an impossible buffer is refused before the autoencoder is fitted
 
         # --- frozen autoencoder (fitted on a warm-up prefix of the stream) -------------------------
         if resume and not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
@@ -91,11 +93,14 @@ class OnlineTrainer:
             log(f"{self.run_dir} has no checkpoint yet: starting the run from its first frame")
             resume = False
         self.generator = torch.Generator(device=self.device).manual_seed(self.world.rank_seed(cfg.run.seed))
-        self._chunk_state = self.stream.state_dict()
-        self._chunk = self.stream.read(max(cfg.autoencoder.warmup_frames, INGEST_CHUNK))
-        self._chunk_pos = 0
+        # The first chunk is read here, synchronously: the autoencoder is fitted on its warm-up prefix.
+        first_state = self.stream.state_dict()
+        first_frames = self.stream.read(max(cfg.autoencoder.warmup_frames, INGEST_CHUNK))
         with self.world.main_first():  # rank 0 fits and saves the autoencoder, the other ranks load it
-            self.autoencoder = self._build_autoencoder(resume)
+            self.autoencoder = self._build_autoencoder(resume, first_frames)
+        self.ingest = None  # the reader of every later chunk, started at the first one (fastdiff/ingest.py)
+        self._chunk = self._chunk_from(first_state, first_frames)
+        self._chunk_pos = 0
         self.latent_shape = (self.autoencoder.channels, info.height // self.autoencoder.factor,
                              info.width // self.autoencoder.factor)
 
@@ -133,6 +138,7 @@ class OnlineTrainer:
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.checkpoint_failures = 0
         self.wait_seconds = 0.0  # time spent waiting on the stream
+        self._wait_before = 0.0
         self._tb = None
         if resume:
             self._load_checkpoint()
@@ -145,7 +151,11 @@ class OnlineTrainer:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         return torch.bfloat16 if precision == "bf16" else None
 
-    def _build_autoencoder(self, resume: bool):
+    def _chunk_from(self, state: dict, frames: np.ndarray) -> Chunk:
+        pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        return Chunk(state, pixels, encode_chunk(self.autoencoder.encode, pixels))
+
+    def _build_autoencoder(self, resume: bool, first_frames: np.ndarray):
         ae_cfg = self.cfg.autoencoder
         if ae_cfg.latent == "none":
             return PixelSpace()
@@ -157,7 +167,7 @@ class OnlineTrainer:
             ae.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
             ae.requires_grad_(False).eval()
             return ae
-        prefix = self._chunk[: ae_cfg.warmup_frames]
+        prefix = first_frames[: ae_cfg.warmup_frames]
         self.log(f"fitting the frame autoencoder on {len(prefix)} warm-up frames ({ae_cfg.fit_steps} steps)")
         gen = torch.Generator().manual_seed(self.cfg.run.seed + 1)
         mse = ae.fit(prefix, steps=ae_cfg.fit_steps, batch=ae_cfg.fit_batch, lr=ae_cfg.lr, generator=gen,
@@ -166,24 +176,40 @@ class OnlineTrainer:
         ckpt.atomic_torch_save(ae.state_dict(), path)
         return ae
 
-    def _build_buffer(self, stream_frames: int) -> ReplayBuffer | None:
-        r = self.cfg.replay
+    def _buffer_plan(self, stream_frames: int) -> tuple[int, tuple, torch.dtype] | None:
+        """(capacity in windows, window shape, dtype) of the replay buffer, from the config alone.
+
+        The paper's buffer holds a share of the stream's *frames* (5%: 5,000 windows of 10 frames for 1M
+        frames of balls, 2,500 of 20 for the maze), so capacity = fraction * frames / window; `full` keeps
+        every window."""
+        r, ae = self.cfg.replay, self.cfg.autoencoder
         if r.strategy in ("none", "offline", "gen-distill"):
             return None
-        windows_in_stream = max(stream_frames - self.window + 1, 1)
         if r.strategy == "full":
-            capacity = windows_in_stream
+            capacity = max(stream_frames - self.window + 1, 1)
         else:
-            capacity = r.windows or max(1, round(r.fraction * windows_in_stream))
+            capacity = r.windows or max(1, round(r.fraction * stream_frames / self.window))
         if r.storage == "pixel":
-            shape, dtype = (self.window, *self.frame_shape), torch.uint8
-        else:
-            shape = (self.window, *self.latent_shape)
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        need = (capacity + 1) * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        self._check_memory(need, "replay buffer")
-        return self.world.replay_buffer(self.cfg, capacity, shape, dtype=dtype, device=self.device,
-                                        mode="full" if r.strategy == "full" else "reservoir")
+            return capacity, (self.window, *self.frame_shape), torch.uint8
+        channels, factor = (3, 1) if ae.latent == "none" else (ae.channels, ae.factor)
+        shape = (self.window, channels, self.frame_shape[0] // factor, self.frame_shape[1] // factor)
+        return capacity, shape, torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def _check_buffer_memory(self, stream_frames: int) -> None:
+        plan = self._buffer_plan(stream_frames)
+        if plan is not None:
+            capacity, shape, dtype = plan
+            self._check_memory((capacity + 1) * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
+                               "replay buffer")
+
+    def _build_buffer(self, stream_frames: int) -> ReplayBuffer | None:
+        plan = self._buffer_plan(stream_frames)
+        if plan is None:
+            return None
+        self._check_buffer_memory(stream_frames)
+        capacity, shape, dtype = plan
+        mode = "full" if self.cfg.replay.strategy == "full" else "reservoir"
+        return self.world.replay_buffer(self.cfg, capacity, shape, dtype=dtype, device=self.device, mode=mode)
 
     def _build_bank(self, stream_spec: str, stream_seed: int, stream_frames: int) -> StreamBank:
         """The offline baseline's i.i.d. source: a second reader of the same stream, read to the end."""
@@ -222,23 +248,23 @@ class OnlineTrainer:
         }
 
     # --- ingest -----------------------------------------------------------------------------------
-    def _next_frame(self) -> np.ndarray | None:
-        if self._chunk_pos >= len(self._chunk):
-            started = time.perf_counter()
-            self._chunk_state = self.stream.state_dict()
-            self._chunk = self.stream.read(INGEST_CHUNK)
+    def _next_frame(self) -> int | None:
+        """Index of the next frame in the current chunk (a new chunk when it is used up); None at the end."""
+        if self._chunk is not None and self._chunk_pos >= len(self._chunk):
+            if self.ingest is None:
+                reader = AsyncIngest if self.cfg.run.async_ingest else SyncIngest
+                self.ingest = reader(self.stream, self.autoencoder.encode, self.device, chunk=INGEST_CHUNK)
+            self._chunk = self.ingest.next_chunk()
             self._chunk_pos = 0
-            self.wait_seconds += time.perf_counter() - started
-            if len(self._chunk) == 0:
-                return None
-        frame = self._chunk[self._chunk_pos]
+            self.wait_seconds = self._wait_before + self.ingest.wait_seconds
+        if self._chunk is None:
+            return None
         self._chunk_pos += 1
-        return frame
+        return self._chunk_pos - 1
 
     @torch.no_grad()
-    def _ingest(self, frame: np.ndarray) -> None:
-        pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device)
-        latent = self.autoencoder.encode(pixels[None])[0]
+    def _ingest(self, index: int) -> None:
+        pixels, latent = self._chunk.pixels[index], self._chunk.latents[index]
         # in place: the captured step (fastdiff/fastpath.py) reads these very tensors on every replay
         self.ring[:-1] = self.ring[1:].clone()
         self.ring[-1] = latent.float()
@@ -330,7 +356,7 @@ class OnlineTrainer:
         last = None
         try:
             while self.frames_seen < self.total_frames:
-                frame = self._next_frame()
+                frame = self._next_frame()  # an index into the ready chunk
                 if frame is None:
                     self.log(f"stream ended after {self.frames_seen} frames")
                     break
@@ -368,6 +394,12 @@ class OnlineTrainer:
             metrics.close()
             if bar is not None:
                 bar.close()
+            if self.ingest is not None:  # stop reading ahead; rewind the stream to the first frame not trained on
+                rewind = self.ingest.close()
+                if rewind is not None:
+                    self.stream.load_state_dict(rewind)
+                self.ingest = None
+                self._wait_before = self.wait_seconds
         if self.fast is not None and self.steps + self.skipped < self.fast.calls + self._steps_at_start:
             last = self._sync_fast()
         self.save_checkpoint()
@@ -438,7 +470,10 @@ class OnlineTrainer:
             "distill": None if self.distill is None else self.distill.state_dict(),
             "ring": self.ring.clone(),
             "ring_pixels": self.ring_pixels.clone(),
-            "stream": {"chunk_state": self._chunk_state, "skip": self._chunk_pos, "info": self.stream.info.__dict__},
+            # the chunk's starting state, its length and the position in it: resuming re-reads exactly that chunk
+            "stream": {"chunk_state": self._chunk.state if self._chunk is not None else self.stream.state_dict(),
+                       "chunk_len": len(self._chunk) if self._chunk is not None else 0, "skip": self._chunk_pos,
+                       "info": self.stream.info.__dict__},
             "counters": {"frames_seen": self.frames_seen, "steps": self.steps, "skipped": self.skipped},
             "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
                     "numpy": np.random.get_state(), "python": random.getstate()},
@@ -499,10 +534,11 @@ class OnlineTrainer:
             self.distill.load_state_dict(state["distill"], self.ema)
         self.ring.copy_(state["ring"])
         self.ring_pixels.copy_(state["ring_pixels"])
-        self.stream.load_state_dict(state["stream"]["chunk_state"])
-        self._chunk_state = state["stream"]["chunk_state"]
-        self._chunk = self.stream.read(INGEST_CHUNK)
-        self._chunk_pos = state["stream"]["skip"]
+        saved = state["stream"]
+        self.stream.load_state_dict(saved["chunk_state"])
+        frames = self.stream.read(max(saved.get("chunk_len", INGEST_CHUNK), saved["skip"]))
+        self._chunk = self._chunk_from(saved["chunk_state"], frames) if len(frames) else None
+        self._chunk_pos = saved["skip"]
         counters = state["counters"]
         self.frames_seen, self.steps, self.skipped = counters["frames_seen"], counters["steps"], counters["skipped"]
         self.frames_device.fill_(self.frames_seen)

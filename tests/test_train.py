@@ -103,3 +103,18 @@ def test_cli_refuses_bad_stream(tmp_path, capsys):
 def test_cli_resume_needs_a_run_directory(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_replay_buffer_is_sized_as_the_paper_did():
+    """5% of the stream's frames, in windows: 5,000 windows of 10 for 1M frames of balls, 2,500 of 20 for
+    the maze (the paper's ltm_size); `full` keeps every window; pixel storage is uint8."""
+    from types import SimpleNamespace
+
+    plan = lambda stream_frames, window, hw, **overrides: OnlineTrainer._buffer_plan(SimpleNamespace(
+        cfg=build_config("small", None, {"replay.fraction": "0.05", **overrides}), window=window,
+        frame_shape=(*hw, 3), device=torch.device("cpu")), stream_frames)
+    assert plan(1_000_000, 10, (32, 32))[:2] == (5000, (10, 4, 8, 8))
+    assert plan(1_000_000, 20, (64, 64))[0] == 2500
+    assert plan(1000, 10, (32, 32), **{"replay.strategy": "full"})[0] == 991
+    assert plan(1000, 10, (32, 32), **{"replay.storage": "pixel"})[1:] == ((10, 32, 32, 3), torch.uint8)
+    assert plan(1000, 10, (32, 32), **{"replay.strategy": "none"}) is None
