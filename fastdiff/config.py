@@ -152,6 +152,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# GPU presets: the fast path (bf16, fused 8-bit AdamW, compiled model, the step in one CUDA graph), sized with
+# fastdiff/memory.py so that the estimate of the largest stream (the 64x64 maze, K = 20) stays under 85% of the
+# budget; tests/test_memory.py checks that, and on a GPU enforces the budget with a per-process memory fraction.
+_GPU_RUN = {"frames": 1_000_000, "checkpoint_every": 20_000, "sample_every": 100_000, "precision": "bf16",
+            "compile": True, "step": "graph"}
+PRESETS.update({
+    "gpu-8gb": {"model": {"width": 384, "depth": 8, "heads": 6, "patch": 1, "checkpoint_activations": True},
+                "run": _GPU_RUN, "replay": {"live": 2, "replayed": 6}, "optim": {"name": "adamw8bit-fused"}},
+    "gpu-12gb": {"model": {"width": 512, "depth": 10, "heads": 8, "patch": 1, "checkpoint_activations": True},
+                 "run": _GPU_RUN, "replay": {"live": 2, "replayed": 6}, "optim": {"name": "adamw8bit-fused"}},
+    "gpu-24gb": {"model": {"width": 640, "depth": 12, "heads": 10, "patch": 1, "checkpoint_activations": True},
+                 "run": _GPU_RUN, "replay": {"live": 2, "replayed": 6}, "optim": {"name": "adamw8bit-fused"}},
+    "h100": {"model": {"width": 768, "depth": 12, "heads": 12, "patch": 1},
+             "run": _GPU_RUN, "replay": {"live": 2, "replayed": 6}, "optim": {"name": "adamw8bit-fused"}},
+})
+PRESET_BUDGET_GIB = {"gpu-8gb": 8, "gpu-12gb": 12, "gpu-24gb": 24, "h100": 80}
+
 CHOICES = {
     "autoencoder.latent": ("ae", "none"),
     "diffusion.schedule": ("linear", "cosine"),
@@ -272,6 +289,10 @@ def default_preset() -> str:
         import torch
 
         if torch.cuda.is_available():
+            total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+            for name in ("h100", "gpu-24gb", "gpu-12gb", "gpu-8gb"):
+                if total_gib >= 0.9 * PRESET_BUDGET_GIB[name]:
+                    return name
             return "small"
     except Exception:
         pass

@@ -25,7 +25,7 @@ from fastdiff.config import Config
 from fastdiff.diffusion import Schedule, rollout, training_loss
 from fastdiff.ingest import AsyncIngest, Chunk, SyncIngest, encode_chunk
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
-from fastdiff.models.dit import VideoDiT, count_parameters
+from fastdiff.models.dit import VideoDiT
 from fastdiff.replay import ReplayBuffer
 from fastdiff.strategies import GenerativeDistillation, StreamBank
 from fastdiff.streams import make_stream
@@ -238,14 +238,12 @@ class OnlineTrainer:
             )
 
     def memory_estimate(self) -> dict[str, float]:
-        params = count_parameters(self.model)
-        opt_bytes = {"adamw": 8.0, "adamw8bit-bnb": 2.03, "adamw8bit-fused": 2.03}.get(self.optimizer_name, 8.0)
-        return {
-            "parameters": params,
-            "weights_ema_grads_MiB": params * 12 / 2**20,
-            "optimizer_state_MiB": params * opt_bytes / 2**20,
-            "replay_buffer_MiB": (self.buffer.nbytes if self.buffer else self.bank.nbytes if self.bank else 0) / 2**20,
-        }
+        """fastdiff/memory.py's estimate with this run's actual buffer and bank (MiB)."""
+        from fastdiff import memory
+
+        return memory.estimate(self.cfg, self.frame_shape[:2], self.window, self.device.type,
+                               buffer_bytes=self.buffer.nbytes if self.buffer else 0,
+                               bank_bytes=self.bank.nbytes if self.bank else 0)
 
     # --- ingest -----------------------------------------------------------------------------------
     def _next_frame(self) -> int | None:
@@ -347,8 +345,9 @@ class OnlineTrainer:
     def train(self) -> dict:
         cfg = self.cfg.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        est = self.memory_estimate()
-        self.log("memory estimate: " + ", ".join(f"{k} {v:,.1f}" for k, v in est.items()))
+        from fastdiff.memory import describe
+
+        self.log(describe(self.memory_estimate()))
         metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in the finally below)
         bar = self._progress()
         started, window_start, frames_at_start = time.perf_counter(), time.perf_counter(), self.frames_seen

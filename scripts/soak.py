@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         "frames": trainer.frames_seen, "steps": summary["steps"], "skipped_steps": summary["skipped_steps"],
         "wall_seconds": round(wall, 1), "train_seconds": round(summary["seconds"], 1),
         "frames_per_second": round(summary["frames_per_second"], 2), "sample_every_frames": every,
-        "parameters": trainer.memory_estimate()["parameters"],
+        "parameters": round(trainer.memory_estimate()["parameters_M"] * 1e6),
         "overrides": {k: v for k, v in overrides.items()},
         **verdict,
     }

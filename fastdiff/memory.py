@@ -1,0 +1,100 @@
+"""Training memory, estimated from the config before anything is allocated (printed at start-up).
+
+    weights + EMA + grads        12 B / parameter (fp32 each)
+    autocast copies               2 B / parameter under bf16 (the bf16 weights the matmuls read)
+    optimizer state               8 B / parameter (AdamW), ~2.03 B (8-bit AdamW: two uint8 moments + absmax)
+    activations                   A B per (token x width x block), tokens = batch x K x patches per frame:
+                                  A = 124 in fp32 (31 saved values of 4 B, measured on this DiT with
+                                  TensorMemoryTracker), 87 under bf16 autocast (linear outputs in bf16, the
+                                  residual stream and norms in fp32); plus, where attention has no fused
+                                  kernel (CPU), the S x S probabilities of spatial attention.
+                                  With activation checkpointing: each block's input (4 B per value) plus one
+                                  block's activations, recomputed in backward.
+    backward workspace            one more block's activations: a margin for the gradients flowing through
+                                  (the measured peak of a step is within 5% of the activations alone)
+    replay buffer, live ring, offline bank: their exact sizes.
+
+tests/test_memory.py checks the activation term against a measured step, and that every GPU preset's
+estimate fits its budget on the largest stream (the 64x64 maze, K = 20); on a GPU a test enforces the
+budget with torch.cuda.set_per_process_memory_fraction.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastdiff.config import Config
+
+ACTIVATION_BYTES = {"fp32": 124.0, "bf16": 87.0}
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit-bnb": 2.03, "adamw8bit-fused": 2.03}
+MiB = 2**20
+
+
+def dit_parameters(cfg: Config, channels: int, patches: int, window: int) -> int:
+    """Parameters of fastdiff.models.dit.VideoDiT for this config (without building it)."""
+    m = cfg.model
+    d, hidden = m.width, int(m.width * m.mlp_ratio)
+    patch_dim = (channels + 1) * m.patch * m.patch
+    block = (2 * (3 * d * d + 3 * d + d * d + d)  # spatial and temporal qkv + proj
+             + m.heads * (2 * window - 1)  # relative-position bias
+             + d * hidden + hidden + hidden * d + d  # MLP
+             + d * 9 * d + 9 * d)  # adaLN
+    stem = patch_dim * d + d + patches * d + 256 * d + d + d * d + d + 2 * d
+    head = d * 2 * d + 2 * d + d * channels * m.patch**2 + channels * m.patch**2
+    return m.depth * block + stem + head
+
+
+def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: str,
+             buffer_bytes: int | None = None, bank_bytes: int = 0) -> dict[str, float]:
+    """Memory of one training step's steady state, in MiB per component and in total."""
+    ae = cfg.autoencoder
+    channels, factor = (3, 1) if ae.latent == "none" else (ae.channels, ae.factor)
+    h, w = frame_hw[0] // factor, frame_hw[1] // factor
+    patches = (h // cfg.model.patch) * (w // cfg.model.patch)
+    params = dit_parameters(cfg, channels, patches, window)
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    optimizer = cfg.optim.name if cfg.optim.name != "auto" else (
+        "adamw8bit-bnb" if cfg.run.step == "eager" else "adamw8bit-fused")
+    batch = cfg.replay.live + cfg.replay.replayed
+    tokens = batch * window * patches
+    width, depth, heads = cfg.model.width, cfg.model.depth, cfg.model.heads
+    per_block = tokens * width * ACTIVATION_BYTES[precision]
+    if device_type != "cuda":  # math attention keeps the softmax probabilities
+        per_block += batch * window * heads * patches**2 * 4
+    if cfg.model.checkpoint_activations:
+        activations = tokens * width * 4 * depth + per_block
+    else:
+        activations = per_block * depth
+    if buffer_bytes is None:
+        stream_frames = cfg.run.stream_frames or cfg.run.frames
+        latent = channels * h * w * (2 if device_type == "cuda" else 4)
+        capacity = cfg.replay.windows or max(1, round(cfg.replay.fraction * stream_frames / window))
+        buffer_bytes = 0 if cfg.replay.strategy in ("none", "offline", "gen-distill") else (
+            (capacity + 1) * window * (frame_hw[0] * frame_hw[1] * 3 if cfg.replay.storage == "pixel" else latent))
+    ring = (window + cfg.replay.live - 1) * (channels * h * w * 4 + frame_hw[0] * frame_hw[1] * 3)
+    out = {
+        "parameters_M": params / 1e6,
+        "weights_ema_grads": params * 12 / MiB,
+        "autocast_copies": params * 2 / MiB if precision == "bf16" else 0.0,
+        "optimizer_state": params * OPTIMIZER_BYTES.get(optimizer, 8.0) / MiB,
+        "activations": activations / MiB,
+        "backward_workspace": per_block / MiB,
+        "replay_buffer": buffer_bytes / MiB,
+        "offline_bank": bank_bytes / MiB,
+        "live_ring": ring / MiB,
+    }
+    out["total"] = sum(v for k, v in out.items() if k != "parameters_M")
+    return out
+
+
+def describe(est: dict[str, float]) -> str:
+    parts = [f"{k.replace('_', ' ')} {v:,.0f}" for k, v in est.items() if k not in ("total", "parameters_M") and v >= 1]
+    return (f"memory estimate: {est['total']:,.0f} MiB ({est['parameters_M']:.1f}M parameters; "
+            + ", ".join(parts) + " MiB)")
+
+
+def fits(est: dict[str, float], budget_gib: float, headroom: float = 0.85) -> bool:
+    """Whether the estimate leaves `1 - headroom` of the budget for the allocator's fragmentation and cuDNN."""
+    return est["total"] <= headroom * budget_gib * 1024 and math.isfinite(est["total"])
