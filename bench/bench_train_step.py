@@ -4,10 +4,12 @@ forward, loss, backward, optimizer, EMA, reservoir insert), one step per arrivin
   eager-fp32-adamw      fp32, torch AdamW (the plain reference)
   eager-bf16-bnb8bit    bf16 autocast, bitsandbytes AdamW8bit (the trainer's default on CUDA)
   compiled-bf16-bnb8bit as above with torch.compile of the model
-  compiled+graph        the whole step in one CUDA graph: refused until the fast path lands (issue 7)
+  device-bf16-fused8bit the sync-free step (run.step=device) with fastdiff's fused 8-bit AdamW, not compiled
+  compiled+graph        the fast path: compiled model, the whole step in one CUDA graph (run.step=graph)
 
 Reported: frames/s (= steps/s), ms per step, peak memory (CUDA: max_memory_allocated; CPU: peak of live
-tensor bytes created during the timed steps, eager configs only) and the ratio to eager fp32.
+tensor bytes created during the timed steps, eager configs only), the ratio to eager fp32, and the model's
+achieved TFLOP/s (6 x parameters x tokens per step) as a share of the device's measured matmul ceiling.
 
     python bench/bench_train_step.py [--preset small] [--steps 200] [--out FILE.json]
 
@@ -38,9 +40,10 @@ CONFIGS = {
     "eager-fp32-adamw": {"run.precision": "fp32", "optim.name": "adamw"},
     "eager-bf16-bnb8bit": {"run.precision": "bf16", "optim.name": "adamw8bit-bnb"},
     "compiled-bf16-bnb8bit": {"run.precision": "bf16", "optim.name": "adamw8bit-bnb", "run.compile": "true"},
+    "device-bf16-fused8bit": {"run.precision": "bf16", "optim.name": "adamw8bit-fused", "run.step": "device"},
+    "compiled+graph": {"run.precision": "bf16", "optim.name": "adamw8bit-fused", "run.compile": "true",
+                       "run.step": "graph"},
 }
-GRAPH_REFUSAL = ("not run because the captured-graph fast path (one CUDA graph per online step) is not "
-                 "built yet: issue 7")
 # The paper's Balls protocol: batch 2 = 1 live + 1 replayed window.
 PAPER_BATCH = {"replay.live": "1", "replay.replayed": "1"}
 
@@ -58,18 +61,43 @@ def make_trainer(preset: str, device: torch.device, overrides: dict, run_dir: Pa
 def one_frame(trainer: OnlineTrainer) -> None:
     frame = trainer._next_frame()
     trainer._ingest(frame)
-    trainer.train_step(trainer._live_windows())
-    trainer._insert_live()
+    if trainer.fast is not None:
+        trainer.fast.step()
+    else:
+        trainer.train_step(trainer._live_windows())
+        trainer._insert_live()
+
+
+def matmul_ceiling_tflops(device: torch.device) -> float:
+    """The device's measured dense matmul rate: bf16 4096^3 on CUDA, fp32 512^3 on a CPU."""
+    n, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps = 20 if device.type == "cuda" else 5
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def step_flops(trainer: OnlineTrainer) -> float:
+    """Model FLOPs of one training step: 6 x parameters x tokens (forward 2, backward 4)."""
+    r, m = trainer.cfg.replay, trainer.model
+    tokens = (r.live + r.replayed) * trainer.window * m.grid[0] * m.grid[1]
+    return 6.0 * sum(p.numel() for p in m.parameters()) * tokens
 
 
 def measure(trainer: OnlineTrainer, steps: int, warmup: int) -> dict:
     device = trainer.device
-    for _ in range(trainer.window + warmup):  # fill the live window, then warm up (and compile)
-        frame = trainer._next_frame()
-        trainer._ingest(frame)
-        if trainer.frames_seen >= trainer.window:
-            trainer.train_step(trainer._live_windows())
-            trainer._insert_live()
+    for _ in range(trainer.window - 1):  # fill the live window
+        trainer._ingest(trainer._next_frame())
+    for _ in range(warmup):  # warm up (compile; the graph is captured after its own warm-up steps)
+        one_frame(trainer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -90,7 +118,8 @@ def measure(trainer: OnlineTrainer, steps: int, warmup: int) -> dict:
                 one_frame(trainer)
         peak = tracker.peak
     return {"frames/s": round(steps / seconds, 2), "ms_per_step": round(1e3 * seconds / steps, 3),
-            "peak_memory_MiB": None if peak is None else round(peak / 2**20, 2)}
+            "peak_memory_MiB": None if peak is None else round(peak / 2**20, 2),
+            "model_TFLOP/s": round(step_flops(trainer) * steps / seconds / 1e12, 4)}
 
 
 def run_benchmark(device=None, preset=None, steps=None, out_path=None, log=print) -> list[dict]:
@@ -99,17 +128,18 @@ def run_benchmark(device=None, preset=None, steps=None, out_path=None, log=print
     preset = preset or ("small" if on_gpu else "tiny")
     steps = steps or (200 if on_gpu else 4)
     rows = []
-    base = {"gpu": autotune.device_name(device) if on_gpu else "cpu-smoke",
+    ceiling = matmul_ceiling_tflops(device)
+    base = {"gpu": autotune.device_name(device) if on_gpu else "cpu-smoke", "matmul_ceiling_TFLOP/s": round(ceiling, 3),
             "date": datetime.date.today().isoformat(), "preset": preset, "batch": 2, "steps": steps}
     for name, overrides in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 trainer = make_trainer(preset, device, overrides, Path(tmp) / "run")
-                row = {**base, "config": name, "status": "ok", **measure(trainer, steps, warmup=3 if on_gpu else 1)}
+                row = {**base, "config": name, "status": "ok", **measure(trainer, steps, warmup=6 if on_gpu else 1)}
+                row["share_of_matmul_ceiling"] = round(row["model_TFLOP/s"] / ceiling, 4)
             except Exception as err:  # a backend that cannot serve this machine says so in its row
                 row = {**base, "config": name, "status": f"not run because {type(err).__name__}: {err}"}
         rows.append(row)
-    rows.append({**base, "config": "compiled+graph", "status": GRAPH_REFUSAL})
     eager = next((r for r in rows if r["config"] == "eager-fp32-adamw" and r["status"] == "ok"), None)
     for row in rows:
         if eager and row["status"] == "ok":
@@ -133,6 +163,7 @@ def test_train_step_benchmark_rows(benchmark, tmp_path, monkeypatch):
     on_gpu = torch.cuda.is_available()
     if not on_gpu:  # compiling the model is minutes on 2 cores: the smoke run covers the eager configs
         monkeypatch.delitem(CONFIGS, "compiled-bf16-bnb8bit")
+        monkeypatch.setitem(CONFIGS, "compiled+graph", {**CONFIGS["compiled+graph"], "run.compile": "false"})
     rows = benchmark.pedantic(run_benchmark, kwargs={"steps": None if on_gpu else 2, "out_path": tmp_path / "r.json",
                                                      "log": lambda *_: None}, rounds=1, iterations=1)
     by_config = {r["config"]: r for r in rows}
@@ -140,7 +171,11 @@ def test_train_step_benchmark_rows(benchmark, tmp_path, monkeypatch):
     assert by_config["eager-bf16-bnb8bit"]["status"] == "ok", by_config["eager-bf16-bnb8bit"]
     assert by_config["eager-fp32-adamw"]["frames/s"] > 0
     assert by_config["eager-fp32-adamw"]["peak_memory_MiB"] > 0
-    assert by_config["compiled+graph"]["status"].startswith("not run because")
+    assert by_config["device-bf16-fused8bit"]["status"] == "ok", by_config["device-bf16-fused8bit"]
+    if on_gpu:
+        assert by_config["compiled+graph"]["status"] == "ok", by_config["compiled+graph"]
+    else:  # said why, not skipped silently
+        assert "CUDA graphs need a CUDA device" in by_config["compiled+graph"]["status"]
     assert (tmp_path / "r.csv").exists()
 
 

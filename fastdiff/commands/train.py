@@ -24,9 +24,13 @@ def add_arguments(p) -> None:
     p.add_argument("--streams", nargs="+", metavar="SPEC",
                    help="under torchrun: one stream per rank (as many as --nproc-per-node), e.g. balls-o balls-c")
     p.add_argument("--frames", type=int, help="frames to train on (one gradient step each); default: the preset's")
-    p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M); default: fits the machine")
+    p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M), gpu-8gb, gpu-12gb, gpu-24gb, "
+                                    "h100; default: fits the machine")
     p.add_argument("--strategy", choices=("er", "none", "full", "offline", "gen-distill"),
                    help="replay strategy (replay.strategy); default er")
+    p.add_argument("--step", choices=("eager", "device", "graph"),
+                   help="run.step: eager (reference), device (no host sync), graph (one CUDA graph per step)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (run.compile)")
     p.add_argument("--out", help="directory that holds runs (default runs/)")
     p.add_argument("--name", help="run name (default: stream-preset-timestamp)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest readable checkpoint")
@@ -47,12 +51,14 @@ def run(args) -> int:
     try:
         overrides = parse_overrides(args.set)
         flag_map = {"stream": "run.stream", "frames": "run.frames", "out": "run.out", "name": "run.name",
-                    "seed": "run.seed", "device": "run.device", "strategy": "replay.strategy"}
+                    "seed": "run.seed", "device": "run.device", "strategy": "replay.strategy", "step": "run.step"}
         for flag, key in flag_map.items():
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
         if args.no_progress:
             overrides["run.progress"] = False
+        if args.compile:
+            overrides["run.compile"] = True
         if getattr(args, "streams", None):
             from fastdiff.distributed import STREAMS_SEPARATOR
 

@@ -14,7 +14,8 @@ import sys
 HELP = "tune kernel launch configs on this GPU and save them under profiles/"
 
 # name on the command line -> (op name in profiles/, module path of the kernel with a tune() function)
-TUNABLE = {"attention": ("temporal_attention", "kernels.temporal_attention")}
+TUNABLE = {"attention": ("temporal_attention", "kernels.temporal_attention"),
+           "adaln": ("adaln_modulate", "kernels.adaln_modulate")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
