@@ -79,6 +79,7 @@ class AsyncIngest:
         self.wait_seconds = 0.0
         self._ahead: Chunk | None = None
         self._ended = False
+        self._error: BaseException | None = None
         self._pending: collections.deque = collections.deque()  # states of chunks read (or being read), not handed out
         self.thread = threading.Thread(target=self._read_ahead, name="fastdiff-ingest", daemon=True)
         self.thread.start()
@@ -117,8 +118,6 @@ class AsyncIngest:
             return None
         if block:
             self.wait_seconds += time.perf_counter() - started
-        if isinstance(item, BaseException):
-            raise item
         return item
 
     def _launch(self, item) -> Chunk:
@@ -137,10 +136,14 @@ class AsyncIngest:
         """The next chunk, ready to use on the current stream; None at the end of the stream."""
         if self._ahead is not None:
             chunk, self._ahead = self._ahead, None
+        elif self._error is not None:  # met while looking ahead: raised now, at its chunk
+            raise self._error
         elif self._ended:
             return None
         else:
             item = self._take(block=True)
+            if isinstance(item, BaseException):
+                raise item
             if isinstance(item, _End):
                 self._ended = True
                 return None
@@ -152,9 +155,11 @@ class AsyncIngest:
             # made on the side stream, used on the compute stream: tell the caching allocator
             chunk.pixels.record_stream(compute)
             chunk.latents.record_stream(compute)
-        if not self._ended:  # the following chunk, if already read, starts its copy and encode now
+        if not self._ended and self._error is None:  # the following chunk, if read, starts its copy and encode
             item = self._take(block=False)
-            if isinstance(item, _End):
+            if isinstance(item, BaseException):
+                self._error = item
+            elif isinstance(item, _End):
                 self._ended = True
             elif item is not None:
                 self._ahead = self._launch(item)

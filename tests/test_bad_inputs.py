@@ -37,28 +37,10 @@ TINY = {
 
 
 def write_video(path, n=40, h=16, w=32, fps=10, codec="mpeg4", pix="yuv420p", mode="rgb"):
-    c = av.open(str(path), "w")
-    s = c.add_stream(codec, rate=fps)
-    s.width, s.height, s.pix_fmt = w, h, pix
-    for i in range(n):
-        v = (i * 8) % 256
-        if mode == "gray":
-            img, fmt = np.full((h, w), v, np.uint8), "gray"
-        elif mode == "rgba":
-            img, fmt = np.zeros((h, w, 4), np.uint8), "rgba"
-            img[..., 0], img[..., 3] = v, 128
-        elif mode == "noise":  # incompressible: the frames, not the index, make up most of the file
-            img, fmt = np.random.RandomState(i).randint(0, 256, (h, w, 3), dtype=np.uint8), "rgb24"
-        else:
-            img, fmt = np.zeros((h, w, 3), np.uint8), "rgb24"
-            img[..., 0] = v
-            img[:, : w // 2, 1] = 200
-        for p in s.encode(av.VideoFrame.from_ndarray(img, format=fmt)):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return path
+    """tests/test_streams_video.py's writer, at this file's small default size."""
+    from test_streams_video import write_video as write
+
+    return write(path, n=n, h=h, w=w, fps=fps, codec=codec, pix=pix, mode=mode)
 
 
 def corrupt(src, dst, at=0.5):

@@ -24,6 +24,8 @@ def write_video(path, n=30, h=48, w=64, fps=10, codec="mpeg4", pix="yuv420p", mo
         elif mode == "rgba":
             img, fmt = np.zeros((h, w, 4), np.uint8), "rgba"
             img[..., 0], img[..., 3] = v, 128
+        elif mode == "noise":  # incompressible: the frames, not the index, make up most of the file
+            img, fmt = np.random.RandomState(i).randint(0, 256, (h, w, 3), dtype=np.uint8), "rgb24"
         else:
             img, fmt = np.zeros((h, w, 3), np.uint8), "rgb24"
             img[..., 0] = v
