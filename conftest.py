@@ -6,6 +6,13 @@ switched on before triton is first imported, so it is set here, process-wide, fo
 
 import os
 import shutil
+import sys
+from pathlib import Path
+
+# Tests see the package as a user does, installed: the checkout's root (which pytest puts on sys.path for this
+# file) would make its folder kernels/ importable as `kernels`, the name Hugging Face's package owns.
+_ROOT = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 if shutil.which("nvidia-smi") is None and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_temporal_attention import copy_bandwidth_gbs, time_ms, write_rows  # noqa: E402
 from bench_temporal_attention import default_out_path as shared_out_path  # noqa: E402
 
-from kernels import adaln_modulate as am  # noqa: E402
-from kernels import autotune, dispatch  # noqa: E402
+from fastdiff_kernels import adaln_modulate as am  # noqa: E402
+from fastdiff_kernels import autotune, dispatch  # noqa: E402
 
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("eager", "compile", "ours")

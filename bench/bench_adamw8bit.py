@@ -29,7 +29,7 @@ from bench_temporal_attention import default_out_path as shared_out_path  # noqa
 from fastdiff.config import build_config  # noqa: E402
 from fastdiff.models.dit import VideoDiT  # noqa: E402
 from fastdiff.optim import build_optimizer  # noqa: E402
-from kernels import autotune  # noqa: E402
+from fastdiff_kernels import autotune  # noqa: E402
 
 IMPLS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")
 # The latent each preset trains on: balls 32x32 -> 4x8x8, K=10; the maze 64x64 -> 4x16x16, K=20.

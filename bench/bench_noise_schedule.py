@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_temporal_attention import time_ms  # noqa: E402
 
-from kernels import dispatch  # noqa: E402
-from kernels import noise_schedule as ns  # noqa: E402
+from fastdiff_kernels import dispatch  # noqa: E402
+from fastdiff_kernels import noise_schedule as ns  # noqa: E402
 
 GPU_SIZES = {
     "balls": (2, 10, 4, 8, 8),

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import autotune
-from kernels import temporal_attention as ta
+from fastdiff_kernels import autotune
+from fastdiff_kernels import temporal_attention as ta
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 HEADS = 8

@@ -34,7 +34,7 @@ from bench_temporal_attention import write_rows
 
 from fastdiff.config import build_config  # noqa: E402
 from fastdiff.train import OnlineTrainer  # noqa: E402
-from kernels import autotune  # noqa: E402
+from fastdiff_kernels import autotune  # noqa: E402
 
 CONFIGS = {
     "eager-fp32-adamw": {"run.precision": "fp32", "optim.name": "adamw"},

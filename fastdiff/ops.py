@@ -6,10 +6,10 @@ kernels.dispatch from the config (`run.kernels`) or FASTDIFF_KERNELS.
 
 from __future__ import annotations
 
-from kernels import dispatch
-from kernels.adaln_modulate import adaln_modulate
-from kernels.noise_schedule import add_noise, ddim_step, frame_mse_loss
-from kernels.temporal_attention import temporal_attention
+from fastdiff_kernels import dispatch
+from fastdiff_kernels.adaln_modulate import adaln_modulate
+from fastdiff_kernels.noise_schedule import add_noise, ddim_step, frame_mse_loss
+from fastdiff_kernels.temporal_attention import temporal_attention
 
 
 def use_kernels(name: str) -> None:

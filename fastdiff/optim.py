@@ -29,7 +29,7 @@ import logging
 
 import torch
 
-from kernels.adamw8bit import (
+from fastdiff_kernels.adamw8bit import (
     MIN_8BIT_SIZE,
     AdamW8bitFused,
     code_on,
@@ -59,9 +59,10 @@ def _flat_params(params) -> list[torch.Tensor]:
 
 
 class _DropHubKernelWarning(logging.Filter):
-    """bitsandbytes' CPU backend tries `from kernels import get_kernel` (Hugging Face's `kernels` package,
-    for a 4-bit GEMM we never use); our own top-level package is also called `kernels`, so the import
-    fails and it warns on every start. The warning is about 4-bit inference only: drop it."""
+    """bitsandbytes' CPU backend tries `from kernels import get_kernel` (Hugging Face's `kernels` package, for a
+    4-bit GEMM we never use) and warns on every start where that package is not installed. The warning is about
+    4-bit inference only: drop it. (fastdiff's own kernels import as `fastdiff_kernels`, so they never stand in
+    the way of that lookup: tests/test_kernels_import_name.py.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "kernels-community" not in record.getMessage()

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import autotune, dispatch
+from fastdiff_kernels import autotune, dispatch
 
 OP_NAME = "adaln_modulate"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import dispatch
+from fastdiff_kernels import dispatch
 
 try:  # triton is optional at import time; the reference path needs only torch
     import triton

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch
+from fastdiff_kernels import dispatch
 
 PREDICTIONS = ("eps", "v", "x0")
 EDM_TARGETS = ("eps", "x0")

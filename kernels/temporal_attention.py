@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import autotune, dispatch
+from fastdiff_kernels import autotune, dispatch
 
 OP_NAME = "temporal_attention"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import adaln_modulate as am
-from kernels import autotune, dispatch
+from fastdiff_kernels import adaln_modulate as am
+from fastdiff_kernels import autotune, dispatch
 
 # (B, K, S, D): B*K odd, S = 1 / 7 / 70 (one tile, ragged tiles, two backward splits), D not a power of 2
 SHAPES = [(1, 3, 7, 48), (3, 1, 1, 32), (1, 1, 70, 128), (1, 3, 5, 96)]

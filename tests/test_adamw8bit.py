@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.adamw8bit import (
+from fastdiff_kernels import dispatch
+from fastdiff_kernels.adamw8bit import (
     BLOCKSIZE,
     AdamW8bitFused,
     dequantize_blockwise,

@@ -11,7 +11,7 @@ from fastdiff.diffusion import Schedule
 from fastdiff.fifo import FifoPlan, FifoSampler, fifo_frames
 from fastdiff.models.dit import VideoDiT
 from fastdiff.sampling import TensorMemoryTracker
-from kernels import dispatch
+from fastdiff_kernels import dispatch
 
 SCHEDULE = Schedule.make("linear", 1000)
 CFG = DiffusionConfig()

@@ -16,8 +16,8 @@ import textwrap
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels import noise_schedule as ns
+from fastdiff_kernels import dispatch
+from fastdiff_kernels import noise_schedule as ns
 
 SHAPES = [(2, 3, 3, 5, 7), (1, 2, 3, 33, 21)]  # C*H*W = 105 (< one block), 2079 (two blocks, ragged)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -552,7 +552,7 @@ _FP64_PROBE = textwrap.dedent(
         from triton._C.libtriton import ir
     except Exception as exc:  # this triton has no such internals: nothing to check
         print(json.dumps({"skip": repr(exc)})); sys.exit(0)
-    from kernels import noise_schedule as ns
+    from fastdiff_kernels import noise_schedule as ns
 
     @triton.jit
     def uncast(x_ptr, y_ptr, scale, N, BLOCK: tl.constexpr):  # control: no cast, must be flagged

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastdiff.optim import OPTIMIZERS, build_optimizer, convert_state_dict, detect_format, load_state_dict_any
-from kernels import dispatch
+from fastdiff_kernels import dispatch
 
 HYPER = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import kernels.temporal_attention as ta
-from kernels import autotune, dispatch
-from kernels.temporal_attention import temporal_attention, temporal_attention_reference
+import fastdiff_kernels.temporal_attention as ta
+from fastdiff_kernels import autotune, dispatch
+from fastdiff_kernels.temporal_attention import temporal_attention, temporal_attention_reference
 
 # Error floor per dtype: ours must satisfy err <= 2 * (PyTorch's own error at that dtype) + floor.
 # fp32 has no "own error" rule; it is compared directly against float64 with this absolute tolerance.

@@ -44,7 +44,7 @@ def run(args) -> int:
 
     import torch
 
-    from kernels import autotune
+    from fastdiff_kernels import autotune
 
     folder = bench_dir()
     if folder is None:

@@ -39,7 +39,7 @@ def run(args) -> int:
 
     from fastdiff.config import ConfigError, build_config, parse_overrides
     from fastdiff.train import OnlineTrainer
-    from kernels import autotune
+    from fastdiff_kernels import autotune
 
     if args.steps < 1 or args.warmup < 0:
         print("fastdiff profile: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)

@@ -14,8 +14,8 @@ import sys
 HELP = "tune kernel launch configs on this GPU and save them under profiles/"
 
 # name on the command line -> (op name in profiles/, module path of the kernel with a tune() function)
-TUNABLE = {"attention": ("temporal_attention", "kernels.temporal_attention"),
-           "adaln": ("adaln_modulate", "kernels.adaln_modulate")}
+TUNABLE = {"attention": ("temporal_attention", "fastdiff_kernels.temporal_attention"),
+           "adaln": ("adaln_modulate", "fastdiff_kernels.adaln_modulate")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
               "the GPU they will run on; here they use their default configs)", file=sys.stderr)
         return 1
 
-    from kernels import autotune
+    from fastdiff_kernels import autotune
 
     gpu = autotune.device_name(torch.device("cuda"))
     names = list(TUNABLE) if args.kernel == "all" else [args.kernel]
