@@ -27,6 +27,7 @@ from torch import nn
 from fastdiff.config import Config
 from fastdiff.diffusion import Schedule
 from fastdiff.lora import FastLearner, remove_temporal_lora
+from fastdiff.metrics import balls_metrics
 from fastdiff.models.autoencoder import FrameAutoencoder
 from fastdiff.models.dit import VideoDiT
 from fastdiff.sampling import (
@@ -34,7 +35,6 @@ from fastdiff.sampling import (
     SampleOptions,
     TensorMemoryTracker,
     autoregressive_pattern,
-    balls_metrics,
     context_frames,
     fifo_plan,
     generate_latents,

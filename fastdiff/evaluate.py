@@ -160,12 +160,14 @@ def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.
 
 
 def balls_scores(videos: np.ndarray, clips: HeldoutClips, observed: int) -> dict:
-    """minADE, ColorKL and colour accuracy of sampled continuations (N, S, T, H, W, 3)."""
+    """minADE, ColorKL, colour accuracy and ball count of sampled continuations (N, S, T, H, W, 3)."""
     n, s, t = videos.shape[:3]
     balls = clips.centres.shape[2]
-    centres, colours = metrics.ball_centres(videos.reshape(n * s * t, *videos.shape[3:]), balls)
+    flat = videos.reshape(n * s * t, *videos.shape[3:])
+    centres, colours = metrics.ball_centres(flat, balls)
     centres = centres.reshape(n, s, t, balls, 2)
     colours = colours.reshape(n, s, t, balls)
+    counts_ok = (metrics.count_balls(flat) == balls).reshape(n, s, t)[:, :, observed:]
     ade = np.zeros((n, s))
     accuracy = np.zeros((n, s))
     counts = np.zeros((3, 3), dtype=np.int64)
@@ -179,17 +181,81 @@ def balls_scores(videos: np.ndarray, clips: HeldoutClips, observed: int) -> dict
     kl, support = metrics.colour_kl(counts)
     return {"minADE": float(ade.min(1).mean()), "ADE": float(ade.mean()), "ColorKL": kl,
             "ColorKL_colours": support, "colour_changes": int(counts.sum()),
-            "colour_accuracy": float(accuracy.max(1).mean()), "transitions": counts.tolist()}
+            "colour_accuracy": float(accuracy.max(1).mean()), "ball_count_ok": float(counts_ok.mean()),
+            "transitions": counts.tolist()}
+
+
+FLOORS = ("ground truth", "repeat last frame", "constant velocity")
+
+
+def floor_videos(clips: HeldoutClips, observed: int, colour_shift: bool) -> dict[str, np.ndarray]:
+    """What a model must beat, as videos (N, 1, T, H, W, 3) scored like samples, on the same clips:
+
+    - ``ground truth``: the real continuation (the ceiling; its minADE is the detector's own error);
+    - ``repeat last frame``: the last observed frame, frozen;
+    - ``constant velocity``: every ball keeps its last velocity (:func:`last_velocity`, from its true observed
+      positions) and reflects off the walls as the simulator's balls do, with its last observed colour (so it
+      knows walls but neither ball-ball collisions nor the colour rule), rendered by the stream's own renderer."""
+    from fastdiff.streams import balls as sim
+
+    n, t, h = clips.frames.shape[:3]
+    repeat = np.concatenate([clips.frames[:, :observed],
+                             np.repeat(clips.frames[:, observed - 1:observed], t - observed, axis=1)], axis=1)
+    box = (clips.centres.astype(np.float64) + 0.5) * sim.SIZE / h  # pixel centres -> box units
+    pos, vel = box[:, observed - 1].copy(), last_velocity(box[:, :observed])
+    path = [box[:, i] for i in range(observed)]
+    for _ in range(observed, t):
+        for _ in range(2):  # the simulator's two Euler substeps per frame, reflecting off the walls
+            pos = pos + sim.EPS * vel
+            vel = np.where(pos - sim.RADIUS < 0, np.abs(vel), vel)
+            vel = np.where(pos + sim.RADIUS > sim.SIZE, -np.abs(vel), vel)
+        path.append(pos)
+    path = np.stack(path, axis=1)  # (N, T, balls, 2)
+    rgb = sim.COLOR_RGB[clips.colours[:, observed - 1]]  # (N, balls, 3)
+    rgb = np.repeat(rgb[:, None], t, axis=1)
+    if colour_shift:  # balls-c: blue = stream position / horizon, as the stream renders it
+        rgb[..., 2] += ((clips.starts[:, None] + np.arange(t)) / max(clips.horizon, 1))[..., None]
+    constant = sim.render(path.reshape(n * t, -1, 2), rgb.reshape(n * t, -1, 3), res=h).reshape(clips.frames.shape)
+    constant[:, :observed] = clips.frames[:, :observed]
+    return {"ground truth": clips.frames[:, None], "repeat last frame": repeat[:, None],
+            "constant velocity": constant[:, None]}
+
+
+def last_velocity(box: np.ndarray) -> np.ndarray:
+    """Each ball's velocity at the last of its observed positions (N, T, balls, 2) in box units, T >= 3.
+
+    The last displacement is that velocity unless the ball met a wall during the last frame. The simulator
+    flips a velocity component after a substep that left the ball past a wall: after the first of the two
+    substeps, the displacement is cut short (part forward, part back) and the velocity is the one before,
+    reflected; after the second, the ball still sits past the wall and its velocity points away from it."""
+    from fastdiff.streams import balls as sim
+
+    before, last = box[:, -2] - box[:, -3], box[:, -1] - box[:, -2]
+    reach = np.abs(before) + 1e-6
+    near_wall = (box[:, -2] - sim.RADIUS < reach) | (box[:, -2] + sim.RADIUS > sim.SIZE - reach)
+    cut_short = np.abs(last) < np.abs(before) - 1e-6
+    velocity = np.where(near_wall & cut_short, -before, last)
+    velocity = np.where(box[:, -1] - sim.RADIUS < 0, np.abs(velocity), velocity)
+    return np.where(box[:, -1] + sim.RADIUS > sim.SIZE, -np.abs(velocity), velocity)
+
+
+def floor_scores(run: LoadedRun, clips: HeldoutClips, observed: int) -> dict[str, dict]:
+    """balls_scores of every floor on `clips` (no model involved: cheap)."""
+    colour_shift = run.cfg.run.stream.split(":")[0] == "balls-c"
+    return {name: balls_scores(video, clips, observed)
+            for name, video in floor_videos(clips, observed, colour_shift).items()}
 
 
 def evaluate(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions, *, sample: bool = True,
-             i3d: metrics.I3DFeatures | None = None) -> dict:
+             i3d: metrics.I3DFeatures | None = None, floors: bool = True) -> dict:
     started = time.perf_counter()
     result = {"frame": run.frame, "clips": len(clips.frames), **heldout_loss(run, clips, opts)}
     if sample and (is_balls(run) or i3d is not None):
         videos = continuations(run, clips, opts)
         if is_balls(run) and clips.centres is not None:
             result.update(balls_scores(videos, clips, opts.observed))
+            if floors:
+                result["floors"] = floor_scores(run, clips, opts.observed)
         if i3d is not None:
             real, fake = i3d(clips.frames), i3d(videos[:, 0])
             result["FVD"] = metrics.frechet_distance(real, fake)
@@ -225,7 +291,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions, *, curve: bool = True, device
             state = torch.load(path, map_location=run.device, weights_only=False)
             run.model.load_state_dict(state["ema"])
             run.frame = state["counters"]["frames_seen"]
-            report["curve"].append(evaluate(run, few, opts, i3d=None))
+            report["curve"].append(evaluate(run, few, opts, i3d=None, floors=False))
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     if report["curve"]:
         plot_curves({Path(run_dir).name: report["curve"]}, out_dir / "curve.png")

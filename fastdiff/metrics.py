@@ -1,6 +1,8 @@
 """The paper's evaluation metrics (Yoo et al. 2024, section 5 and appendix B), from pixels.
 
-Balls (positions and colours found by template matching, ``fastdiff.sampling.ball_score_map``):
+Balls: one detector, template matching (:func:`ball_score_map`), read two ways: :func:`find_balls` counts the
+balls a frame shows (peaks above half an isolated ball's response), :func:`ball_centres` takes exactly the
+stream's number of balls with sub-pixel centres. On top of them:
 
 - ADE of one video: mean over generated frames of the mean distance (pixels) between the detected
   ball centres and the true ones, balls matched by the cheapest permutation per frame.
@@ -11,6 +13,7 @@ Balls (positions and colours found by template matching, ``fastdiff.sampling.bal
   ``ColorKL = mean_old KL(p*(. | old) || p_model(. | old))`` over the old colours the samples changed
   from at least once (a tiny pseudo-count keeps the KL finite when a rule is broken outright).
 - **colour accuracy**: share of (frame, ball) whose detected colour is the true one (best of S).
+- **ball count**: share of generated frames that show exactly the stream's number of balls.
 
 Any stream, with a user-supplied I3D (TorchScript; nothing is downloaded):
 
@@ -28,22 +31,68 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastdiff.sampling import COLOUR_RG, GREEN, RED, YELLOW, _colour_runs, ball_score_map
-
+RED, YELLOW, GREEN = 0, 1, 2
+COLOUR_RG = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # (red, green) channels; blue drifts in balls-c
 # p*(new | old): the rule as a window of 10 frames sees it (the colour before red is usually out of view).
 TRUE_TRANSITIONS = np.array([
     [0.0, 0.5, 0.5],  # red -> yellow or green
     [1.0, 0.0, 0.0],  # yellow -> red
     [1.0, 0.0, 0.0],  # green -> red
 ])
+FIRST_ORDER_OK = {(YELLOW, RED), (GREEN, RED), (RED, YELLOW), (RED, GREEN)}
 PSEUDO_COUNT = 1e-3
 # Centres closer than this share of the frame side (1.3 ball radii, 5 px at 32 px) mix their colours.
 MIXING_DISTANCE = 1.3 * 1.2 / 10.0
-MIN_PEAK = 0.1  # a local maximum counts as a ball above this share of an isolated ball's score
+MIN_PEAK = 0.1  # ball_centres: a local maximum can be a ball above this share of an isolated ball's score
+COUNT_PEAK = 0.5  # find_balls: a local maximum counts as a ball above this share (99.5% of real frames show 2)
 
 
 # --------------------------------------------------------------------------------------------------
-# Balls: detection, ADE, colour statistics
+# Balls: the detector
+# --------------------------------------------------------------------------------------------------
+
+
+def ball_score_map(frames: np.ndarray, radius_box: float = 1.2, box: float = 10.0):
+    """Template matching of the balls stream's ball profile exp(-(d^2/r^2)^4) against the brightness of
+    the red/green channels (blue drifts in balls-c). Returns the score (N, H, W), its local maxima (N, H, W)
+    bool, the score of an isolated ball, and the mean (r, g) over each pixel's 3x3 neighbourhood (N, H, W, 2)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)  # (N, H, W, 3)
+    h = x.shape[1]
+    r_px = radius_box * h / box
+    half = int(np.ceil(1.3 * r_px))
+    d = torch.arange(-half, half + 1, dtype=torch.float32)
+    bump = torch.exp(-(((d[:, None] ** 2 + d[None, :] ** 2) / r_px**2) ** 4))
+    template = bump / bump.sum()
+    bright = x[..., :2].amax(-1)[:, None]  # (N, 1, H, W)
+    score = F.conv2d(bright, template[None, None], padding=half)[:, 0]
+    isolated = float((bump * template).sum())
+    local_max = score == F.max_pool2d(score[:, None], 2 * half + 1, 1, half)[:, 0]
+    rg = F.avg_pool2d(x[..., :2].permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1)
+    return score, local_max, isolated, rg
+
+
+def find_balls(frames: np.ndarray, threshold: float = COUNT_PEAK) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per frame: every ball the frame shows, centres (m, 2) as (x, y) pixels and colours (m,) (0 red, 1 yellow,
+    2 green): the score's local maxima above `threshold` times an isolated ball's response. A ball's colour is
+    the nearest of red/yellow/green to its mean (r, g) over the central 3x3."""
+    score, local_max, isolated, rg = ball_score_map(frames)
+    peaks = local_max & (score > threshold * isolated)
+    found = []
+    for i in range(len(frames)):
+        ys, xs = torch.nonzero(peaks[i], as_tuple=True)
+        colours = torch.cdist(rg[i, ys, xs], COLOUR_RG).argmin(-1)
+        found.append((torch.stack([xs, ys], -1).float().numpy(), colours.numpy()))
+    return found
+
+
+def count_balls(frames: np.ndarray) -> np.ndarray:
+    """How many balls each frame shows (N,), as :func:`find_balls` counts them."""
+    score, local_max, isolated, _ = ball_score_map(frames)
+    return (local_max & (score > COUNT_PEAK * isolated)).flatten(1).sum(1).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Balls: centres, ADE, colour statistics
 # --------------------------------------------------------------------------------------------------
 
 
@@ -122,7 +171,7 @@ def transition_counts(colour_tracks: np.ndarray, first_frame: int = 0, hold: int
         for i in range(1, len(known)):
             if known[i] < 0:
                 known[i] = known[i - 1]
-        runs = _colour_runs(known, hold)
+        runs = colour_runs(known, hold)
         start = 0
         for (old, length), (new, _) in zip(runs, runs[1:]):
             start += length
@@ -143,6 +192,83 @@ def colour_kl(counts: np.ndarray) -> tuple[float, int]:
         support = p_true > 0
         kls.append(float((p_true[support] * np.log(p_true[support] / p_model[support])).sum()))
     return (float(np.mean(kls)) if kls else float("nan")), len(kls)
+
+
+def colour_runs(colours: list[int], hold: int) -> list[tuple[int, int]]:
+    """(colour, length) runs of a track, ignoring flickers shorter than `hold` frames."""
+    runs: list[list[int]] = []
+    for c in colours:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    stable: list[list[int]] = []
+    for c, length in runs:
+        if length < hold and stable:
+            stable[-1][1] += length  # a flicker: count it as the colour it interrupted
+        elif stable and stable[-1][0] == c:
+            stable[-1][1] += length
+        else:
+            stable.append([c, length])
+    return [(c, length) for c, length in stable]
+
+
+def balls_metrics(frames: np.ndarray, window: int, balls: int | None = None, hold: int = 2) -> dict:
+    """Ball-count stability and colour-rule accuracy of a video of the balls stream.
+
+    count_ok: share of frames with the expected number of balls (that of the first frame unless given);
+    count_changes_per_100: how often the detected count changes. Balls are tracked while the count
+    holds (nearest-centre matching); every colour change of a track is checked against the rule:
+    first_order_acc: share of changes that are red->yellow/green or yellow/green->red;
+    second_order_acc: after red, the ball must take the colour it did not have before red (chance 0.5);
+    second_order_acc_long: the same, only where the red phase outlasted the model's window, so the
+    colour before red had left the context (the long-range memory test)."""
+    found = find_balls(frames)
+    counts = np.array([len(c) for c, _ in found])
+    expected = counts[0] if balls is None else balls
+    tracks: list[list[int]] = []
+    open_tracks: list[int] = []  # index into tracks, per ball slot
+    prev = None
+    for centres, colours in found:
+        if len(centres) != expected:
+            prev, open_tracks = None, []
+            continue
+        if prev is None:
+            open_tracks = [len(tracks) + i for i in range(expected)]
+            tracks.extend([] for _ in range(expected))
+            order = list(range(expected))
+        else:
+            order = min(itertools.permutations(range(expected)),
+                        key=lambda p: sum(np.sum((centres[j] - prev[i]) ** 2) for i, j in enumerate(p)))
+        for slot, j in enumerate(order):
+            tracks[open_tracks[slot]].append(int(colours[j]))
+        prev = centres[list(order)]
+    first = [0, 0]
+    second = [0, 0]
+    second_long = [0, 0]
+    for track in tracks:
+        runs = colour_runs(track, hold)
+        for (a, _), (b, _) in zip(runs, runs[1:]):
+            first[0] += (a, b) in FIRST_ORDER_OK
+            first[1] += 1
+        for (a, _), (b, red_len), (c, _) in zip(runs, runs[1:], runs[2:]):
+            if b != RED or a == RED or c == RED:
+                continue
+            ok = c != a  # red -> the colour it did not come from
+            second[0] += ok
+            second[1] += 1
+            if red_len > window:
+                second_long[0] += ok
+                second_long[1] += 1
+    ratio = lambda hits: hits[0] / hits[1] if hits[1] else float("nan")
+    return {
+        "frames": len(found), "balls": int(expected),
+        "count_ok": float(np.mean(counts == expected)),
+        "count_changes_per_100": float(np.count_nonzero(np.diff(counts)) * 100 / max(len(counts) - 1, 1)),
+        "colour_changes": first[1], "first_order_acc": ratio(first),
+        "second_order_checks": second[1], "second_order_acc": ratio(second),
+        "second_order_long_checks": second_long[1], "second_order_acc_long": ratio(second_long),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

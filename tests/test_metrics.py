@@ -144,3 +144,26 @@ def test_i3d_features_from_a_torchscript_file(tmp_path, truth):
     (tmp_path / "junk.pt").write_bytes(b"not torchscript")
     with pytest.raises(ValueError, match="not a TorchScript module"):
         metrics.I3DFeatures(tmp_path / "junk.pt", torch.device("cpu"))
+
+
+def test_floors_bracket_the_truth(truth):
+    """The floors every balls evaluation reports: the ground truth scores as the detector's own error, the frozen
+    frame badly, and constant velocity exactly where no two balls collide (it reflects off walls as the simulator
+    does), so its error comes from ball-ball collisions alone."""
+    from fastdiff.evaluate import floor_videos
+
+    frames, centres, colours = truth
+    clips, _ = _clips(frames, centres, colours, length=25, count=150)
+    videos = floor_videos(clips, observed=5, colour_shift=True)
+    scores = {name: balls_scores(v, clips, observed=5) for name, v in videos.items()}
+    assert scores["ground truth"]["minADE"] < 0.15 and scores["ground truth"]["ball_count_ok"] > 0.95
+    assert scores["repeat last frame"]["minADE"] > 3.0
+    assert scores["constant velocity"]["minADE"] < scores["repeat last frame"]["minADE"]
+    gap = np.linalg.norm(clips.centres[:, :, 0] - clips.centres[:, :, 1], axis=-1).min(1)  # pixels
+    # two ball diameters apart plus a frame's worth of motion (1 box unit): they cannot touch between frames either
+    apart = gap > (2 * 1.2 + 1.0) * frames.shape[1] / SIZE
+    assert apart.sum() >= 5
+    free = balls_scores(videos["constant velocity"][apart], clips.subset(np.flatnonzero(apart)), observed=5)
+    assert free["minADE"] < 0.15
+    assert np.array_equal(videos["repeat last frame"][:, 0, 20], clips.frames[:, 4])
+    assert scores["constant velocity"]["minADE"] > 2 * free["minADE"]  # collisions do cost it

@@ -10,10 +10,10 @@ from fastdiff.cli import main
 from fastdiff.config import build_config
 from fastdiff.fifo import FifoPlan
 from fastdiff.lora import lora_layers
+from fastdiff.metrics import balls_metrics
 from fastdiff.sampling import (
     SampleOptions,
     autoregressive_pattern,
-    balls_metrics,
     heldout_clips,
     load_run,
     pattern_loss,
