@@ -14,10 +14,11 @@ Backward, with the per-row effective weight w = 1 + scale[b, k] and g = dy w:
     dshift[b,k] = sum_s dy[b, k, s]
     dscale[b,k] = sum_s dy[b, k, s] x_hat[b, k, s]
 
-Forward: a 2-D grid, frames (B*K) on axis 0 and tiles of BLOCK_S rows on axis 1; a program loads
+Forward: one grid axis of (frame, tile) pairs, B*K frames times tiles of BLOCK_S rows (one axis, since
+S / BLOCK_S passes the 65,535 limit of axes y/z at S > 65,535 with BLOCK_S = 1); a program loads
 its frame's shift and scale once, normalises its [BLOCK_S, D] tile in fp32 (fp64 for fp64 inputs;
 two-pass variance on the tile in registers), writes y and saves mean and rstd (fp32) per row.
-Backward: frames on axis 0, splits of S on axis 1, ROWS = BLOCK_S * TILES rows per program (TILES
+Backward: one grid axis of (frame, split of S) pairs, ROWS = BLOCK_S * TILES rows per program (TILES
 from the tuned config, or chosen so that the grid holds about two programs per SM); the program walks
 its rows in BLOCK_S tiles, writes dx and accumulates fp32 partial sums of dy and dy x_hat in
 registers, then stores one partial per (frame, split); the splits are summed in a fixed order
@@ -71,15 +72,17 @@ def adaln_modulate_reference(x, shift, scale, eps: float = DEFAULT_EPS):
 @triton.jit
 def _adaln_fwd_kernel(
     x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr,
-    K, S, D, eps,
+    K, S, D, TILES_S, eps,
     sxb, sxk, sxs, sxd, shb, shk, shd, scb, sck, scd,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     eps = tl.cast(eps, ACC)  # Inductor may pass the Python float as fp64: keep fp32 math in fp32
-    frame = tl.program_id(0).to(tl.int64)
+    # One grid axis, (frame, tile) flattened: S / BLOCK_S tiles may exceed axis y's 65,535 limit.
+    pid = tl.program_id(0).to(tl.int64)
+    frame = pid // TILES_S
     b = frame // K
     k = frame % K
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows = (pid % TILES_S) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < S
     cmask = cols < D
@@ -101,12 +104,14 @@ def _adaln_fwd_kernel(
 @triton.jit
 def _adaln_bwd_kernel(
     x_ptr, dy_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dshift_ptr, dscale_ptr,
-    K, S, D, ROWS,
+    K, S, D, ROWS, SPLITS,
     sxb, sxk, sxs, sxd, syb, syk, sys, syd, scb, sck, scd,
     ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    frame = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    # One grid axis, (frame, split) flattened: the split count may exceed axis y's 65,535 limit.
+    pid = tl.program_id(0).to(tl.int64)
+    frame = pid // SPLITS
+    split = pid % SPLITS
     b = frame // K
     k = frame % K
     cols = tl.arange(0, BLOCK_D)
@@ -135,7 +140,7 @@ def _adaln_bwd_kernel(
         c_one = tl.sum(g, axis=1) / D
         dx = (g - c_one[:, None] - x_hat * c_hat[:, None]) * rstd[:, None]
         tl.store(dx_ptr + out_rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    part = (frame * tl.num_programs(1) + split) * D + cols
+    part = pid * D + cols  # partial (frame, split) of the (B, K, SPLITS, D) buffers
     tl.store(dshift_ptr + part, acc_shift, mask=cmask)
     tl.store(dscale_ptr + part, acc_scale, mask=cmask)
 
@@ -166,13 +171,36 @@ def default_config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
+def config_fields(kind: str) -> tuple[str, ...]:
+    return ("BLOCK_S", "num_warps") + (("TILES",) if kind == "bwd" else ())
+
+
+# Elements (BLOCK_S * BLOCK_D) a program's tile may hold in a tuning sweep: beyond this the tile spills.
+MAX_TILE_ELEMS = 16384
+
+
+def arch_default(kind: str, block_d: int, dtype: torch.dtype, arch: int | None) -> dict:
+    """The default for a GPU arch (sm_86 -> 86; None: unknown): the AOT table's replacement for this
+    Triton version where the heuristic spills or does not fit there, else :func:`default_config`."""
+    return autotune.aot_default(OP_NAME, config_key(kind, block_d, dtype), arch) or default_config(kind, block_d, dtype)
+
+
+def tune_candidates(kind: str, block_d: int, dtype: torch.dtype, arch: int | None = None) -> list[dict]:
+    """Configs a tuning sweep tries: BLOCK_S x num_warps (x TILES for the backward) within the tile
+    budget, less those the AOT sweep found failing or not fitting ``arch`` (None: all)."""
+    axes = dict(BLOCK_S=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8])
+    if kind == "bwd":
+        axes["TILES"] = [0, 1, 2, 4, 8, 16]
+    configs = [cfg for cfg in autotune.grid(**axes) if cfg["BLOCK_S"] * block_d <= MAX_TILE_ELEMS]
+    return autotune.aot_allowed(OP_NAME, config_key(kind, block_d, dtype), configs, arch, config_fields(kind))
+
+
 def select_config(kind: str, block_d: int, dtype: torch.dtype, device) -> tuple[dict, str]:
-    """(config, source): the tuned config for this GPU if profiles/ has one, else the heuristic."""
+    """(config, source): the tuned config for this GPU if profiles/ has one, else the arch's default."""
     tuned = autotune.lookup(OP_NAME, config_key(kind, block_d, dtype), device)
     if tuned is not None:
-        names = ("BLOCK_S", "num_warps") + (("TILES",) if kind == "bwd" else ())
-        return {name: int(tuned[name]) for name in names}, "tuned"
-    return default_config(kind, block_d, dtype), "default"
+        return {name: int(tuned[name]) for name in config_fields(kind)}, "tuned"
+    return arch_default(kind, block_d, dtype, autotune.device_arch(torch.device(device))), "default"
 
 
 def _rows_per_tile(cfg: dict, s: int) -> int:
@@ -180,21 +208,31 @@ def _rows_per_tile(cfg: dict, s: int) -> int:
 
 
 @functools.cache
-def _target_programs(device_type: str, index: int | None) -> int:
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
     """Backward programs worth launching: two per SM on a GPU; on CPU (interpreter) a few, so that the
     split reduction runs by default there too."""
-    if device_type == "cuda":
-        return 2 * torch.cuda.get_device_properties(index or 0).multi_processor_count
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index or 0)
     return 4
 
 
-def _backward_rows(cfg: dict, block_s: int, frames: int, s: int, device: torch.device) -> int:
+def _backward_rows(cfg: dict, block_s: int, frames: int, s: int, programs: int) -> int:
     """Rows per backward program, a multiple of block_s: TILES tiles if the config says so, else
-    enough splits of S to reach the target program count (few splits: few fp32 partials to sum)."""
+    enough splits of S to reach ``programs`` in all (few splits: few fp32 partials to sum)."""
     if cfg["TILES"] > 0:
         return block_s * cfg["TILES"]
-    splits = min(triton.cdiv(_target_programs(device.type, device.index), frames), triton.cdiv(s, block_s))
+    splits = min(triton.cdiv(programs, frames), triton.cdiv(s, block_s))
     return triton.cdiv(triton.cdiv(s, max(1, splits)), block_s) * block_s
+
+
+def backward_splits(cfg: dict, frames: int, s: int, programs: int) -> int:
+    """Splits of S in the backward (programs per frame): the second dim of the dshift/dscale partials."""
+    rows = _backward_rows(cfg, _rows_per_tile(cfg, s), frames, s, programs)
+    return triton.cdiv(s, rows)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -219,23 +257,40 @@ def _frame_strides(t: torch.Tensor) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------------
 
 
+def fwd_launch(x, shift, scale, y, mean, rstd, eps: float, cfg: dict) -> autotune.Launch:
+    """The forward kernel's launch for a config: one program per tile of BLOCK_S rows of a frame."""
+    b, k, s, d = x.shape
+    block_s = _rows_per_tile(cfg, s)
+    tiles = triton.cdiv(s, block_s)
+    args = (x, shift, scale, y, mean, rstd, k, s, d, tiles, eps,
+            *x.stride(), *_frame_strides(shift), *_frame_strides(scale))
+    constexprs = dict(ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=_block_d(d))
+    return autotune.Launch(_adaln_fwd_kernel, (b * k * tiles,), args, constexprs, cfg["num_warps"])
+
+
+def bwd_launch(dy, x, scale, mean, rstd, dx, dshift_part, dscale_part, cfg: dict, programs: int) -> autotune.Launch:
+    """The backward kernel's launch for a config; the partials are (B, K, backward_splits(...), D)."""
+    b, k, s, d = x.shape
+    block_s = _rows_per_tile(cfg, s)
+    rows = _backward_rows(cfg, block_s, b * k, s, programs)
+    splits = triton.cdiv(s, rows)
+    args = (x, dy, scale, mean, rstd, dx, dshift_part, dscale_part, k, s, d, rows, splits,
+            *x.stride(), *dy.stride(), *_frame_strides(scale))
+    constexprs = dict(ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=_block_d(d))
+    return autotune.Launch(_adaln_bwd_kernel, (b * k * splits,), args, constexprs, cfg["num_warps"])
+
+
 @torch.library.triton_op("fastdiff::adaln_modulate_fwd", mutates_args=())
 def _fwd_op(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y (B, K, S, D) in x's dtype, mean (B*K*S,), rstd (B*K*S,)) with fp32 statistics."""
     b, k, s, d = x.shape
-    block_d = _block_d(d)
-    cfg, _ = select_config("fwd", block_d, x.dtype, x.device)
-    block_s = _rows_per_tile(cfg, s)
+    cfg, _ = select_config("fwd", _block_d(d), x.dtype, x.device)
     y = _empty((b, k, s, d), dtype=x.dtype, device=x.device)
     mean = _empty((b * k * s,), dtype=_stats_dtype(x.dtype), device=x.device)
     rstd = _empty((b * k * s,), dtype=_stats_dtype(x.dtype), device=x.device)
-    torch.library.wrap_triton(_adaln_fwd_kernel)[(b * k, triton.cdiv(s, block_s))](
-        x, shift, scale, y, mean, rstd, k, s, d, eps,
-        *x.stride(), *_frame_strides(shift), *_frame_strides(scale),
-        ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=cfg["num_warps"],
-    )
+    fwd_launch(x, shift, scale, y, mean, rstd, eps, cfg)()
     return y, mean, rstd
 
 
@@ -245,20 +300,14 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx in x's dtype, dshift, dscale as fp32 (B, K, 1, D) sums over S)."""
     b, k, s, d = x.shape
-    block_d = _block_d(d)
-    cfg, _ = select_config("bwd", block_d, x.dtype, x.device)
-    block_s = _rows_per_tile(cfg, s)
-    rows = _backward_rows(cfg, block_s, b * k, s, x.device)
-    splits = triton.cdiv(s, rows)
+    cfg, _ = select_config("bwd", _block_d(d), x.dtype, x.device)
+    programs = target_programs(x.device)
+    splits = backward_splits(cfg, b * k, s, programs)
     acc = _stats_dtype(x.dtype)
     dx = _empty((b, k, s, d), dtype=x.dtype, device=x.device)
     dshift_part = _empty((b, k, splits, d), dtype=acc, device=x.device)
     dscale_part = _empty((b, k, splits, d), dtype=acc, device=x.device)
-    torch.library.wrap_triton(_adaln_bwd_kernel)[(b * k, splits)](
-        x, dy, scale, mean, rstd, dx, dshift_part, dscale_part, k, s, d, rows,
-        *x.stride(), *dy.stride(), *_frame_strides(scale),
-        ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=cfg["num_warps"],
-    )
+    bwd_launch(dy, x, scale, mean, rstd, dx, dshift_part, dscale_part, cfg, programs)()
     if splits == 1:
         return dx, dshift_part, dscale_part
     return dx, dshift_part.sum(dim=2, keepdim=True), dscale_part.sum(dim=2, keepdim=True)
@@ -372,6 +421,7 @@ def tune(device=None, *, widths=(256, 384, 512, 1024), dtypes=(torch.bfloat16, t
 
     device = torch.device(device or "cuda")
     frames = frames if isinstance(frames, int) else 64
+    arch = autotune.device_arch(device)
     results = {}
     for d in widths:
         block_d = _block_d(d)
@@ -385,13 +435,8 @@ def tune(device=None, *, widths=(256, 384, 512, 1024), dtypes=(torch.bfloat16, t
                      "bwd": functools.partial(_bwd_op, dy, x, scale, mean, rstd)}
             for kind, call in calls.items():
                 key = config_key(kind, block_d, dtype)
-                axes = dict(BLOCK_S=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8])
-                if kind == "bwd":
-                    axes["TILES"] = [0, 1, 2, 4, 8, 16]
                 best = None
-                for cfg in autotune.grid(**axes):
-                    if cfg["BLOCK_S"] * block_d > 16384:
-                        continue  # register budget: beyond this the tile spills
+                for cfg in tune_candidates(kind, block_d, dtype, arch):
                     try:
                         with autotune.forced(OP_NAME, key, cfg):
                             ms = do_bench(call, warmup=10, rep=40)
@@ -401,7 +446,7 @@ def tune(device=None, *, widths=(256, 384, 512, 1024), dtypes=(torch.bfloat16, t
                     if best is None or ms < best["ms"]:
                         best = {**cfg, "ms": round(ms, 5)}
                 if best is not None:
-                    with autotune.forced(OP_NAME, key, default_config(kind, block_d, dtype)):
+                    with autotune.forced(OP_NAME, key, arch_default(kind, block_d, dtype, arch)):
                         best["default_ms"] = round(do_bench(call, warmup=10, rep=40), 5)
                     best["shape"] = [frames, tokens, d]
                     results[key] = best

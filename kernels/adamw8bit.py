@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastdiff_kernels import dispatch
+from fastdiff_kernels import autotune, dispatch
 
 try:  # triton is optional at import time; the reference path needs only torch
     import triton
@@ -503,23 +503,26 @@ def _bucket_step_reference(bucket: _Bucket, steps, hyper, codes, stochastic: boo
             p.data.view(-1).copy_(flat[fb * BLOCKSIZE : fb * BLOCKSIZE + p.numel()])
 
 
-def _bucket_step_triton(bucket: _Bucket, steps, hyper, codes, seed, stochastic: bool, skip) -> None:
-    device = bucket.m.device
-    rows = INTERPRETER_ROWS if device.type != "cuda" else GPU_ROWS
-    rows = min(rows, triton.next_power_of_2(max(bucket.n_blocks, 1)))
+def step_launch(blk_tensor, table, steps, hyper, m, v, absmax_m, absmax_v, codes, seed, skip, n_blocks: int,
+                salt: int, p_dtype: torch.dtype, eight_bit: bool, stochastic: bool):
+    """The kernel's launch for one bucket (absmax_m/v: any tensor when not eight_bit, unused). On CPU
+    tensors (the interpreter) many blocks per program, whose cost there is per program; GPU_ROWS otherwise."""
+    interpreted = m.device.type == "cpu"
+    rows = min(INTERPRETER_ROWS if interpreted else GPU_ROWS, triton.next_power_of_2(max(n_blocks, 1)))
     code_m, code_v = codes
+    args = (blk_tensor, table, steps, hyper, m, v, absmax_m, absmax_v, code_m, code_v, seed, skip, n_blocks, salt)
+    constexprs = dict(P_DTYPE=_tl_dtype(p_dtype), EIGHT_BIT=eight_bit, STOCHASTIC=bool(stochastic and p_dtype == torch.bfloat16),
+                      ROWS=rows, BLOCK=BLOCKSIZE, NCOL=_NCOL, NHYPER=_NHYPER)
+    return autotune.Launch(_adamw_blockwise_kernel, (triton.cdiv(n_blocks, rows),), args, constexprs,
+                           1 if interpreted else GPU_NUM_WARPS)
+
+
+def _bucket_step_triton(bucket: _Bucket, steps, hyper, codes, seed, stochastic: bool, skip) -> None:
     am = bucket.absmax_m if bucket.eight_bit else bucket.m  # unused when not EIGHT_BIT
     av = bucket.absmax_v if bucket.eight_bit else bucket.v
-    grid = (triton.cdiv(bucket.n_blocks, rows),)
-    _adamw_blockwise_kernel[grid](
-        bucket.blk_tensor, bucket.table, steps, hyper,
-        bucket.m, bucket.v, am, av, code_m, code_v, seed, skip,
-        bucket.n_blocks, bucket.salt,
-        P_DTYPE=_tl_dtype(bucket.dtype), EIGHT_BIT=bucket.eight_bit,
-        STOCHASTIC=bool(stochastic and bucket.dtype == torch.bfloat16),
-        ROWS=rows, BLOCK=BLOCKSIZE, NCOL=_NCOL, NHYPER=_NHYPER,
-        num_warps=GPU_NUM_WARPS if device.type == "cuda" else 1,
-    )
+    launch = step_launch(bucket.blk_tensor, bucket.table, steps, hyper, bucket.m, bucket.v, am, av, codes, seed, skip,
+                         bucket.n_blocks, bucket.salt, bucket.dtype, bucket.eight_bit, stochastic)
+    launch(wrap=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -143,3 +144,121 @@ def forced(op: str, key: str, config: dict):
 
 def clear_cache() -> None:
     _cache.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# What the ahead-of-time compile sweep found per GPU arch and Triton version (fastdiff_kernels.aot writes
+# fastdiff_kernels/aot_table.py from profiles/aot/*.json): configs to leave out of a tuning sweep on that
+# arch (compile error, compile timeout, over the arch's shared memory) and replacements for heuristic
+# defaults that spill or do not fit there.
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def device_arch(device) -> int | None:
+    """Compute capability as one number (sm_86 -> 86) for a CUDA device; None elsewhere (interpreter)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def triton_minor() -> str | None:
+    """'3.6' for triton 3.6.0: the table is kept per Triton minor version (its compiler and ptxas)."""
+    try:
+        import triton
+    except Exception:
+        return None
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def config_id(cfg: dict, fields) -> str:
+    """Canonical text of a config's launch fields: 'BLOCK_SEQ=2,num_stages=1,num_warps=4'."""
+    return ",".join(f"{name}={int(cfg[name])}" for name in sorted(fields) if name in cfg)
+
+
+def _aot_entries(op: str, key: str, arch: int | None, version: str | None) -> list[dict]:
+    """Table entries for (op, key, arch): this Triton version's if the table has it, else every version's
+    (newest first), so an unknown Triton version avoids whatever failed on any known one."""
+    if arch is None:
+        return []
+    from fastdiff_kernels.aot_table import TABLE
+
+    versions = [version] if version in TABLE else sorted(TABLE, key=lambda v: tuple(map(int, v.split("."))),
+                                                         reverse=True)
+    entries = []
+    for v in versions:
+        entry = TABLE[v].get(arch, {}).get(op, {}).get(key)
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def aot_allowed(op: str, key: str, configs: list[dict], arch: int | None, fields,
+                version: str | None = None) -> list[dict]:
+    """``configs`` less those the AOT table rejects for ``arch`` (``version`` defaults to this Triton's)."""
+    rejected = set()
+    for entry in _aot_entries(op, key, arch, version or triton_minor()):
+        rejected.update(entry.get("rejected", ()))
+    return [cfg for cfg in configs if config_id(cfg, fields) not in rejected]
+
+
+def aot_default(op: str, key: str, arch: int | None, version: str | None = None) -> dict | None:
+    """The AOT table's replacement default for (op, key) on ``arch``, or None (the heuristic stands)."""
+    for entry in _aot_entries(op, key, arch, version or triton_minor()):
+        if "default" in entry:
+            return dict(entry["default"])
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# One kernel launch, as data: what a launcher runs and what the ahead-of-time sweep (fastdiff_kernels.aot)
+# compiles, built by the same function in each kernel module, so the two can never disagree.
+# --------------------------------------------------------------------------------------------------
+
+# CUDA's grid limits: axis x up to 2^31 - 1 blocks, axes y and z up to 65,535.
+GRID_LIMITS = (2**31 - 1, 65_535, 65_535)
+
+
+def check_grid(grid: tuple[int, ...]) -> None:
+    """Raise ValueError for a grid CUDA would refuse at launch (an axis over its limit, or empty)."""
+    if not 1 <= len(grid) <= 3:
+        raise ValueError(f"grid {grid} must have 1 to 3 axes")
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if not 0 <= size <= limit:
+            raise ValueError(f"grid {grid}: axis {axis} has {size:,} programs, over CUDA's limit of {limit:,}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A Triton kernel, its grid, runtime arguments, constexprs and compile options.
+
+    ``num_stages=None`` leaves Triton's default. Launchers call it (through ``torch.library.wrap_triton``
+    when the kernel runs inside a ``triton_op``); the AOT sweep builds one on meta tensors and compiles it
+    for a GPU arch without running it.
+    """
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        check_grid(self.grid)
+
+    def options(self) -> dict:
+        out = {"num_warps": self.num_warps}
+        if self.num_stages is not None:
+            out["num_stages"] = self.num_stages
+        return out
+
+    def __call__(self, wrap: bool = True):
+        kernel = torch.library.wrap_triton(self.kernel) if wrap else self.kernel
+        return kernel[self.grid](*self.args, **self.constexprs, **self.options())

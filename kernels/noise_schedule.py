@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff_kernels import dispatch
+from fastdiff_kernels import autotune, dispatch
 
 PREDICTIONS = ("eps", "v", "x0")
 EDM_TARGETS = ("eps", "x0")
@@ -293,6 +293,12 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
+def _streaming_launch(kernel, frames: int, n: int, args: tuple, **constexprs) -> autotune.Launch:
+    """A per-frame streaming kernel's launch: BLOCK from the frame size, warps from BLOCK (the only config)."""
+    block = _block_for(n)
+    return autotune.Launch(kernel, _grid(frames, n, block), args, {**constexprs, "BLOCK": block}, _warps(block))
+
+
 def philox_counters(x: torch.Tensor | tuple[int, ...]) -> int:
     """Philox counters one in-kernel draw over a (B, K, ...) tensor consumes: advance ``offset`` by
     this between calls so that consecutive calls never reuse noise."""
@@ -513,23 +519,26 @@ def _add_noise_op(
     alpha: torch.Tensor | None, sigma: torch.Tensor | None, noise: torch.Tensor | None,
     seed: torch.Tensor | None, offset: torch.Tensor | None, pred: int, write_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    frames, n = x0.shape[0] * x0.shape[1], x0[0, 0].numel()
     x = _frames_flat(x0)
     x_t = _empty(x.shape, x.dtype, x.device)
     target = _empty(x.shape, x.dtype, x.device) if write_target else x.new_empty(0)
-    continuous = frame_sigma is not None
-    noise_mode = _NOISE_GIVEN if noise is not None else _NOISE_PHILOX
-    block = _block_for(n)
-    torch.library.wrap_triton(_add_noise_kernel)[_grid(frames, n, block)](
-        x, _frames_flat(noise) if noise is not None else x,
-        t.contiguous() if t is not None else x, frame_sigma.contiguous() if continuous else x,
-        _mask_u8(observed), alpha if alpha is not None else x, sigma if sigma is not None else x,
-        seed if seed is not None else x, offset if offset is not None else x,
-        x_t, target if write_target else x_t, n,
-        CONTINUOUS=continuous, NOISE=noise_mode, PRED=pred, WRITE_TARGET=write_target, BLOCK=block,
-        num_warps=_warps(block),
-    )
+    add_noise_launch(x0, t, frame_sigma, observed, alpha, sigma, noise, seed, offset, pred, write_target, x_t, target)()
     return x_t.view(x0.shape), (target.view(x0.shape) if write_target else target)
+
+
+def add_noise_launch(x0, t, frame_sigma, observed, alpha, sigma, noise, seed, offset, pred: int, write_target: bool,
+                     x_t, target) -> autotune.Launch:
+    frames, n = x0.shape[0] * x0.shape[1], x0[0, 0].numel()
+    x = _frames_flat(x0)
+    continuous = frame_sigma is not None
+    args = (x, _frames_flat(noise) if noise is not None else x,
+            t.contiguous() if t is not None else x, frame_sigma.contiguous() if continuous else x,
+            _mask_u8(observed), alpha if alpha is not None else x, sigma if sigma is not None else x,
+            seed if seed is not None else x, offset if offset is not None else x,
+            x_t, target if write_target else x_t, n)
+    return _streaming_launch(_add_noise_kernel, frames, n, args, CONTINUOUS=continuous,
+                             NOISE=_NOISE_GIVEN if noise is not None else _NOISE_PHILOX, PRED=pred,
+                             WRITE_TARGET=write_target)
 
 
 def _add_noise_setup(ctx, inputs, output):
@@ -574,21 +583,28 @@ def _frame_mse_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, per-frame mean squared error (B*K,), count of non-observed frames), fp32."""
     frames, n = pred.shape[0] * pred.shape[1], pred[0, 0].numel()
-    block = _block_for(n)
-    grid = _grid(frames, n, block)
-    partial = _empty(grid, torch.float32, pred.device)
-    torch.library.wrap_triton(_frame_sqerr_kernel)[grid](
-        _frames_flat(pred), _frames_flat(target), _mask_u8(observed), partial, n, BLOCK=block,
-        num_warps=_warps(block),
-    )
+    partial = _empty(_grid(frames, n, _block_for(n)), torch.float32, pred.device)
     frame_mse = _empty(frames, torch.float32, pred.device)
     loss = _empty((), torch.float32, pred.device)
     count = _empty((), torch.float32, pred.device)
-    torch.library.wrap_triton(_frame_loss_finalize_kernel)[(1,)](
-        partial, weight.contiguous().reshape(-1), _mask_u8(observed), frame_mse, loss, count,
-        frames, n, grid[1], BLOCK_F=64, BLOCK_C=min(triton.next_power_of_2(grid[1]), 64),
-    )
+    sqerr, finalize = frame_mse_loss_launches(pred, target, weight, observed, partial, frame_mse, loss, count)
+    sqerr()
+    finalize()
     return loss, frame_mse, count
+
+
+def frame_mse_loss_launches(pred, target, weight, observed, partial, frame_mse, loss, count):
+    """(stage 1, stage 2) launches of the loss; ``partial`` is (frames, chunks) fp32, chunks of BLOCK."""
+    frames, n = pred.shape[0] * pred.shape[1], pred[0, 0].numel()
+    sqerr = _streaming_launch(_frame_sqerr_kernel, frames, n,
+                              (_frames_flat(pred), _frames_flat(target), _mask_u8(observed), partial, n))
+    chunks = sqerr.grid[1]
+    finalize = autotune.Launch(
+        _frame_loss_finalize_kernel, (1,),
+        (partial, weight.contiguous().reshape(-1), _mask_u8(observed), frame_mse, loss, count, frames, n, chunks),
+        dict(BLOCK_F=64, BLOCK_C=min(triton.next_power_of_2(chunks), 64)),
+    )
+    return sqerr, finalize
 
 
 @torch.library.triton_op("fastdiff::frame_mse_loss_backward", mutates_args=())
@@ -596,16 +612,18 @@ def _frame_mse_loss_backward_op(
     grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, observed: torch.Tensor,
     count: torch.Tensor, need_dtarget: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    frames, n = pred.shape[0] * pred.shape[1], pred[0, 0].numel()
-    block = _block_for(n)
     dpred = _empty(pred.shape, pred.dtype, pred.device)
     dtarget = _empty(target.shape, target.dtype, pred.device) if need_dtarget else pred.new_empty(0)
-    torch.library.wrap_triton(_frame_loss_backward_kernel)[_grid(frames, n, block)](
-        grad.contiguous(), _frames_flat(pred), _frames_flat(target), weight.contiguous().reshape(-1),
-        _mask_u8(observed), count, dpred, dtarget if need_dtarget else dpred, n,
-        WRITE_DTARGET=need_dtarget, BLOCK=block, num_warps=_warps(block),
-    )
+    frame_mse_loss_backward_launch(grad, pred, target, weight, observed, count, need_dtarget, dpred, dtarget)()
     return dpred, dtarget
+
+
+def frame_mse_loss_backward_launch(grad, pred, target, weight, observed, count, need_dtarget: bool, dpred,
+                                   dtarget) -> autotune.Launch:
+    frames, n = pred.shape[0] * pred.shape[1], pred[0, 0].numel()
+    args = (grad.contiguous(), _frames_flat(pred), _frames_flat(target), weight.contiguous().reshape(-1),
+            _mask_u8(observed), count, dpred, dtarget if need_dtarget else dpred, n)
+    return _streaming_launch(_frame_loss_backward_kernel, frames, n, args, WRITE_DTARGET=need_dtarget)
 
 
 def _loss_setup(ctx, inputs, output):
@@ -639,18 +657,21 @@ def _ddim_step_op(
     sigma: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None, offset: torch.Tensor | None,
     eta: float, pred: int,
 ) -> torch.Tensor:
-    frames, n = x_t.shape[0] * x_t.shape[1], x_t[0, 0].numel()
     x = _frames_flat(x_t)
     y = _empty(x.shape, x.dtype, x.device)
-    mode = _NOISE_NONE if eta == 0.0 else (_NOISE_GIVEN if noise is not None else _NOISE_PHILOX)
-    block = _block_for(n)
-    torch.library.wrap_triton(_ddim_step_kernel)[_grid(frames, n, block)](
-        x, _frames_flat(model_out), t.contiguous(), t_prev.contiguous(), alpha, sigma,
-        _frames_flat(noise) if noise is not None else x, seed if seed is not None else x,
-        offset if offset is not None else x, eta, y, n, PRED=pred, NOISE=mode, BLOCK=block,
-        num_warps=_warps(block),
-    )
+    ddim_step_launch(x_t, model_out, t, t_prev, alpha, sigma, noise, seed, offset, eta, pred, y)()
     return y.view(x_t.shape)
+
+
+def ddim_step_launch(x_t, model_out, t, t_prev, alpha, sigma, noise, seed, offset, eta: float, pred: int,
+                     y) -> autotune.Launch:
+    frames, n = x_t.shape[0] * x_t.shape[1], x_t[0, 0].numel()
+    x = _frames_flat(x_t)
+    mode = _NOISE_NONE if eta == 0.0 else (_NOISE_GIVEN if noise is not None else _NOISE_PHILOX)
+    args = (x, _frames_flat(model_out), t.contiguous(), t_prev.contiguous(), alpha, sigma,
+            _frames_flat(noise) if noise is not None else x, seed if seed is not None else x,
+            offset if offset is not None else x, eta, y, n)
+    return _streaming_launch(_ddim_step_kernel, frames, n, args, PRED=pred, NOISE=mode)
 
 
 @torch.library.triton_op("fastdiff::edm_step", mutates_args=())
@@ -660,21 +681,26 @@ def _edm_step_op(
     churn_gamma: float, s_min: float, s_max: float, s_noise: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler step (x_pred None) or Heun correction (x_pred given), then churn toward the next level."""
-    frames, n = x.shape[0] * x.shape[1], x[0, 0].numel()
+    frames = x.shape[0] * x.shape[1]
     xf = _frames_flat(x)
     y = _empty(xf.shape, xf.dtype, xf.device)
-    churn = churn_gamma > 0.0
     sigma_hat = _empty(frames, torch.float32, x.device)
-    mode = _NOISE_NONE if not churn else (_NOISE_GIVEN if noise is not None else _NOISE_PHILOX)
-    block = _block_for(n)
-    torch.library.wrap_triton(_edm_step_kernel)[_grid(frames, n, block)](
-        xf, _frames_flat(denoised), _frames_flat(x_pred) if x_pred is not None else xf,
-        sigma.contiguous(), sigma_next.contiguous(), _frames_flat(noise) if noise is not None else xf,
-        seed if seed is not None else xf, offset if offset is not None else xf,
-        churn_gamma, s_min, s_max, s_noise, y, sigma_hat, n,
-        CORRECT=x_pred is not None, CHURN=churn, NOISE=mode, BLOCK=block, num_warps=_warps(block),
-    )
+    edm_step_launch(x, denoised, x_pred, sigma, sigma_next, noise, seed, offset, churn_gamma, s_min, s_max, s_noise,
+                    y, sigma_hat)()
     return y.view(x.shape), sigma_hat.view(sigma.shape)
+
+
+def edm_step_launch(x, denoised, x_pred, sigma, sigma_next, noise, seed, offset, churn_gamma: float, s_min: float,
+                    s_max: float, s_noise: float, y, sigma_hat) -> autotune.Launch:
+    frames, n = x.shape[0] * x.shape[1], x[0, 0].numel()
+    xf = _frames_flat(x)
+    churn = churn_gamma > 0.0
+    mode = _NOISE_NONE if not churn else (_NOISE_GIVEN if noise is not None else _NOISE_PHILOX)
+    args = (xf, _frames_flat(denoised), _frames_flat(x_pred) if x_pred is not None else xf,
+            sigma.contiguous(), sigma_next.contiguous(), _frames_flat(noise) if noise is not None else xf,
+            seed if seed is not None else xf, offset if offset is not None else xf,
+            churn_gamma, s_min, s_max, s_noise, y, sigma_hat, n)
+    return _streaming_launch(_edm_step_kernel, frames, n, args, CORRECT=x_pred is not None, CHURN=churn, NOISE=mode)
 
 
 # ----------------------------------------------------------------------------------------------------

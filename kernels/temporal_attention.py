@@ -113,6 +113,13 @@ def _scores_log2(q, k, Bias, Mask, h, offs_n, offs_i, offs_j, N, T, qk_scale_log
 
 
 @triton.jit
+def _lse_offsets(h, N, T, offs_n, offs_t):
+    """[BLOCK_SEQ, T_PAD] offsets of lse[h, n, t] in the (H, N, T) buffer. h is widened first: h * N
+    in int32 wraps once H * N reaches 2^31 (the int32 GPU arithmetic the interpreter reproduces)."""
+    return (h.to(tl.int64) * N + offs_n.to(tl.int64)[:, None]) * T + offs_t[None, :]
+
+
+@triton.jit
 def _load_tile(Ptr, h, offs_n, offs_t, offs_d, N, T, sn, st, sh):
     n3 = offs_n.to(tl.int64)[:, None, None]
     t3 = offs_t[None, :, None]
@@ -163,61 +170,66 @@ def _temporal_attention_fwd_kernel(
     _store_tile(Out, acc * inv[:, :, None], h, offs_n, offs_t, offs_d, N, T, son, sot, soh)
 
     lse = tl.where(has_key, (row_max + tl.log2(safe_sum)) / 1.4426950408889634, float("-inf"))
-    n2 = offs_n.to(tl.int64)[:, None]
-    t2 = offs_t[None, :]
-    tl.store(Lse + (h * N + n2) * T + t2, lse, mask=(n2 < N) & (t2 < T))
+    tl.store(Lse + _lse_offsets(h, N, T, offs_n, offs_t), lse, mask=(offs_n[:, None] < N) & (offs_t[None, :] < T))
 
 
 @triton.jit
 def _temporal_attention_bwd_kernel(
     Q, K, V, Out, DOut, Lse, Bias, Mask, DQ, DK, DV, DBiasPartial,
-    N, T, n_blocks, scale,
+    N, T, n_blocks, progs_per_head, scale,
     sqn, sqt, sqh, skn, skt, skh, svn, svt, svh, son, sot, soh, sdon, sdot, sdoh,
     sdqn, sdqt, sdqh, sdkn, sdkt, sdkh, sdvn, sdvt, sdvh,
     sbh, sbi, sbj, smn, smt,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, NEED_DBIAS: tl.constexpr,
     T_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SEQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Program -> (head h, first block); it walks the blocks first, first + progs_per_head, ... of head h.
+    # Without dbias progs_per_head = n_blocks (one block each); with dbias it is capped so that the fp32
+    # partials, one [T, T] per program, stay a few MB however many sequences there are (see
+    # _dbias_programs_per_head).
     pid = tl.program_id(0)
-    h = pid // n_blocks
-    offs_n = (pid % n_blocks) * BLOCK_SEQ + tl.arange(0, BLOCK_SEQ)
+    h = pid // progs_per_head
     offs_t = tl.arange(0, T_PAD)
     offs_d = tl.arange(0, D)
     scale = tl.cast(scale, tl.float32)
     qk_scale_log2 = scale * 1.4426950408889634
+    dbias_acc = tl.zeros((T_PAD, T_PAD), dtype=tl.float32)
+    # num_stages=1: no software pipelining of this loop, whatever the launch's num_stages; the kernel has
+    # no other loop, so num_stages does not change the binary and is not a tuning axis (tests/test_aot.py).
+    for blk in tl.range(pid % progs_per_head, n_blocks, progs_per_head, num_stages=1, disable_licm=True):
+        offs_n = blk * BLOCK_SEQ + tl.arange(0, BLOCK_SEQ)
+        q = _load_tile(Q, h, offs_n, offs_t, offs_d, N, T, sqn, sqt, sqh)
+        k = _load_tile(K, h, offs_n, offs_t, offs_d, N, T, skn, skt, skh)
+        v = _load_tile(V, h, offs_n, offs_t, offs_d, N, T, svn, svt, svh)
+        o = _load_tile(Out, h, offs_n, offs_t, offs_d, N, T, son, sot, soh)
+        do = _load_tile(DOut, h, offs_n, offs_t, offs_d, N, T, sdon, sdot, sdoh)
+        lse = tl.load(Lse + _lse_offsets(h, N, T, offs_n, offs_t),
+                      mask=(offs_n[:, None] < N) & (offs_t[None, :] < T), other=0.0)
 
-    q = _load_tile(Q, h, offs_n, offs_t, offs_d, N, T, sqn, sqt, sqh)
-    k = _load_tile(K, h, offs_n, offs_t, offs_d, N, T, skn, skt, skh)
-    v = _load_tile(V, h, offs_n, offs_t, offs_d, N, T, svn, svt, svh)
-    o = _load_tile(Out, h, offs_n, offs_t, offs_d, N, T, son, sot, soh)
-    do = _load_tile(DOut, h, offs_n, offs_t, offs_d, N, T, sdon, sdot, sdoh)
-    n2 = offs_n.to(tl.int64)[:, None]
-    t2 = offs_t[None, :]
-    lse = tl.load(Lse + (h * N + n2) * T + t2, mask=(n2 < N) & (t2 < T), other=0.0)
+        # Recompute P from the saved log-sum-exp (in log2 units, like the scores).
+        s, allowed = _scores_log2(q, k, Bias, Mask, h, offs_n, offs_t, offs_t, N, T, qk_scale_log2,
+                                  sbh, sbi, sbj, smn, smt, HAS_BIAS, HAS_MASK, CAUSAL, DOT_PRECISION)
+        p = tl.exp2(tl.where(allowed, s - (lse * 1.4426950408889634)[:, :, None], float("-inf")))
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=2)
 
-    # Recompute P from the saved log-sum-exp (in log2 units, like the scores).
-    s, allowed = _scores_log2(q, k, Bias, Mask, h, offs_n, offs_t, offs_t, N, T, qk_scale_log2,
-                              sbh, sbi, sbj, smn, smt, HAS_BIAS, HAS_MASK, CAUSAL, DOT_PRECISION)
-    p = tl.exp2(tl.where(allowed, s - (lse * 1.4426950408889634)[:, :, None], float("-inf")))
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=2)
-
-    dv = _mm(tl.permute(p.to(do.dtype), (0, 2, 1)), do, DOT_PRECISION)
-    dp = _mm(do, tl.permute(v, (0, 2, 1)), DOT_PRECISION)
-    ds = p * (dp - delta[:, :, None])  # gradient of the loss w.r.t. s (scale*qk + bias)
-    ds_lp = ds.to(q.dtype)
-    dq = _mm(ds_lp, k, DOT_PRECISION) * scale
-    dk = _mm(tl.permute(ds_lp, (0, 2, 1)), q, DOT_PRECISION) * scale
-    _store_tile(DQ, dq, h, offs_n, offs_t, offs_d, N, T, sdqn, sdqt, sdqh)
-    _store_tile(DK, dk, h, offs_n, offs_t, offs_d, N, T, sdkn, sdkt, sdkh)
-    _store_tile(DV, dv, h, offs_n, offs_t, offs_d, N, T, sdvn, sdvt, sdvh)
+        dv = _mm(tl.permute(p.to(do.dtype), (0, 2, 1)), do, DOT_PRECISION)
+        dp = _mm(do, tl.permute(v, (0, 2, 1)), DOT_PRECISION)
+        ds = p * (dp - delta[:, :, None])  # gradient of the loss w.r.t. s (scale*qk + bias)
+        ds_lp = ds.to(q.dtype)
+        dq = _mm(ds_lp, k, DOT_PRECISION) * scale
+        dk = _mm(tl.permute(ds_lp, (0, 2, 1)), q, DOT_PRECISION) * scale
+        _store_tile(DQ, dq, h, offs_n, offs_t, offs_d, N, T, sdqn, sdqt, sdqh)
+        _store_tile(DK, dk, h, offs_n, offs_t, offs_d, N, T, sdkn, sdkt, sdkh)
+        _store_tile(DV, dv, h, offs_n, offs_t, offs_d, N, T, sdvn, sdvt, sdvh)
+        if NEED_DBIAS:
+            dbias_acc += tl.sum(ds, axis=0)
 
     if NEED_DBIAS:
-        # One [T, T] partial per program (all its sequences share h); summed over programs on the host
-        # side in a fixed order, so dbias is deterministic (no atomics).
-        partial = tl.sum(ds, axis=0)
+        # One [T, T] partial per program (all its sequences share h), summed over a head's programs on the
+        # host side in a fixed order: dbias is deterministic (no atomics).
         i2 = offs_t[:, None]
         j2 = offs_t[None, :]
-        tl.store(DBiasPartial + pid.to(tl.int64) * T * T + i2 * T + j2, partial, mask=(i2 < T) & (j2 < T))
+        tl.store(DBiasPartial + pid.to(tl.int64) * T * T + i2 * T + j2, dbias_acc, mask=(i2 < T) & (j2 < T))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,9 +245,20 @@ def config_key(kind: str, t_pad: int, d: int, dtype: torch.dtype) -> str:
     return f"{kind}|T_PAD={t_pad}|D={d}|dtype={str(dtype).removeprefix('torch.')}"
 
 
+CONFIG_FIELDS = ("BLOCK_SEQ", "num_warps", "num_stages")
+# Query rows (BLOCK_SEQ * T_PAD) a program may hold: beyond these the tiles spill (the backward holds five).
+MAX_TILE_ROWS = {"fwd": 256, "bwd": 128}
+# The backward's dbias partials: at most about this many programs per launch when dbias is needed, each
+# writing one fp32 [T, T] partial, so the buffer stays <= (2048 + H) * 64 * 64 * 4 B (~34 MB) for any N
+# (one partial per block of sequences would be H * ceil(N / BLOCK_SEQ) * T^2 floats: GBs near 1M sequences).
+# 2048 programs are still >= 8 per SM on the largest GPUs.
+MAX_DBIAS_PROGRAMS = 2048
+
+
 def default_config(kind: str, t_pad: int, d: int, dtype: torch.dtype) -> dict:
     """Heuristic launch config for an untuned GPU: about 128 (forward) or 64 (backward, which holds
-    five [rows, D] tiles) query rows per program, fewer for D=128 and fp32, 4 warps (8 for D=128)."""
+    five [rows, D] tiles) query rows per program, fewer for D=128 and fp32, 4 warps (8 for D=128).
+    Where the AOT sweep found it spilling or not fitting an arch, :func:`arch_default` replaces it."""
     rows = 128 if kind == "fwd" else 64
     if d >= 128:
         rows //= 2
@@ -244,12 +267,28 @@ def default_config(kind: str, t_pad: int, d: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_SEQ": max(1, rows // t_pad), "num_warps": 8 if d >= 128 else 4, "num_stages": 1}
 
 
+def arch_default(kind: str, t_pad: int, d: int, dtype: torch.dtype, arch: int | None) -> dict:
+    """The default for a GPU arch (e.g. 86 for sm_86; None: unknown, e.g. the interpreter): the AOT
+    table's replacement for this Triton version if the heuristic spills or does not fit there."""
+    key = config_key(kind, t_pad, d, dtype)
+    return autotune.aot_default(OP_NAME, key, arch) or default_config(kind, t_pad, d, dtype)
+
+
+def tune_candidates(kind: str, t_pad: int, d: int, dtype: torch.dtype, arch: int | None = None) -> list[dict]:
+    """Configs a tuning sweep tries: BLOCK_SEQ x num_warps within the tile budget, less those the AOT
+    sweep found failing, compiling too slowly or over the arch's shared memory (``arch`` None: all).
+    num_stages is always 1: the kernels have no pipelined loop, so it would not change the binary."""
+    configs = [{**cfg, "num_stages": 1} for cfg in autotune.grid(BLOCK_SEQ=[1, 2, 4, 8, 16], num_warps=[2, 4, 8])
+               if cfg["BLOCK_SEQ"] * t_pad <= MAX_TILE_ROWS[kind]]
+    return autotune.aot_allowed(OP_NAME, config_key(kind, t_pad, d, dtype), configs, arch, CONFIG_FIELDS)
+
+
 def select_config(kind: str, t_pad: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, str]:
-    """(config, source): the tuned config for this GPU if profiles/ has one, else the heuristic."""
+    """(config, source): the tuned config for this GPU if profiles/ has one, else the arch's default."""
     tuned = autotune.lookup(OP_NAME, config_key(kind, t_pad, d, dtype), device)
     if tuned is not None:
-        return {name: int(tuned[name]) for name in ("BLOCK_SEQ", "num_warps", "num_stages")}, "tuned"
-    return default_config(kind, t_pad, d, dtype), "default"
+        return {name: int(tuned[name]) for name in CONFIG_FIELDS}, "tuned"
+    return arch_default(kind, t_pad, d, dtype, autotune.device_arch(device)), "default"
 
 
 def _launch_block_seq(cfg: dict, n: int) -> int:
@@ -257,10 +296,21 @@ def _launch_block_seq(cfg: dict, n: int) -> int:
     return max(1, min(cfg["BLOCK_SEQ"], triton.next_power_of_2(n)))
 
 
+def _dbias_programs_per_head(h: int, n_blocks: int) -> int:
+    """Backward programs per head when dbias is needed (each walks several blocks): <= MAX_DBIAS_PROGRAMS
+    in all, bounding the partial buffer; see MAX_DBIAS_PROGRAMS."""
+    return max(1, min(n_blocks, triton.cdiv(MAX_DBIAS_PROGRAMS, h)))
+
+
+def dbias_partial_shape(n: int, t: int, h: int, block_seq: int) -> tuple[int, int, int]:
+    """Shape of the backward's fp32 dbias partial buffer: (H * programs per head, T, T)."""
+    return (h * _dbias_programs_per_head(h, triton.cdiv(n, block_seq)), t, t)
+
+
 def _dot_precision(q: torch.Tensor) -> str:
     # fp32 inputs get full fp32 products (PyTorch's own fp32 attention does not use TF32 by default).
-    if q.dtype == torch.bfloat16 and not q.is_cuda:
-        return "bf16-as-fp32"  # interpreter only; see _mm
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "bf16-as-fp32"  # interpreter only; see _mm (meta tensors stand for a GPU in the AOT sweep)
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
@@ -281,6 +331,42 @@ def _mask_as_bytes(key_mask):
     return None if key_mask is None else key_mask.view(torch.uint8)
 
 
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def fwd_launch(q, k, v, bias, mask, out, lse, causal: bool, scale: float, cfg: dict) -> autotune.Launch:
+    """The forward kernel's launch for a config (mask: the uint8 view of key_mask, or None)."""
+    n, t, h, d = q.shape
+    block_seq = _launch_block_seq(cfg, n)
+    n_blocks = triton.cdiv(n, block_seq)
+    args = (q, k, v, q if bias is None else bias, q if mask is None else mask, out, lse, n, t, n_blocks, scale,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_bias_strides(bias), *_mask_strides(mask))
+    constexprs = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, CAUSAL=causal, T_PAD=padded_frames(t),
+                      D=d, BLOCK_SEQ=block_seq, DOT_PRECISION=_dot_precision(q))
+    return autotune.Launch(_temporal_attention_fwd_kernel, (h * n_blocks,), args, constexprs,
+                           cfg["num_warps"], cfg["num_stages"])
+
+
+def bwd_launch(dout, q, k, v, out, lse, bias, mask, dq, dk, dv, partial, causal: bool, scale: float,
+               cfg: dict) -> autotune.Launch:
+    """The backward kernel's launch for a config; ``partial`` None: no dbias, else the buffer of
+    :func:`dbias_partial_shape`."""
+    n, t, h, d = q.shape
+    block_seq = _launch_block_seq(cfg, n)
+    n_blocks = triton.cdiv(n, block_seq)
+    need_dbias = partial is not None
+    per_head = _dbias_programs_per_head(h, n_blocks) if need_dbias else n_blocks
+    args = (q, k, v, out, dout, lse, q if bias is None else bias, q if mask is None else mask,
+            dq, dk, dv, partial if need_dbias else q, n, t, n_blocks, per_head, scale,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(dout),
+            *_strides3(dq), *_strides3(dk), *_strides3(dv), *_bias_strides(bias), *_mask_strides(mask))
+    constexprs = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, CAUSAL=causal, NEED_DBIAS=need_dbias,
+                      T_PAD=padded_frames(t), D=d, BLOCK_SEQ=block_seq, DOT_PRECISION=_dot_precision(q))
+    return autotune.Launch(_temporal_attention_bwd_kernel, (h * per_head,), args, constexprs,
+                           cfg["num_warps"], cfg["num_stages"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Custom ops (torch.library.triton_op) with autograd
 # --------------------------------------------------------------------------------------------------
@@ -294,21 +380,8 @@ def _fwd_op(
     n, t, h, d = q.shape
     out = _empty((n, t, h, d), dtype=q.dtype, device=q.device)
     lse = _empty((h, n, t), dtype=torch.float32, device=q.device)
-    t_pad = padded_frames(t)
-    cfg, _ = select_config("fwd", t_pad, d, q.dtype, q.device)
-    block_seq = _launch_block_seq(cfg, n)
-    n_blocks = triton.cdiv(n, block_seq)
-    mask = _mask_as_bytes(key_mask)
-    torch.library.wrap_triton(_temporal_attention_fwd_kernel)[(h * n_blocks,)](
-        q, k, v, q if bias is None else bias, q if mask is None else mask, out, lse,
-        n, t, n_blocks, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *_bias_strides(bias), *_mask_strides(mask),
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, CAUSAL=causal,
-        T_PAD=t_pad, D=d, BLOCK_SEQ=block_seq, DOT_PRECISION=_dot_precision(q),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    cfg, _ = select_config("fwd", padded_frames(t), d, q.dtype, q.device)
+    fwd_launch(q, k, v, bias, _mask_as_bytes(key_mask), out, lse, causal, scale, cfg)()
     return out, lse
 
 
@@ -322,29 +395,15 @@ def _bwd_op(
     dq = _empty((n, t, h, d), dtype=q.dtype, device=q.device)
     dk = _empty((n, t, h, d), dtype=k.dtype, device=q.device)
     dv = _empty((n, t, h, d), dtype=v.dtype, device=q.device)
-    t_pad = padded_frames(t)
-    cfg, _ = select_config("bwd", t_pad, d, q.dtype, q.device)
-    block_seq = _launch_block_seq(cfg, n)
-    n_blocks = triton.cdiv(n, block_seq)
+    cfg, _ = select_config("bwd", padded_frames(t), d, q.dtype, q.device)
     need_dbias = need_dbias and bias is not None
-    partial = _empty((h * n_blocks if need_dbias else 0, t, t), dtype=torch.float32, device=q.device)
-    mask = _mask_as_bytes(key_mask)
-    torch.library.wrap_triton(_temporal_attention_bwd_kernel)[(h * n_blocks,)](
-        q, k, v, out, dout, lse, q if bias is None else bias, q if mask is None else mask,
-        dq, dk, dv, partial if need_dbias else q,
-        n, t, n_blocks, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        *_bias_strides(bias), *_mask_strides(mask),
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, CAUSAL=causal, NEED_DBIAS=need_dbias,
-        T_PAD=t_pad, D=d, BLOCK_SEQ=block_seq, DOT_PRECISION=_dot_precision(q),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    partial = None
     if need_dbias:
-        dbias = partial.view(h, n_blocks, t, t).sum(dim=1).to(bias.dtype)
+        partial = _empty(dbias_partial_shape(n, t, h, _launch_block_seq(cfg, n)), dtype=torch.float32,
+                         device=q.device)
+    bwd_launch(dout, q, k, v, out, lse, bias, _mask_as_bytes(key_mask), dq, dk, dv, partial, causal, scale, cfg)()
+    if need_dbias:
+        dbias = partial.view(h, -1, t, t).sum(dim=1).to(bias.dtype)
     else:
         dbias = torch.empty((0,), dtype=q.dtype, device=q.device)
     return dq, dk, dv, dbias
@@ -512,11 +571,12 @@ def temporal_attention(q, k, v, *, bias=None, causal=False, key_mask=None, scale
 
 def tune(device=None, *, frames=(16, 32, 64), head_dims=SUPPORTED_HEAD_DIMS,
          dtypes=(torch.bfloat16, torch.float16, torch.float32), sequences: int = 1 << 16, log=print) -> dict:
-    """Sweep BLOCK_SEQ x num_warps x num_stages for each (fwd|bwd, T_PAD, D, dtype) key on a CUDA device
-    and return {key: best config with its time}; :func:`kernels.autotune.save` persists it."""
+    """Sweep :func:`tune_candidates` (BLOCK_SEQ x num_warps) for each (fwd|bwd, T_PAD, D, dtype) key on a CUDA
+    device and return {key: best config with its time}; :func:`kernels.autotune.save` persists it."""
     from triton.testing import do_bench
 
     device = torch.device(device or "cuda")
+    arch = autotune.device_arch(device)
     results = {}
     for t_pad in frames:
         for d in head_dims:
@@ -533,9 +593,7 @@ def tune(device=None, *, frames=(16, 32, 64), head_dims=SUPPORTED_HEAD_DIMS,
                 for kind, call in calls.items():
                     key = config_key(kind, t_pad, d, dtype)
                     best = None
-                    for cfg in autotune.grid(BLOCK_SEQ=[1, 2, 4, 8, 16], num_warps=[2, 4, 8], num_stages=[1, 2]):
-                        if cfg["BLOCK_SEQ"] * t_pad > (256 if kind == "fwd" else 128):
-                            continue  # register budget: beyond this the tile spills
+                    for cfg in tune_candidates(kind, t_pad, d, dtype, arch):
                         try:
                             with autotune.forced(OP_NAME, key, cfg):
                                 ms = do_bench(call, warmup=10, rep=40)
@@ -546,7 +604,7 @@ def tune(device=None, *, frames=(16, 32, 64), head_dims=SUPPORTED_HEAD_DIMS,
                             best = {**cfg, "ms": round(ms, 5)}
                     if best is not None:
                         default_ms = best["ms"]
-                        with autotune.forced(OP_NAME, key, default_config(kind, t_pad, d, dtype)):
+                        with autotune.forced(OP_NAME, key, arch_default(kind, t_pad, d, dtype, arch)):
                             default_ms = do_bench(call, warmup=10, rep=40)
                         best["default_ms"] = round(default_ms, 5)
                         best["sequences"] = n * heads
