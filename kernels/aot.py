@@ -111,7 +111,8 @@ def _meta(*shape, dtype):
 # ---- temporal attention -----------------------------------------------------------------------------
 
 ATTENTION_FRAMES = {16: 10, 32: 20, 64: 64}  # T_PAD -> the T of the representative call
-ATTENTION_SMALL = ((16, 32), (32, 64), (64, 128))  # (T_PAD, D) of the CI subset
+# (T_PAD, D, dtype) of the CI subset: each T_PAD, each head dim, each dtype at least once.
+ATTENTION_SMALL = ((16, 32, "float32"), (32, 64, "bfloat16"), (64, 64, "float16"), (64, 128, "bfloat16"))
 
 
 def _attention_specs(kind: str):
@@ -120,21 +121,23 @@ def _attention_specs(kind: str):
 
         from fastdiff_kernels import temporal_attention as ta
 
-        shapes = ATTENTION_SMALL if small else [(tp, d) for tp in ATTENTION_FRAMES for d in ta.SUPPORTED_HEAD_DIMS]
+        dtypes = ("float32", "bfloat16", "float16")
+        shapes = ATTENTION_SMALL if small else [(tp, d, dt) for tp in ATTENTION_FRAMES for d in ta.SUPPORTED_HEAD_DIMS
+                                                for dt in dtypes]
         out = []
         for arch in archs:
-            for t_pad, d in shapes:
-                for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    shape = {"N": 8192, "T": ATTENTION_FRAMES[t_pad], "H": 8, "D": d}
-                    key = ta.config_key(kind, t_pad, d, dtype)
-                    common = dict(kernel=f"temporal_attention.{kind}", op=ta.OP_NAME, key=key, shape=shape,
-                                  dtype=str(dtype).removeprefix("torch."), arch=arch)
-                    out.append(Spec(config=ta.arch_default(kind, t_pad, d, dtype, arch), roles=("default",), **common))
-                    if subset == "all":
-                        out.append(Spec(config=ta.default_config(kind, t_pad, d, dtype), roles=("heuristic",),
-                                        **common))
-                        out += [Spec(config=cfg, roles=("candidate",), **common)
-                                for cfg in ta.tune_candidates(kind, t_pad, d, dtype)]
+            for t_pad, d, dtype_name in shapes:
+                dtype = getattr(torch, dtype_name)
+                shape = {"N": 8192, "T": ATTENTION_FRAMES[t_pad], "H": 8, "D": d}
+                key = ta.config_key(kind, t_pad, d, dtype)
+                common = dict(kernel=f"temporal_attention.{kind}", op=ta.OP_NAME, key=key, shape=shape,
+                              dtype=str(dtype).removeprefix("torch."), arch=arch)
+                out.append(Spec(config=ta.arch_default(kind, t_pad, d, dtype, arch), roles=("default",), **common))
+                if subset == "all":
+                    out.append(Spec(config=ta.default_config(kind, t_pad, d, dtype), roles=("heuristic",),
+                                    **common))
+                    out += [Spec(config=cfg, roles=("candidate",), **common)
+                            for cfg in ta.tune_candidates(kind, t_pad, d, dtype)]
         return out
 
     def build(spec: Spec):
@@ -164,7 +167,11 @@ def _attention_specs(kind: str):
 # ---- adaLN modulate -----------------------------------------------------------------------------------
 
 ADALN_WIDTHS = (256, 384, 1024, 1152)  # D of the representative calls: BLOCK_D 256, 512, 1024, 2048
-ADALN_SMALL = (384, 1152)
+ADALN_SMALL = ((384, "bfloat16"), (1152, "float32"))  # (D, dtype) of the CI subset
+# Where `fastdiff tune adaln` sweeps candidates (its dtypes and widths 256..1024): elsewhere (fp64, BLOCK_D
+# 2048) a launcher can only pick the default, so only the default is compiled.
+ADALN_TUNED_DTYPES = ("float32", "bfloat16", "float16")
+ADALN_TUNED_BLOCK_D = 1024
 ADALN_SHAPE = {"B": 8, "K": 16, "S": 256}
 
 
@@ -174,20 +181,23 @@ def _adaln_specs(kind: str):
 
         from fastdiff_kernels import adaln_modulate as am
 
+        dtypes = ("float32", "bfloat16", "float16", "float64")
+        shapes = ADALN_SMALL if small else [(d, dt) for d in ADALN_WIDTHS for dt in dtypes]
         out = []
         for arch in archs:
-            for d in ADALN_SMALL if small else ADALN_WIDTHS:
+            for d, dtype_name in shapes:
                 block_d = am._block_d(d)
-                for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-                    key = am.config_key(kind, block_d, dtype)
-                    common = dict(kernel=f"adaln_modulate.{kind}", op=am.OP_NAME, key=key,
-                                  shape={**ADALN_SHAPE, "D": d}, dtype=str(dtype).removeprefix("torch."), arch=arch)
-                    out.append(Spec(config=am.arch_default(kind, block_d, dtype, arch), roles=("default",), **common))
-                    if subset == "all":
-                        out.append(Spec(config=am.default_config(kind, block_d, dtype), roles=("heuristic",),
-                                        **common))
-                        out += [Spec(config=cfg, roles=("candidate",), **common)
-                                for cfg in am.tune_candidates(kind, block_d, dtype)]
+                dtype = getattr(torch, dtype_name)
+                key = am.config_key(kind, block_d, dtype)
+                dtype_name = str(dtype).removeprefix("torch.")
+                common = dict(kernel=f"adaln_modulate.{kind}", op=am.OP_NAME, key=key,
+                              shape={**ADALN_SHAPE, "D": d}, dtype=str(dtype).removeprefix("torch."), arch=arch)
+                out.append(Spec(config=am.arch_default(kind, block_d, dtype, arch), roles=("default",), **common))
+                if subset == "all" and dtype_name in ADALN_TUNED_DTYPES and block_d <= ADALN_TUNED_BLOCK_D:
+                    out.append(Spec(config=am.default_config(kind, block_d, dtype), roles=("heuristic",),
+                                    **common))
+                    out += [Spec(config=cfg, roles=("candidate",), **common)
+                            for cfg in am.tune_candidates(kind, block_d, dtype)]
         return out
 
     def build(spec: Spec):
@@ -215,7 +225,7 @@ def _adaln_specs(kind: str):
 
 # C*H*W of one frame: every BLOCK the launchers can pick (16 .. 2048; 4096 = a 4x32x32 latent).
 NOISE_FRAME_SIZES = (16, 32, 64, 128, 256, 512, 1024, 4096)
-NOISE_SMALL = (256, 4096)
+NOISE_SMALL = (4096,)
 NOISE_FRAMES = (4, 16)  # (B, K)
 # The finalize stage depends on the chunk count only: 2 chunks (a 4x32x32 latent), 64 (BLOCK_C's cap).
 FINALIZE_FRAME_SIZES = (4096, 2048 * 64)
@@ -223,22 +233,45 @@ FINALIZE_FRAME_SIZES = (4096, 2048 * 64)
 
 def _noise_specs(name: str):
     def enumerate_(subset: str, archs, small: bool) -> list[Spec]:
+        from fastdiff_kernels import autotune
         from fastdiff_kernels import noise_schedule as ns
 
         sizes = FINALIZE_FRAME_SIZES if name == "frame_loss_finalize" else (NOISE_SMALL if small else NOISE_FRAME_SIZES)
         dtypes = ("float32",) if name == "frame_loss_finalize" else ("float32", "bfloat16", "float16")
+        if small:
+            sizes, dtypes = sizes[:1], dtypes[-1:]
         out = []
         for arch in archs:
             for n in sizes:
                 for dtype in dtypes:
-                    # The only config is the launcher's own (BLOCK from the frame size): always the default.
                     block = ns._block_for(n)
-                    out.append(Spec(kernel=f"noise_schedule.{name}", op="", key="", shape={"CHW": n},
-                                    config={"BLOCK": block, "num_warps": ns._warps(block)}, dtype=dtype, arch=arch,
-                                    roles=("default",)))
+                    if name == "frame_loss_finalize":  # one program, fixed tile: its only config
+                        out.append(Spec(kernel=f"noise_schedule.{name}", op="", key="", shape={"CHW": n},
+                                        config={"BLOCK_F": 64, "num_warps": 4}, dtype=dtype, arch=arch,
+                                        roles=("default",)))
+                        continue
+                    # BLOCK follows the frame size; the warps are the config (heuristic, or the table's).
+                    key = ns.config_key(name, block, _torch_dtype(dtype))
+                    common = dict(kernel=f"noise_schedule.{name}", op=ns.OP_NAME, key=key, shape={"CHW": n},
+                                  dtype=dtype, arch=arch)
+                    heuristic = {"num_warps": ns._warps(block)}
+                    default = autotune.aot_default(ns.OP_NAME, key, arch) or heuristic
+                    out.append(Spec(config=default, roles=("default",), **common))
+                    if subset == "all":
+                        out.append(Spec(config=heuristic, roles=("heuristic",), **common))
+                        out += [Spec(config=c, roles=("candidate",), **common) for c in ns.warp_candidates(block)]
         return out
 
     def build(spec: Spec):
+        from fastdiff_kernels import autotune
+        from fastdiff_kernels import noise_schedule as ns
+
+        if not spec.key:
+            return _noise_launch(spec)
+        with autotune.forced(ns.OP_NAME, spec.key, spec.config):
+            return _noise_launch(spec)
+
+    def _noise_launch(spec: Spec):
         import torch
 
         from fastdiff_kernels import noise_schedule as ns
@@ -290,7 +323,7 @@ def _adamw_enumerate(subset: str, archs, small: bool) -> list[Spec]:
     out = []
     for arch in archs:
         for dtype, eight_bit, stochastic in ADAMW_VARIANTS:
-            for n_blocks in ADAMW_BLOCKS:
+            for n_blocks in ADAMW_BLOCKS[-1:] if small else ADAMW_BLOCKS:
                 out.append(Spec(kernel="adamw8bit.step", op="", key="",
                                 shape={"blocks": n_blocks, "eight_bit": eight_bit, "stochastic": stochastic},
                                 config={"ROWS": min(aw.GPU_ROWS, n_blocks), "num_warps": aw.GPU_NUM_WARPS},
@@ -331,7 +364,15 @@ def all_specs(subset: str = "all", archs: Iterable[int] = tuple(SHARED_LIMIT), s
     for name, family in FAMILIES.items():
         if kernels is None or name in kernels:
             specs += family.enumerate(subset, archs, small)
-    return _merge(specs)
+    # Defaults first, then the candidates round-robin over (kernel, arch): a sweep cut short by its
+    # deadline has every default and an even share of every kernel's candidates.
+    rank: dict[tuple, int] = {}
+    order = []
+    for s in _merge(specs):
+        group = (s.kernel, s.arch, "candidate" not in s.roles or len(s.roles) > 1)
+        rank[group] = rank.get(group, -1) + 1
+        order.append((not group[2], rank[group], s))
+    return [s for *_, s in sorted(order, key=lambda x: x[:2])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +381,22 @@ def all_specs(subset: str = "all", archs: Iterable[int] = tuple(SHARED_LIMIT), s
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compiler_missing() -> str | None:
+    """Why this machine cannot compile for NVIDIA GPUs (no CUDA backend in triton, no bundled ptxas), or None."""
+    try:
+        from triton import knobs
+        from triton.backends import backends
+
+        if "nvidia" not in backends:
+            return "this triton has no NVIDIA backend"
+        path = knobs.nvidia.ptxas.path
+    except Exception as err:  # noqa: BLE001 - any failure here means "cannot compile"
+        return f"triton's NVIDIA toolchain is not usable here ({type(err).__name__}: {err})"
+    if not path or not Path(path).exists():
+        return f"ptxas not found (looked for {path!r})"
+    return None
 
 
 def parse_ptxas(log: str) -> dict:
@@ -425,7 +482,8 @@ def compile_spec(spec: Spec, cache_dir: Path | None = None, on_key: Callable[[st
                                       options=vars(options))
         finally:
             sys.stdout = real_stdout
-        fields = {"status": "ok", "shared": int(compiled.metadata.shared), **parse_ptxas(log.getvalue())}
+        fields = {"status": "ok", "shared": int(compiled.metadata.shared), **parse_ptxas(log.getvalue()),
+                  "cubin_sha": hashlib.sha256(compiled.asm["cubin"]).hexdigest()[:16]}
         if fields["registers"] is None:
             fields = {"status": "error", "error": "compiled, but ptxas printed no resource report"}
     except Exception as err:
@@ -484,8 +542,9 @@ class _Worker:
             [sys.executable, "-m", "fastdiff_kernels.aot", "--worker", "--cache", str(cache_dir), "--timeout",
              str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=_worker_env(cache_dir),
-            start_new_session=True, text=True, bufsize=1,
+            start_new_session=True, bufsize=0,
         )
+        self.buffer = b""
         self.spec: Spec | None = None
         self.started = 0.0
         self.key: str | None = None
@@ -493,8 +552,17 @@ class _Worker:
 
     def send(self, spec: Spec) -> None:
         self.spec, self.key, self.started = spec, None, time.monotonic()
-        self.proc.stdin.write(json.dumps(spec.to_json()) + "\n")
-        self.proc.stdin.flush()
+        self.proc.stdin.write((json.dumps(spec.to_json()) + "\n").encode())
+
+    def read_messages(self) -> list[dict] | None:
+        """Every complete message the worker has sent so far (raw reads: a buffered reader could hold
+        a second line the selector never reports again); None once it has exited."""
+        data = os.read(self.proc.stdout.fileno(), 1 << 16)
+        if not data:
+            return None
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -519,9 +587,11 @@ def default_cache_dir() -> Path:
 
 
 def run_specs(specs: list[Spec], jobs: int = 2, timeout: float = DEFAULT_TIMEOUT, cache_dir: Path | None = None,
-              log: Callable[[str], None] | None = None) -> list[dict]:
+              log: Callable[[str], None] | None = None, deadline_s: float | None = None) -> list[dict]:
     """Compile ``specs`` in ``jobs`` worker processes; a spec running past ``timeout`` s is recorded as
-    'timeout' (its worker is killed and replaced). Records come back in the order of ``specs``."""
+    'timeout' (its worker is killed and replaced). Specs not started ``deadline_s`` seconds after the start
+    are recorded as 'not_run'. Records come back in the order of ``specs``."""
+    begin = time.monotonic()
     cache_dir = Path(cache_dir or default_cache_dir())
     cache_dir.mkdir(parents=True, exist_ok=True)
     pending = list(enumerate(specs))[::-1]
@@ -540,6 +610,13 @@ def run_specs(specs: list[Spec], jobs: int = 2, timeout: float = DEFAULT_TIMEOUT
         return w
 
     def feed(w: _Worker):
+        nonlocal done
+        if pending and deadline_s is not None and time.monotonic() - begin > deadline_s:
+            for i, spec in pending:
+                results[i] = judge(_result(spec, status="not_run", error=f"sweep deadline ({deadline_s:g} s) passed",
+                                           cached=False))
+            done += len(pending)
+            pending.clear()
         if pending:
             w.send(pending.pop()[1])
         else:
@@ -563,8 +640,10 @@ def run_specs(specs: list[Spec], jobs: int = 2, timeout: float = DEFAULT_TIMEOUT
             events = sel.select(timeout=max(0.05, min(waits, default=5.0)))
             for sel_key, _ in events:
                 w = sel_key.data
-                line = w.proc.stdout.readline()
-                if not line:  # the worker died (out of memory, a crash in the compiler)
+                if w not in workers:
+                    continue
+                messages = w.read_messages()
+                if messages is None:  # the worker died (out of memory, a crash in the compiler)
                     sel.unregister(w.proc.stdout)
                     workers.remove(w)
                     w.kill()
@@ -576,16 +655,16 @@ def run_specs(specs: list[Spec], jobs: int = 2, timeout: float = DEFAULT_TIMEOUT
                     if pending:
                         spawn()
                     continue
-                msg = json.loads(line)
-                if msg.get("ready"):
-                    w.ready = True
-                    feed(w)
-                elif "key" in msg:
-                    w.key = msg["key"]
-                elif "record" in msg:
-                    results[index_of[id(w.spec)]] = msg["record"]
-                    done += 1
-                    feed(w)
+                for msg in messages:
+                    if msg.get("ready"):
+                        w.ready = True
+                        feed(w)
+                    elif "key" in msg:
+                        w.key = msg["key"]
+                    elif "record" in msg:
+                        results[index_of[id(w.spec)]] = msg["record"]
+                        done += 1
+                        feed(w)
             now = time.monotonic()
             for w in list(workers):
                 if w.ready and w.spec is not None and now - w.started > timeout:
@@ -621,6 +700,10 @@ def config_fields(op: str, key: str) -> tuple[str, ...]:
         from fastdiff_kernels import adaln_modulate as am
 
         return am.config_fields(key.split("|")[0])
+    if op == "noise_schedule":
+        from fastdiff_kernels import noise_schedule as ns
+
+        return ns.CONFIG_FIELDS
     raise KeyError(op)
 
 
@@ -643,9 +726,9 @@ def _closeness(cfg: dict, ref: dict, fields) -> tuple:
     def lg(x):
         return math.log2(max(1, int(x)) + (1 if int(x) == 0 else 0))
 
-    tile = next(f for f in fields if f.startswith("BLOCK"))
-    out = [abs(lg(cfg[tile]) - lg(ref[tile])), cfg[tile] > ref[tile],
-           abs(lg(cfg["num_warps"]) - lg(ref["num_warps"])), cfg["num_warps"] < ref["num_warps"]]
+    tile = next((f for f in fields if f.startswith("BLOCK")), None)
+    out = [abs(lg(cfg[tile]) - lg(ref[tile])), cfg[tile] > ref[tile]] if tile else []
+    out += [abs(lg(cfg["num_warps"]) - lg(ref["num_warps"])), cfg["num_warps"] < ref["num_warps"]]
     out += [abs(lg(cfg[f]) - lg(ref[f])) for f in fields if f not in (tile, "num_warps", "num_stages")]
     return tuple(out)
 
@@ -665,7 +748,8 @@ def table_entries(records: list[dict]) -> dict:
     for (arch, op, key), recs in sorted(groups.items()):
         fields = config_fields(op, key)
         entry: dict = {}
-        rejected = sorted({config_id(r["config"], fields) for r in recs if "candidate" in r["roles"] and not usable(r)})
+        rejected = sorted({config_id(r["config"], fields) for r in recs
+                           if "candidate" in r["roles"] and r["status"] != "not_run" and not usable(r)})
         if rejected:
             entry["rejected"] = rejected
         heuristic = next((r for r in recs if "heuristic" in r["roles"]), None)
@@ -740,6 +824,7 @@ def summarize(records: list[dict]) -> dict:
         "compiled": len(ok),
         "failed": sum(r["status"] == "error" for r in records),
         "timeouts": sum(r["status"] == "timeout" for r in records),
+        "not_run": sum(r["status"] == "not_run" for r in records),
         "over_smem": sum(not r["fits"] for r in ok),
         "spilling": sum(r["spills"] for r in ok),
         "max_spill": max((r["spill_bytes"] for r in ok), default=0),
@@ -766,8 +851,8 @@ def pickable(records: list[dict], entries: dict) -> list[dict]:
     return out
 
 
-_HEADER = ("| kernel | arch | specs | compiled | failed | timeouts | over smem limit | spilling | max spill (B) |\n"
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+_HEADER = ("| kernel | arch | specs | compiled | failed | timeouts | not run | over smem limit | spilling | "
+           "max spill (B) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -778,6 +863,7 @@ def markdown_table(records: list[dict]) -> str:
     for (kernel, arch), recs in sorted(rows.items()):
         s = summarize(recs)
         lines.append(f"| {kernel} | sm_{arch} | {s['specs']} | {s['compiled']} | {s['failed']} | {s['timeouts']} | "
+                     f"{s['not_run']} | "
                      f"{s['over_smem']} | {s['spilling']} | {s['max_spill']:,} |\n")
     return "".join(lines)
 
@@ -821,7 +907,7 @@ def markdown_report(data: dict, entries: dict) -> str:
     out.append("None: every shape has a default that compiles, fits and does not spill.\n" if not spills else "")
     for arch, op, key, e in spills:
         out.append(f"- {op} `{key}` on sm_{arch}: {e['spill_reason']}\n")
-    bad = [r for r in records if r["status"] != "ok"]
+    bad = [r for r in records if r["status"] in ("error", "timeout")]
     if bad:
         out.append("\n## Compile errors and timeouts\n\n| kernel | arch | key | config | status | detail |\n"
                    "|---|---|---|---|---|---|\n")
@@ -850,7 +936,7 @@ def write_reports(data: dict, out_dir: Path, entries: dict) -> tuple[Path, Path]
 
 
 def sweep(subset: str = "all", jobs: int = 2, timeout: float = DEFAULT_TIMEOUT, cache_dir: Path | None = None,
-          small: bool = False, kernels: Iterable[str] | None = None, log=print) -> dict:
+          small: bool = False, kernels: Iterable[str] | None = None, log=print, deadline_s: float | None = None) -> dict:
     import platform
 
     import torch
@@ -859,11 +945,11 @@ def sweep(subset: str = "all", jobs: int = 2, timeout: float = DEFAULT_TIMEOUT, 
     specs = all_specs(subset, small=small, kernels=kernels)
     log(f"compiling {len(specs)} specs (triton {triton.__version__}, {jobs} job(s), timeout {timeout:g} s)")
     start = time.monotonic()
-    records = run_specs(specs, jobs=jobs, timeout=timeout, cache_dir=cache_dir, log=log)
+    records = run_specs(specs, jobs=jobs, timeout=timeout, cache_dir=cache_dir, log=log, deadline_s=deadline_s)
     return {
         "format": 1, "triton": triton.__version__, "torch": torch.__version__, "subset": subset,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "jobs": jobs, "timeout_s": timeout, "wall_s": round(time.monotonic() - start, 1),
+        "jobs": jobs, "timeout_s": timeout, "deadline_s": deadline_s, "wall_s": round(time.monotonic() - start, 1),
         "host": f"{os.cpu_count()} CPUs, {platform.machine()}", "shared_limits": SHARED_LIMIT,
         "records": records,
     }
@@ -877,6 +963,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", choices=("defaults", "all"), default="all")
     parser.add_argument("--small", action="store_true", help="a few representative shapes only")
     parser.add_argument("--kernels", nargs="*", choices=sorted(FAMILIES), help="only these kernels")
+    parser.add_argument("--deadline", type=float, default=None, metavar="MIN",
+                        help="stop starting specs after MIN minutes (the rest are recorded as not_run)")
     parser.add_argument("--cache", type=Path, default=None, help="compile-record cache (default ~/.cache/fastdiff/aot)")
     parser.add_argument("--table", action="store_true",
                         help="only rebuild fastdiff_kernels/aot_table.py and the reports from the JSONs in --out")
@@ -886,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return _worker(str(args.cache) if args.cache else None, args.timeout)
     if not args.table:
-        data = sweep(args.subset, args.jobs, args.timeout, args.cache, args.small, args.kernels)
+        data = sweep(args.subset, args.jobs, args.timeout, args.cache, args.small, args.kernels,
+                     deadline_s=None if args.deadline is None else 60 * args.deadline)
         if args.subset == "all" and not args.small and not args.kernels:
             (args.out).mkdir(parents=True, exist_ok=True)
             (args.out / f"{data['triton']}.json").write_text(json.dumps(data))  # so that build_table sees it

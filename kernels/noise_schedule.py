@@ -293,10 +293,36 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def _streaming_launch(kernel, frames: int, n: int, args: tuple, **constexprs) -> autotune.Launch:
-    """A per-frame streaming kernel's launch: BLOCK from the frame size, warps from BLOCK (the only config)."""
+OP_NAME = "noise_schedule"
+CONFIG_FIELDS = ("num_warps",)
+
+
+def config_key(kernel: str, block: int, dtype: torch.dtype) -> str:
+    """Key of a streaming kernel's config, e.g. 'ddim_step|BLOCK=2048|dtype=float16'."""
+    return f"{kernel}|BLOCK={block}|dtype={str(dtype).removeprefix('torch.')}"
+
+
+def warp_candidates(block: int) -> list[dict]:
+    """The AOT sweep's alternatives to the heuristic warp count: half and double it."""
+    w = _warps(block)
+    return [{"num_warps": x} for x in (w // 2, w, 2 * w)]
+
+
+def _config(kernel: str, block: int, dtype: torch.dtype, device) -> dict:
+    """Warps for a streaming kernel: a forced config (the AOT sweep), else the AOT table's replacement for
+    this GPU arch and Triton version (where the heuristic spills there), else the heuristic."""
+    key = config_key(kernel, block, dtype)
+    return (autotune._forced.get((OP_NAME, key)) or autotune.aot_default(OP_NAME, key, autotune.device_arch(device))
+            or {"num_warps": _warps(block)})
+
+
+def _streaming_launch(name: str, kernel, clip: torch.Tensor, args: tuple, **constexprs) -> autotune.Launch:
+    """A per-frame streaming kernel's launch over ``clip`` (B, K, ...): BLOCK from the frame size, warps
+    from BLOCK (see _config; the clip's dtype and device select the config)."""
+    frames, n = clip.shape[0] * clip.shape[1], math.prod(clip.shape[2:])
     block = _block_for(n)
-    return autotune.Launch(kernel, _grid(frames, n, block), args, {**constexprs, "BLOCK": block}, _warps(block))
+    cfg = _config(name, block, clip.dtype, clip.device)
+    return autotune.Launch(kernel, _grid(frames, n, block), args, {**constexprs, "BLOCK": block}, cfg["num_warps"])
 
 
 def philox_counters(x: torch.Tensor | tuple[int, ...]) -> int:
@@ -528,7 +554,7 @@ def _add_noise_op(
 
 def add_noise_launch(x0, t, frame_sigma, observed, alpha, sigma, noise, seed, offset, pred: int, write_target: bool,
                      x_t, target) -> autotune.Launch:
-    frames, n = x0.shape[0] * x0.shape[1], x0[0, 0].numel()
+    n = x0[0, 0].numel()
     x = _frames_flat(x0)
     continuous = frame_sigma is not None
     args = (x, _frames_flat(noise) if noise is not None else x,
@@ -536,7 +562,7 @@ def add_noise_launch(x0, t, frame_sigma, observed, alpha, sigma, noise, seed, of
             _mask_u8(observed), alpha if alpha is not None else x, sigma if sigma is not None else x,
             seed if seed is not None else x, offset if offset is not None else x,
             x_t, target if write_target else x_t, n)
-    return _streaming_launch(_add_noise_kernel, frames, n, args, CONTINUOUS=continuous,
+    return _streaming_launch("add_noise", _add_noise_kernel, x0, args, CONTINUOUS=continuous,
                              NOISE=_NOISE_GIVEN if noise is not None else _NOISE_PHILOX, PRED=pred,
                              WRITE_TARGET=write_target)
 
@@ -596,7 +622,7 @@ def _frame_mse_loss_op(
 def frame_mse_loss_launches(pred, target, weight, observed, partial, frame_mse, loss, count):
     """(stage 1, stage 2) launches of the loss; ``partial`` is (frames, chunks) fp32, chunks of BLOCK."""
     frames, n = pred.shape[0] * pred.shape[1], pred[0, 0].numel()
-    sqerr = _streaming_launch(_frame_sqerr_kernel, frames, n,
+    sqerr = _streaming_launch("frame_sqerr", _frame_sqerr_kernel, pred,
                               (_frames_flat(pred), _frames_flat(target), _mask_u8(observed), partial, n))
     chunks = sqerr.grid[1]
     finalize = autotune.Launch(
@@ -620,10 +646,10 @@ def _frame_mse_loss_backward_op(
 
 def frame_mse_loss_backward_launch(grad, pred, target, weight, observed, count, need_dtarget: bool, dpred,
                                    dtarget) -> autotune.Launch:
-    frames, n = pred.shape[0] * pred.shape[1], pred[0, 0].numel()
+    n = pred[0, 0].numel()
     args = (grad.contiguous(), _frames_flat(pred), _frames_flat(target), weight.contiguous().reshape(-1),
             _mask_u8(observed), count, dpred, dtarget if need_dtarget else dpred, n)
-    return _streaming_launch(_frame_loss_backward_kernel, frames, n, args, WRITE_DTARGET=need_dtarget)
+    return _streaming_launch("frame_loss_backward", _frame_loss_backward_kernel, pred, args, WRITE_DTARGET=need_dtarget)
 
 
 def _loss_setup(ctx, inputs, output):
@@ -665,13 +691,13 @@ def _ddim_step_op(
 
 def ddim_step_launch(x_t, model_out, t, t_prev, alpha, sigma, noise, seed, offset, eta: float, pred: int,
                      y) -> autotune.Launch:
-    frames, n = x_t.shape[0] * x_t.shape[1], x_t[0, 0].numel()
+    n = x_t[0, 0].numel()
     x = _frames_flat(x_t)
     mode = _NOISE_NONE if eta == 0.0 else (_NOISE_GIVEN if noise is not None else _NOISE_PHILOX)
     args = (x, _frames_flat(model_out), t.contiguous(), t_prev.contiguous(), alpha, sigma,
             _frames_flat(noise) if noise is not None else x, seed if seed is not None else x,
             offset if offset is not None else x, eta, y, n)
-    return _streaming_launch(_ddim_step_kernel, frames, n, args, PRED=pred, NOISE=mode)
+    return _streaming_launch("ddim_step", _ddim_step_kernel, x_t, args, PRED=pred, NOISE=mode)
 
 
 @torch.library.triton_op("fastdiff::edm_step", mutates_args=())
@@ -692,7 +718,7 @@ def _edm_step_op(
 
 def edm_step_launch(x, denoised, x_pred, sigma, sigma_next, noise, seed, offset, churn_gamma: float, s_min: float,
                     s_max: float, s_noise: float, y, sigma_hat) -> autotune.Launch:
-    frames, n = x.shape[0] * x.shape[1], x[0, 0].numel()
+    n = x[0, 0].numel()
     xf = _frames_flat(x)
     churn = churn_gamma > 0.0
     mode = _NOISE_NONE if not churn else (_NOISE_GIVEN if noise is not None else _NOISE_PHILOX)
@@ -700,7 +726,7 @@ def edm_step_launch(x, denoised, x_pred, sigma, sigma_next, noise, seed, offset,
             sigma.contiguous(), sigma_next.contiguous(), _frames_flat(noise) if noise is not None else xf,
             seed if seed is not None else xf, offset if offset is not None else xf,
             churn_gamma, s_min, s_max, s_noise, y, sigma_hat, n)
-    return _streaming_launch(_edm_step_kernel, frames, n, args, CORRECT=x_pred is not None, CHURN=churn, NOISE=mode)
+    return _streaming_launch("edm_step", _edm_step_kernel, x, args, CORRECT=x_pred is not None, CHURN=churn, NOISE=mode)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,15 +11,19 @@ For every frame sequence n (a (batch, patch) pair) and head h, over the frames i
 Backward, with P recomputed from the saved lse (delta_i = <dout_i, out_i>):
 
     dv = P^T dout,  dP = dout V^T,  dS = P * (dP - delta),  dq = scale dS K,  dk = scale dS^T Q,
-    dbias[h] = sum_n dS[n,h]   (per-program partial sums, then a deterministic sum over programs).
+    dbias[h] = sum_n dS[n,h]   (per-program partial sums, then a deterministic sum over programs; with
+                                dbias the programs of a head walk several blocks each, so there are at
+                                most about MAX_DBIAS_PROGRAMS partials whatever N is).
 
 Layout: q, k, v are (N, T, H, D) with any strides but a contiguous last dim, so the three slices of a
 fused projection qkv (N, T, 3, H, D) are read in place. Each program handles BLOCK_SEQ sequences of one
 head h: a [BLOCK_SEQ, T_PAD, D] tile of q, k and v sits in registers, scores come from batched
 (3-D) tl.dot with T padded to a power of two >= 16 (the tensor-core minimum), the bias tile [T_PAD,
-T_PAD] is loaded once per program. The grid is one axis, H * ceil(N / BLOCK_SEQ), so a million
-sequences never hit the 65,535 limit of grid axes y/z. Launch configs come from profiles/<gpu>/
-(written by `fastdiff tune attention`) or from heuristics (see :func:`select_config`).
+T_PAD] is loaded once per block. The grid is one axis, H * ceil(N / BLOCK_SEQ) (the backward with
+dbias: H * programs per head), so a million sequences never hit the 65,535 limit of grid axes y/z.
+Launch configs come from profiles/<gpu>/ (written by `fastdiff tune attention`), else from the
+heuristic default, replaced per GPU arch and Triton version where the AOT compile sweep found it
+spilling or not fitting (fastdiff_kernels.aot, aot_table.py; see :func:`select_config`).
 
 Dispatch (kernels.dispatch): 'triton' on CUDA (or on CPU under TRITON_INTERPRET=1), 'reference' on
 CPU, 'sdpa' / 'xformers' for comparison. The Triton path is a torch.library triton_op with autograd,

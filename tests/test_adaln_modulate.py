@@ -160,6 +160,35 @@ def test_launch_configs_and_deterministic_split_reduction(cfg, poisoned):
         assert torch.equal(a, b)
 
 
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def test_grids_stay_within_cuda_axis_limits_for_long_frames():
+    """S > 65,535 tokens per frame at BLOCK_S = 1 (rows of 8192): the launches' grids, computed on meta
+    tensors (nothing allocated), put every program on axis x; a grid axis y of S programs would be
+    refused by CUDA (limit 65,535). The kernels' flattened (frame, tile) indexing is checked against the
+    reference by the config tests above (BLOCK_S = 1, TILES = 1: one program per row)."""
+    b, k, s, d = 2, 3, 100_000, 8192
+    x = _meta(b, k, s, d)
+    shift, scale = _meta(b, k, 1, 2 * d).chunk(2, dim=-1)
+    stats = _meta(b * k * s, dtype=torch.float32)
+    fwd_cfg = am.default_config("fwd", am._block_d(d), x.dtype)
+    assert fwd_cfg["BLOCK_S"] == 1
+    fwd = am.fwd_launch(x, shift, scale, _meta(b, k, s, d), stats, stats, am.DEFAULT_EPS, fwd_cfg)
+    assert fwd.grid == (b * k * s,)
+    bwd_cfg = {"BLOCK_S": 1, "num_warps": 8, "TILES": 1}
+    splits = am.backward_splits(bwd_cfg, b * k, s, programs=264)
+    assert splits == s
+    part = _meta(b, k, splits, d, dtype=torch.float32)
+    bwd = am.bwd_launch(_meta(b, k, s, d), x, scale, stats, stats, _meta(b, k, s, d), part, part, bwd_cfg, 264)
+    assert bwd.grid == (b * k * splits,)
+    for launch in (fwd, bwd):
+        assert all(size <= limit for size, limit in zip(launch.grid, autotune.GRID_LIMITS))
+    with pytest.raises(ValueError, match="axis 1 has 100,000 programs, over CUDA's limit of 65,535"):
+        autotune.check_grid((b * k, s))  # the old 2-D grid
+
+
 def test_gradcheck_fp64():
     x, shift, scale, _ = make_inputs((1, 2, 3, 8), torch.float64, seed=9)
     inputs = tuple(t.detach().clone().requires_grad_() for t in (x, shift, scale))

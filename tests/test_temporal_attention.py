@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastdiff_kernels.temporal_attention as ta
 from fastdiff_kernels import autotune, dispatch
@@ -173,6 +175,66 @@ def test_dbias_is_deterministic_across_many_programs():
         again = with_triton(case)
     assert torch.equal(first, again["dbias"])
     check_against_float64(case, again)
+
+
+def test_dbias_partials_stay_bounded_however_many_sequences(monkeypatch):
+    """The backward's fp32 dbias partials were one [T, T] per block of sequences: H * ceil(N / BLOCK_SEQ)
+    * T^2 floats, 131 GB at N = 1M, T = 64, H = 8, BLOCK_SEQ = 1. Now each head's programs walk several
+    blocks: the buffer is capped by MAX_DBIAS_PROGRAMS (sizes computed, nothing allocated)."""
+    n, t, h = 1_000_000, 64, 8
+    shape = ta.dbias_partial_shape(n, t, h, block_seq=1)
+    nbytes = math.prod(shape) * 4
+    assert nbytes <= (ta.MAX_DBIAS_PROGRAMS + h) * t * t * 4 < 40e6, shape
+    assert h * n * t * t * 4 > 100e9  # what one partial per block needed
+    # Few sequences: one program per block, as before (no walking, full parallelism).
+    assert ta.dbias_partial_shape(100, t, h, block_seq=2) == (h * 50, t, t)
+    # The launch agrees with the allocation (meta tensors: nothing is allocated).
+    cfg = {"BLOCK_SEQ": 1, "num_warps": 4, "num_stages": 1}
+    q = torch.empty(n, t, h, 32, device="meta")
+    lse = torch.empty(h, n, t, device="meta")
+    partial = torch.empty(shape, device="meta")
+    launch = ta.bwd_launch(q, q, q, q, q, lse, torch.empty(h, t, t, device="meta"), None, q, q, q, partial,
+                           False, 0.1, cfg)
+    assert launch.grid == (shape[0],)
+
+
+def test_dbias_with_programs_walking_several_blocks(monkeypatch):
+    """MAX_DBIAS_PROGRAMS lowered so that each program walks 5-6 blocks of one sequence: dq, dk, dv and
+    dbias still match float64 (every partial written: the buffers start as NaN) and repeat bit for bit."""
+    monkeypatch.setattr(ta, "MAX_DBIAS_PROGRAMS", 3)
+    case = make_case(11, 5, 2, 32, torch.float32, bias=True, causal=True, mask="random", seed=12)
+    key = ta.config_key("bwd", 16, 32, torch.float32)
+    assert ta.dbias_partial_shape(11, 5, 2, 1) == (4, 5, 5)
+    with autotune.forced(ta.OP_NAME, key, {"BLOCK_SEQ": 1, "num_warps": 4, "num_stages": 1}):
+        first = with_triton(case)
+        again = with_triton(case)
+    assert torch.equal(first["dbias"], again["dbias"])
+    check_against_float64(case, first)
+
+
+@triton.jit
+def _lse_offset_probe(Out, h, N, T, n0, BLOCK: tl.constexpr, WIDEN: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK)
+    offs_t = tl.arange(0, BLOCK)
+    if WIDEN:
+        off = ta._lse_offsets(h, N, T, offs_n, offs_t)
+    else:  # the kernels' old arithmetic: h * N in int32, widened only when n is added
+        off = (h * N + offs_n.to(tl.int64)[:, None]) * T + offs_t[None, :]
+    rows = tl.arange(0, BLOCK)
+    tl.store(Out + rows[:, None] * BLOCK + rows[None, :], off)
+
+
+def test_lse_offsets_do_not_wrap_at_2_31_sequences_times_heads():
+    """lse[h, n, t] lives at (h N + n) T + t. With H N >= 2^31 the old h * N wrapped in int32 (GPU
+    arithmetic, which the interpreter reproduces); the kernels' helper widens h first. The control
+    shows that the probe sees the wrap, so the check can fail."""
+    h, n, t, n0, block = 3, 2**30, 16, 2**30 - 16, 16
+    want = torch.tensor([[(h * n + n0 + i) * t + j for j in range(block)] for i in range(block)])
+    got = torch.empty(block, block, dtype=torch.int64)
+    _lse_offset_probe[(1,)](got, h, n, t, n0, BLOCK=block, WIDEN=True)
+    assert torch.equal(got, want)
+    _lse_offset_probe[(1,)](got, h, n, t, n0, BLOCK=block, WIDEN=False)
+    assert not torch.equal(got, want), "control: the int32 product should have wrapped"
 
 
 @pytest.mark.parametrize(
