@@ -9,30 +9,24 @@ same run, and the speed-ups vs eager and vs the compiled reference.
 On a GPU: DiT sizes (B*K = 20..64 frames, S = 64..256 tokens, D = 256..512) in bf16 and fp32; rows go
 to $FASTDIFF_BENCH_OUT or profiles/<gpu>/bench_adaln_modulate.json (+ .csv). On a CPU: one tiny smoke
 size, eager and compile only (the Triton interpreter is not a benchmark), rows labelled ``smoke`` and
-written only where --out or $FASTDIFF_BENCH_OUT says.
+written only where --out or $FASTDIFF_BENCH_OUT says. Timing, ceilings, rows files and the flags are
+bench/utils.py's:
 
-    python bench/bench_adaln_modulate.py [--device cuda] [--out PATH]
+    python bench/bench_adaln_modulate.py [--device cuda] [--out FILE.json] [--smoke] [--repeats N]
     pytest bench/bench_adaln_modulate.py            (CI: --benchmark-disable, each function once)
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_temporal_attention import copy_bandwidth_gbs, time_ms, write_rows  # noqa: E402
-from bench_temporal_attention import default_out_path as shared_out_path  # noqa: E402
-
-from fastdiff_kernels import adaln_modulate as am  # noqa: E402
-from fastdiff_kernels import autotune, dispatch  # noqa: E402
+from fastdiff_kernels import adaln_modulate as am
+from fastdiff_kernels import dispatch
 
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("eager", "compile", "ours")
@@ -83,38 +77,43 @@ def pass_callable(fn, x, shift, scale, dy, pass_name):
     return lambda: torch.autograd.grad(fn(xs, sh, sc), (xs, sh, sc), dy)
 
 
-def run_benchmark(device=None, sizes=None, out_path=None, *, dtypes=None, impls=None, log=print) -> list[dict]:
+def run_benchmark(device=None, sizes=None, out_path=None, *, dtypes=None, impls=None, repeats=5,
+                  log=print) -> list[dict]:
     """Time every (size, dtype, pass, impl); return the rows and write them (JSON + CSV) to out_path."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     sizes = sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
     dtypes = dtypes or (GPU_DTYPES if on_gpu else (torch.float32,))
     impls = impls or (IMPLS if on_gpu else CPU_IMPLS)
-    name = autotune.device_name(device) if on_gpu else "cpu"
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    name = utils.device_name(device)
+    date = utils.today()
     threads = torch.get_num_threads()
     if not on_gpu:
         torch.set_num_threads(1)  # tiny smoke sizes: OpenMP fan-out only adds spin/wake-up noise
     rows = []
     try:
-        copy_gbs = copy_bandwidth_gbs(device)
         compiled = torch.compile(eager, dynamic=False)
         fns = {"eager": eager, "compile": compiled, "ours": ours}
         for size in sizes:
             for dtype in dtypes:
                 x, shift, scale, dy = make_inputs(size, device, dtype)
+                # the ceiling at the smaller pass's traffic (on a CPU a tiny size copies from cache, the faster
+                # the smaller its working set: the higher ceiling of the two passes)
+                copy_gbs = utils.copy_bandwidth_gbs(device, None if on_gpu else traffic_bytes(size, dtype, "fwd"),
+                                                    repeats)
                 for pass_name in PASSES:
-                    timings = {}
                     with dispatch.backend_override("auto"):
-                        for impl in impls:
-                            timings[impl] = time_ms(pass_callable(fns[impl], x, shift, scale, dy, pass_name), device)
+                        timed = utils.side_by_side(
+                            {impl: pass_callable(fns[impl], x, shift, scale, dy, pass_name) for impl in impls},
+                            device, repeats)
+                    timings = {impl: t.median for impl, t in timed.items()}
                     nbytes = traffic_bytes(size, dtype, pass_name)
                     for impl, ms in timings.items():
                         gbs = nbytes / (ms * 1e-3) / 1e9
                         row = dict(op="adaln_modulate", impl=impl, size=f"F{size['frames']}-S{size['S']}-D{size['D']}",
                                    frames=size["frames"], S=size["S"], D=size["D"],
                                    dtype=str(dtype).removeprefix("torch."), **{"pass": pass_name},
-                                   ms=round(ms, 5), **{"GB/s": round(gbs, 2), "copy_GB/s": round(copy_gbs, 2)},
+                                   **timed[impl].fields(), **{"GB/s": round(gbs, 2), "copy_GB/s": round(copy_gbs, 2)},
                                    share_of_copy_bw=round(gbs / copy_gbs, 3),
                                    speedup_vs_eager=round(timings["eager"] / ms, 3),
                                    device=name, date=date, smoke=not on_gpu)
@@ -125,7 +124,7 @@ def run_benchmark(device=None, sizes=None, out_path=None, *, dtypes=None, impls=
     finally:
         torch.set_num_threads(threads)
     if out_path:
-        write_rows(rows, out_path)
+        utils.write_rows(rows, out_path)
     return rows
 
 
@@ -133,10 +132,6 @@ def _format_row(r) -> str:
     return (f"{r['size']:16} {r['dtype']:8} {r['pass']:7} {r['impl']:7} {r['ms']:9.4f} ms {r['GB/s']:8.1f} GB/s "
             f"{100 * r['share_of_copy_bw']:5.1f}% of copy  x{r['speedup_vs_eager']:.2f} vs eager  "
             f"x{r.get('speedup_vs_compile', float('nan')):.2f} vs compile")
-
-
-def default_out_path(device) -> Path | None:
-    return shared_out_path(device, "bench_adaln_modulate")
 
 
 # ---------------------------------------------------------------------------------------------- pytest
@@ -160,8 +155,9 @@ def test_bench_adaln_modulate(benchmark, impl, pass_name):
 def test_run_benchmark_writes_rows(tmp_path):
     out = tmp_path / "rows.json"
     sizes = None if DEVICE == "cuda" else CPU_SIZES
-    rows = run_benchmark(DEVICE, sizes, out, log=lambda *_: None)
+    rows = run_benchmark(DEVICE, sizes, out, repeats=1 if DEVICE == "cpu" else 5, log=lambda *_: None)
     assert json.loads(out.read_text()) == rows and out.with_suffix(".csv").exists()
+    assert not utils.share_violations(rows)
     assert {"eager", "compile"} <= {r["impl"] for r in rows}
     assert {r["pass"] for r in rows} == set(PASSES)
     assert all(r["ms"] > 0 and r["GB/s"] > 0 and r["device"] and r["date"] for r in rows)
@@ -172,11 +168,10 @@ def test_run_benchmark_writes_rows(tmp_path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=DEVICE)
-    parser.add_argument("--out", default=None, help="rows file (.json; a .csv is written beside it)")
-    args = parser.parse_args(argv)
-    run_benchmark(args.device, out_path=args.out or default_out_path(args.device))
+    run = utils.resolve(utils.parser(__doc__).parse_args(argv), "bench_adaln_modulate")
+    sizes = (GPU_SIZES[:2] if run.device.type == "cuda" else CPU_SIZES) if run.smoke else None
+    with utils.smoke_compile(run):
+        run_benchmark(run.device, sizes, run.out, repeats=run.repeats)
     return 0
 
 

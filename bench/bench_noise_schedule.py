@@ -5,32 +5,25 @@ frame_mse_loss forward+backward, ddim_step (eta > 0, given noise). Reported per 
 GB/s (minimum traffic: each input read once, each output written once), share of the device copy
 bandwidth measured in the same run, and speed-ups vs eager and vs compiled reference.
 
-On a GPU: preset sizes (balls, maze latents) and large ones; rows go to
-profiles/<gpu>/bench_noise_schedule.json. On a CPU: tiny smoke sizes, reference and compile only,
-rows labelled ``smoke`` (the numbers mean nothing about the kernels).
+On a GPU: preset sizes (balls, maze latents) and large ones (--smoke: the preset sizes); rows go to
+profiles/<gpu>/bench_noise_schedule.json (+ .csv). On a CPU: tiny smoke sizes, reference and compile only,
+rows labelled ``smoke`` (the numbers mean nothing about the kernels). Timing, ceilings, rows files and the
+flags are bench/utils.py's:
 
-    python bench/bench_noise_schedule.py [--out PATH]
+    python bench/bench_noise_schedule.py [--device cuda] [--out FILE.json] [--smoke] [--repeats N]
     pytest bench/bench_noise_schedule.py            (CI: --benchmark-disable, each function once)
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+import utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_temporal_attention import time_ms  # noqa: E402
-
-from fastdiff_kernels import dispatch  # noqa: E402
-from fastdiff_kernels import noise_schedule as ns  # noqa: E402
+from fastdiff_kernels import dispatch
+from fastdiff_kernels import noise_schedule as ns
 
 GPU_SIZES = {
     "balls": (2, 10, 4, 8, 8),
@@ -40,14 +33,6 @@ GPU_SIZES = {
 }
 CPU_SIZES = {"smoke": (2, 4, 4, 8, 8)}
 STEPS = 1000
-
-
-def _copy_bandwidth(device, numel: int) -> float:
-    """GB/s of a plain device copy (read + write) of numel fp32 elements: the ceiling for these ops."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    return 2 * numel * 4 / (ms * 1e-3) / 1e9
 
 
 def _inputs(shape, device, dtype=torch.float32):
@@ -130,26 +115,22 @@ def _cases(v, compile_fn=lambda f: f):
     ]
 
 
-def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _run(device, sizes, on_gpu, name, date) -> list[dict]:
-    biggest = max(torch.Size(s).numel() for s in sizes.values())
-    copy_gbs = _copy_bandwidth(device, biggest)
+def _run(device, sizes, on_gpu, name, date, repeats) -> list[dict]:
     rows = []
     for label, shape in sizes.items():
         v = _inputs(shape, device)
         numel, itemsize = v["x0"].numel(), v["x0"].element_size()
+        # the ceiling at the smallest op's traffic (the ops move 3-5 tensors of this size; on a CPU a tiny working
+        # set is in cache and copies the faster the smaller it is: the highest ceiling of the ops)
+        copy_gbs = utils.copy_bandwidth_gbs(device, None if on_gpu else 3 * numel * itemsize, repeats)
         for op, traffic, impls in _cases(v, lambda f: torch.compile(f, dynamic=False)):
             if not on_gpu:
                 if op not in ("add_noise_v", "frame_mse_loss_fwd_bwd"):
                     continue  # CPU smoke: keep compile time small
                 impls = {k: f for k, f in impls.items() if k != "ours"}  # no Triton timing off-GPU
-            timings = {}
             with dispatch.backend_override("auto"):
-                for impl, call in impls.items():
-                    timings[impl] = time_ms(call, device)
+                timed = utils.side_by_side(impls, device, repeats)
+            timings = {impl: t.median for impl, t in timed.items()}
             for impl, ms in timings.items():
                 gbs = traffic * numel * itemsize / (ms * 1e-3) / 1e9
                 rows.append(
@@ -159,10 +140,10 @@ def _run(device, sizes, on_gpu, name, date) -> list[dict]:
                         size=label,
                         shape=list(shape),
                         dtype="float32",
-                        ms=round(ms, 5),
+                        **timed[impl].fields(),
                         gb_per_s=round(gbs, 2),
                         copy_gb_per_s=round(copy_gbs, 2),
-                        share_of_copy=round(gbs / copy_gbs, 3),
+                        share_of_copy_bw=round(gbs / copy_gbs, 3),
                         speedup_vs_eager=round(timings["eager"] / ms, 3),
                         speedup_vs_compile=round(timings["compile"] / ms, 3),
                         device=name,
@@ -173,34 +154,20 @@ def _run(device, sizes, on_gpu, name, date) -> list[dict]:
     return rows
 
 
-def run_benchmark(device=None, out_path=None) -> list[dict]:
+def run_benchmark(device=None, out_path=None, *, sizes=None, repeats=5) -> list[dict]:
     """Time every case at every size for ours / eager / compiled reference; return (and write) rows."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    sizes = GPU_SIZES if on_gpu else CPU_SIZES
-    name, date = (
-        _device_name(device),
-        datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    sizes = sizes or (GPU_SIZES if on_gpu else CPU_SIZES)
     threads = torch.get_num_threads()
     if not on_gpu:
         torch.set_num_threads(1)  # tiny smoke sizes: OpenMP fan-out only adds spin/wake-up noise
     try:
-        rows = _run(device, sizes, on_gpu, name, date)
+        rows = _run(device, sizes, on_gpu, utils.device_name(device), utils.today(), repeats)
     finally:
         torch.set_num_threads(threads)
-    if out_path is None and on_gpu:
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-        out_path = os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            "profiles",
-            slug,
-            "bench_noise_schedule.json",
-        )
     if out_path:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        with open(out_path, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        utils.write_rows(rows, out_path)
     return rows
 
 
@@ -209,7 +176,7 @@ def _print(rows):
     for r in rows:
         print(
             f"{r['op']:24} {r['size']:10} {r['impl']:8} {r['ms']:9.4f} {r['gb_per_s']:8.1f} "
-            f"{100 * r['share_of_copy']:5.1f}% {r['speedup_vs_eager']:8.2f} {r['speedup_vs_compile']:7.2f}"
+            f"{100 * r['share_of_copy_bw']:5.1f}% {r['speedup_vs_eager']:8.2f} {r['speedup_vs_compile']:7.2f}"
         )
     if rows:
         print(f"device: {rows[0]['device']}  date: {rows[0]['date']}  smoke: {rows[0]['smoke']}")
@@ -240,17 +207,23 @@ def test_bench_noise_schedule(benchmark, smoke_inputs, case, impl):
 
 def test_run_benchmark_writes_rows(tmp_path):
     out = tmp_path / "rows.json"
-    rows = run_benchmark(out_path=str(out))
-    assert rows and json.loads(out.read_text()) == rows
+    rows = run_benchmark(out_path=str(out), repeats=1 if not torch.cuda.is_available() else 5)
+    assert rows and json.loads(out.read_text()) == rows and out.with_suffix(".csv").exists()
+    assert not utils.share_violations(rows)
     assert {"eager", "compile"} <= {r["impl"] for r in rows}
     assert all(r["ms"] > 0 and r["device"] and r["date"] for r in rows)
     if not torch.cuda.is_available():
         assert all(r["smoke"] for r in rows)
 
 
+def main(argv=None) -> int:
+    run = utils.resolve(utils.parser(__doc__).parse_args(argv), "bench_noise_schedule")
+    sizes = ({k: GPU_SIZES[k] for k in ("balls", "maze")} if run.device.type == "cuda" else CPU_SIZES) if run.smoke \
+        else None
+    with utils.smoke_compile(run):
+        _print(run_benchmark(run.device, run.out, sizes=sizes, repeats=run.repeats))
+    return 0
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    _print(run_benchmark(args.device, args.out))
+    raise SystemExit(main())

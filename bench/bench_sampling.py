@@ -7,13 +7,13 @@ generated frames the balls metric (ball-count stability, colour-rule accuracy, i
 long-range second-order check), plus peak tensor memory and the time/memory cost of fast learning.
 Results go to profiles/sampling/ (JSON + Markdown).
 
-    python bench/bench_sampling.py --run runs/balls-o-tiny-... [--frames 1000] [--device cpu]
+    python bench/bench_sampling.py --run runs/balls-o-tiny-... [--frames 1000] [--device cpu] [--out FILE.json]
+    python bench/bench_sampling.py [--smoke] [--repeats N] [--out FILE.json]   (no run: frames/s of a random model)
     pytest bench/bench_sampling.py            (CI: --benchmark-disable, a few frames per mode, random model)
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import utils
 from torch import nn
 
 from fastdiff.config import Config
@@ -191,8 +192,12 @@ def _random_run(window: int = 10, steps: int = 20) -> LoadedRun:
                      Schedule.make("linear", 1000), window, (32, 32, 3), 10.0, 0)
 
 
-def bench_modes(frames: int) -> dict[str, float]:
-    run = _random_run()
+# --smoke and pytest: a 4-frame window and 8 DDIM steps (every mode's code path: FIFO's queue, 8 levels, is two blocks)
+SMOKE = {"window": 4, "steps": 8}
+
+
+def bench_modes(frames: int, window: int = 10, steps: int = 20) -> dict[str, float]:
+    run = _random_run(window, steps)
     context = torch.randn(1, run.window // 2, 4, 8, 8)
     return {name: frames_per_second(run, context, opts, frames) for name, opts in variants(run).items()}
 
@@ -201,28 +206,38 @@ def test_bench_sampling_modes(benchmark):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # smoke size: a second intra-op thread only spins on a shared 2-core machine
     try:
-        fps = benchmark(bench_modes, 5)
+        fps = benchmark(bench_modes, 2, **SMOKE)
     finally:
         torch.set_num_threads(threads)
     assert len(fps) == 7 and all(np.isfinite(v) and v > 0 for v in fps.values())
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = utils.parser(__doc__)
     parser.add_argument("--run", help="trained run directory (without it: frames/s of a random tiny model only)")
-    parser.add_argument("--frames", type=int, default=1000)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--frames", type=int, default=None, help="frames per mode (default 1000 with --run, else 50; "
+                                                                 "--smoke: 2)")
     parser.add_argument("--only", help="only the modes whose name contains this")
     parser.add_argument("--steps", type=int, help="override diffusion.sample_steps (FIFO's queue follows it)")
-    parser.add_argument("--out", default="profiles/sampling")
-    args = parser.parse_args()
-    if not args.run:
-        print(json.dumps(bench_modes(50), indent=2))
-    else:
-        result = compare(args.run, args.frames, args.device, only=args.only, steps=args.steps)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = "compare" + (f"-{args.only.replace(' ', '_')}" if args.only else "")
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-        (out / f"{stem}.md").write_text(markdown(result))
-        print(markdown(result))
+    args = parser.parse_args(argv)
+    run = utils.resolve(args, "bench_sampling")
+    if not args.run:  # the random tiny model runs on the host whatever --device says
+        fps = bench_modes(args.frames or 2, **SMOKE) if run.smoke else bench_modes(args.frames or 50)
+        rows = [{"mode": name, "frames/s": round(v, 3), "device": "cpu", "date": utils.today()}
+                for name, v in fps.items()]
+        print(json.dumps(rows, indent=2))
+        if run.out:
+            utils.write_rows(rows, run.out)
+        return 0
+    result = compare(args.run, args.frames or 1000, str(run.device), only=args.only, steps=args.steps)
+    stem = "compare" + (f"-{args.only.replace(' ', '_')}" if args.only else "")
+    out = Path(args.out or Path("profiles/sampling") / f"{stem}.json").with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,16 +1,16 @@
 """Stream throughput: balls and maze frames/s on one CPU core, and our decord reader against
 decord's own sequential get_batch loop on the same file, side by side.
 
-    python bench/bench_streams.py [--frames N] [--export-1m] [--json out.json]
+    python bench/bench_streams.py [--frames N] [--export-1m] [--out FILE.json] [--smoke] [--repeats N]
 
-Under pytest (CI, --benchmark-disable) each benchmark runs once at smoke size. Timings report
-both wall time and process CPU time (the CPU figure is the fairer one on a shared machine).
+Streams are generated and decoded on the host, so --device only labels the rows. --smoke: a few
+thousand balls frames, a few hundred of the maze and of the video. Under pytest (CI, --benchmark-disable)
+each benchmark runs once at smoke size. Timings report both wall time and process CPU time (the CPU
+figure is the fairer one on a shared machine).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import platform
@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import numpy as np
+import utils
 
 from fastdiff.streams import make_stream
 
@@ -104,8 +105,7 @@ def bench_export(frames: int) -> dict:
 
 
 def _row(r: dict) -> dict:
-    return {**r, "device": f"CPU {platform.processor() or platform.machine()} (1 core)",
-            "date": datetime.date.today().isoformat()}
+    return {**r, "device": f"CPU {platform.processor() or platform.machine()} (1 core)", "date": utils.today()}
 
 
 # ---- pytest-benchmark entry points (smoke sizes on CPU)
@@ -124,21 +124,27 @@ def test_bench_video(benchmark):
     assert r["ours_fps_wall"] > 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=100_000,
-                        help="balls frames (maze: /50; video: /100 and /20, to show start-up vs steady state)")
+def main(argv=None) -> int:
+    parser = utils.parser(__doc__)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="balls frames (default 100000, --smoke 2000; maze: /50; video: /100 and /20, to show "
+                             "start-up vs steady state)")
     parser.add_argument("--export-1m", action="store_true", help="also time a 1M-frame balls export")
-    parser.add_argument("--json", default=None)
-    a = parser.parse_args()
-    rows = [bench_balls(a.frames), bench_maze(max(200, a.frames // 50)),
-            bench_video(max(200, a.frames // 100)), bench_video(max(200, a.frames // 20))]
-    if a.export_1m:
+    args = parser.parse_args(argv)
+    run = utils.resolve(args, "bench_streams", repeats=3, smoke_repeats=1)
+    frames = args.frames or (2000 if run.smoke else 100_000)
+    rows = [bench_balls(frames, run.repeats), bench_maze(max(40, frames // 50), run.repeats),
+            bench_video(max(64, frames // 100), repeats=run.repeats),
+            bench_video(max(64, frames // 20), repeats=run.repeats)]
+    if args.export_1m:
         rows.append(bench_export(1_000_000))
     rows = [_row(r) for r in rows]
     for r in rows:
         print(json.dumps(r))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    if run.out:
+        utils.write_rows(rows, run.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

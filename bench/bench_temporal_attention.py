@@ -7,29 +7,23 @@ backward, S = sequences = N*H), share of the device-copy bandwidth measured in t
 ours the speedup over the best peer that accepted the case. Peers that refuse a case (e.g. > 65,535
 sequences) get a row saying why.
 
-On a GPU: the sweep T in {10, 16, 20, 32, 64} x D in {64, 128} x 16k..1M sequences, timed with
-triton.testing.do_bench; rows go to $FASTDIFF_BENCH_OUT or profiles/<gpu>/bench_temporal_attention.json
-(+ .csv). On a CPU: a smoke run at tiny sizes of the reference and its compiled version only (the Triton
-interpreter is not a benchmark); rows are labelled "cpu-smoke" and written only if FASTDIFF_BENCH_OUT
-is set. `run_benchmark(device, sizes, out_path)` is the plain entry point (`fastdiff bench`).
+On a GPU: the sweep T in {10, 16, 20, 32, 64} x D in {64, 128} x 16k..1M sequences (--smoke: the
+representative cases). On a CPU: tiny sizes, the reference and its compiled version only (the Triton
+interpreter is not a benchmark). Timing, ceilings, rows files and the flags are bench/utils.py's:
+
+    python bench/bench_temporal_attention.py [--device cuda] [--out FILE.json] [--smoke] [--repeats N]
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
 import functools
 import json
-import os
-import statistics
-import time
 from pathlib import Path
 
 import pytest
 import torch
+import utils
 
-from fastdiff_kernels import autotune
 from fastdiff_kernels import temporal_attention as ta
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -90,29 +84,6 @@ def default_impls(device) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------
 
 
-def time_ms(fn, device) -> float:
-    if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100))
-    fn()  # warm-up (and compilation)
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def copy_bandwidth_gbs(device) -> float:
-    """Measured device copy bandwidth (read + write bytes / time): the ceiling a memory-bound op can reach."""
-    nbytes = (512 << 20) if torch.device(device).type == "cuda" else (16 << 20)
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
 def traffic_and_flops(case, dtype, pass_name) -> tuple[float, float]:
     """Minimum bytes moved and FLOPs of one pass, for S sequences of T frames, head dim D."""
     s, t, d = case["sequences"], case["T"], case["D"]
@@ -171,52 +142,54 @@ def _memory_fits(case, device, dtype) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_benchmark(device, sizes=None, out_path=None, *, impls=None, dtype=None, log=print) -> list[dict]:
-    """Time every implementation on every case and pass; write rows to out_path (.json and .csv)."""
+def run_benchmark(device, sizes=None, out_path=None, *, impls=None, dtype=None, repeats=5, log=print) -> list[dict]:
+    """Time every implementation on every case and pass, side by side; write rows to out_path (.json and .csv)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     sizes = sizes if sizes is not None else (GPU_SWEEP if on_gpu else CPU_SMOKE)
     impls = tuple(impls or default_impls(device))
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
-    gpu = autotune.device_name(device) if on_gpu else "cpu"
-    label = gpu if on_gpu else "cpu-smoke (tiny sizes; not a performance number)"
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    copy_gbs = copy_bandwidth_gbs(device)
-    log(f"temporal attention benchmark on {label}: device copy {copy_gbs:.1f} GB/s")
+    label = utils.device_name(device) if on_gpu else "cpu-smoke (tiny sizes; not a performance number)"
+    date = utils.today()
     rows = []
     for case in sizes:
+        # the ceiling at this case's smallest pass's traffic (on a CPU a tiny case copies from cache, and a smaller
+        # working set copies faster: the highest ceiling of the passes); a GPU run flushes L2 between calls
+        traffic = traffic_and_flops(case, dtype, "fwd")[0]
+        copy_gbs = utils.copy_bandwidth_gbs(device, None if on_gpu else traffic, repeats)
         case_rows = []
-        for impl in impls:
-            for pass_name in PASSES:
-                row = {"gpu": label, "date": date, "impl": impl, "pass": pass_name,
-                       "sequences": case["sequences"], "T": case["T"], "D": case["D"], "H": HEADS,
-                       "bias": bool(case.get("bias")),
-                       "causal": bool(case.get("causal")), "dtype": str(dtype).removeprefix("torch."),
-                       "copy_GB/s": round(copy_gbs, 2)}
-                if not _memory_fits(case, device, dtype):
-                    case_rows.append({**row, "status": "skipped: does not fit in free device memory"})
-                    continue
+        for pass_name in PASSES:
+            base = {"gpu": label, "date": date, "pass": pass_name, "sequences": case["sequences"], "T": case["T"],
+                    "D": case["D"], "H": HEADS, "bias": bool(case.get("bias")), "causal": bool(case.get("causal")),
+                    "dtype": str(dtype).removeprefix("torch."), "copy_GB/s": round(copy_gbs, 2)}
+            if not _memory_fits(case, device, dtype):
+                case_rows += [{**base, "impl": impl, "status": "skipped: does not fit in free device memory"}
+                              for impl in impls]
+                continue
+            accepted = {}
+            for impl in impls:
                 try:
                     fn = pass_callable(impl, case, device, dtype, pass_name)
-                    ms = time_ms(fn, device)
+                    fn()  # the first call is the warm-up (and compilation); a peer may refuse the case here
+                    accepted[impl] = fn
                 except Exception as err:  # a peer refusing the case is a result, not a failure
                     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-                    case_rows.append({**row, "status": f"refused: {reason}"})
-                    continue
-                finally:
-                    if on_gpu:
-                        torch.cuda.empty_cache()
-                nbytes, flops = traffic_and_flops(case, dtype, pass_name)
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                case_rows.append({**row, "status": "ok", "ms": round(ms, 5), "GB/s": round(gbs, 2),
-                                  "TFLOP/s": round(flops / (ms * 1e-3) / 1e12, 4),
+                    case_rows.append({**base, "impl": impl, "status": f"refused: {reason}"})
+            timings = utils.side_by_side(accepted, device, repeats, warmup=0)
+            nbytes, flops = traffic_and_flops(case, dtype, pass_name)
+            for impl, timing in timings.items():
+                gbs = nbytes / (timing.median * 1e-3) / 1e9
+                case_rows.append({**base, "impl": impl, "status": "ok", **timing.fields(), "GB/s": round(gbs, 2),
+                                  "TFLOP/s": round(flops / (timing.median * 1e-3) / 1e12, 4),
                                   "share_of_copy_bw": round(gbs / copy_gbs, 4)})
+            if on_gpu:
+                torch.cuda.empty_cache()
         _add_peer_ratios(case_rows)
         for row in case_rows:
             log(_format_row(row))
         rows += case_rows
     if out_path is not None:
-        write_rows(rows, out_path)
+        utils.write_rows(rows, out_path)
         log(f"wrote {len(rows)} rows to {Path(out_path).with_suffix('.json')} and .csv")
     return rows
 
@@ -242,33 +215,14 @@ def _format_row(row):
             f"x{row.get('speedup_vs_best_peer', float('nan')):.2f} vs {row.get('best_peer', '-')}")
 
 
-def write_rows(rows, out_path) -> None:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    fields = sorted({key for row in rows for key in row})
-    with open(out_path.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def default_out_path(device, name: str = "bench_temporal_attention") -> Path | None:
-    """$FASTDIFF_BENCH_OUT, else profiles/<gpu>/<name>.json on a GPU; None on a CPU (smoke rows are not kept)."""
-    env = os.environ.get("FASTDIFF_BENCH_OUT")
-    if env:
-        return Path(env)
-    if torch.device(device).type == "cuda":
-        gpu_folder = autotune.profiles_root() / autotune.slug(autotune.device_name(device))
-        return gpu_folder / f"{name}.json"
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # pytest-benchmark
 # --------------------------------------------------------------------------------------------------
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# smoke sizes: one intra-op thread (conftest.py's fixture; a second thread only spin-waits on tiny ops)
+pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH_SIZES = GPU_REPRESENTATIVE if DEVICE == "cuda" else CPU_SMOKE
 BENCH_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
@@ -299,15 +253,15 @@ def test_temporal_attention(benchmark, case, impl, pass_name):
 
 
 def test_run_benchmark_writes_rows(tmp_path):
-    """The plain entry point: rows with the accounting fields, written as JSON and CSV."""
-    out = os.environ.get("FASTDIFF_BENCH_OUT") or tmp_path / "bench_temporal_attention.json"
-    impls = ("reference",) if DEVICE == "cpu" else None
+    """The plain entry point: rows with the accounting fields, written as JSON and CSV, no share above 1."""
+    out = tmp_path / "bench_temporal_attention.json"
     sizes = CPU_SMOKE if DEVICE == "cpu" else GPU_REPRESENTATIVE
-    rows = run_benchmark(DEVICE, sizes, out, impls=impls, log=lambda *_: None)
+    rows = run_benchmark(DEVICE, sizes, out, repeats=1 if DEVICE == "cpu" else 5, log=lambda *_: None)
     assert rows and all(r["status"] == "ok" for r in rows if r["impl"] in ("ours", "reference"))
-    assert {"ms", "GB/s", "TFLOP/s", "share_of_copy_bw"} <= set(rows[0])
-    assert json.loads(Path(out).with_suffix(".json").read_text()) == rows
-    assert Path(out).with_suffix(".csv").read_text().count("\n") == len(rows) + 1
+    assert {"ms", "iqr_ms", "GB/s", "TFLOP/s", "share_of_copy_bw"} <= set(rows[0])
+    assert not utils.share_violations(rows)
+    assert json.loads(out.read_text()) == rows
+    assert out.with_suffix(".csv").read_text().count("\n") == len(rows) + 1
 
 
 @pytest.mark.slow
@@ -315,21 +269,21 @@ def test_run_benchmark_writes_rows(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_sweep():
     """The full GPU sweep (minutes): rows under profiles/<gpu>/ unless FASTDIFF_BENCH_OUT says otherwise."""
-    rows = run_benchmark("cuda", GPU_SWEEP, default_out_path("cuda"))
+    rows = run_benchmark("cuda", GPU_SWEEP, utils.default_out_path("cuda", "bench_temporal_attention"))
     assert any(r["impl"] == "ours" and r["status"] == "ok" for r in rows)
+    assert not utils.share_violations(rows)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=DEVICE)
-    parser.add_argument("--sizes", choices=("smoke", "representative", "sweep"), default=None)
-    parser.add_argument("--out", default=None, help="rows file (.json; a .csv is written beside it)")
+    parser = utils.parser(__doc__)
     parser.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)}")
     args = parser.parse_args(argv)
-    named = {"smoke": CPU_SMOKE, "representative": GPU_REPRESENTATIVE, "sweep": GPU_SWEEP}
-    sizes = named.get(args.sizes)
-    run_benchmark(args.device, sizes, args.out or default_out_path(args.device),
-                  impls=args.impls.split(",") if args.impls else None)
+    run = utils.resolve(args, "bench_temporal_attention")
+    on_gpu = run.device.type == "cuda"
+    sizes = (GPU_REPRESENTATIVE if on_gpu else CPU_SMOKE) if run.smoke else None
+    with utils.smoke_compile(run):
+        run_benchmark(run.device, sizes, run.out, impls=args.impls.split(",") if args.impls else None,
+                      repeats=run.repeats)
     return 0
 
 

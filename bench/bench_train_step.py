@@ -9,32 +9,37 @@ forward, loss, backward, optimizer, EMA, reservoir insert), one step per arrivin
 
 Reported: frames/s (= steps/s), ms per step, peak memory (CUDA: max_memory_allocated; CPU: peak of live
 tensor bytes created during the timed steps, eager configs only), the ratio to eager fp32, and the model's
-achieved TFLOP/s (6 x parameters x tokens per step) as a share of the device's measured matmul ceiling.
+achieved TFLOP/s as a share of the device's matmul ceiling. The FLOPs are the step's real ones: counted
+once, outside the timing, by torch's FlopCounterMode over one eager step (the DiT's forward and backward:
+every matmul and attention product, the per-frame adaLN and timestep MLP at their per-frame size). The
+ceiling is the best rate, measured in the same run, over the matmul shapes that step runs (recorded from
+the same step) and a large square one, in the dtypes the configs use.
 
-    python bench/bench_train_step.py [--preset small] [--steps 200] [--out FILE.json]
+    python bench/bench_train_step.py [--preset small] [--device cuda] [--out FILE.json] [--smoke] [--repeats N]
 
-On a GPU rows go to $FASTDIFF_BENCH_OUT or profiles/<gpu>/bench_train_step.json; on a CPU this is a
-smoke run at the tiny preset ("cpu-smoke" rows).
+--repeats is the number of timed steps (default 200 on a GPU, 4 on a CPU). --smoke: a one-block model of
+width 64 and two timed steps (on a CPU, torch.compile traces the model with dynamo, fullgraph, but runs the
+traced graph without generating code: inductor's code generation alone is minutes on two cores). On a GPU
+rows go to $FASTDIFF_BENCH_OUT or profiles/<gpu>/bench_train_step.json; on a CPU this is a smoke run at the
+tiny preset ("cpu-smoke" rows).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import sys
+import contextlib
 import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
+import utils
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_temporal_attention import default_out_path as shared_out_path  # noqa: E402
-from bench_temporal_attention import write_rows
-
-from fastdiff.config import build_config  # noqa: E402
-from fastdiff.train import OnlineTrainer  # noqa: E402
-from fastdiff_kernels import autotune  # noqa: E402
+from fastdiff.config import build_config
+from fastdiff.models.dit import VideoDiT
+from fastdiff.train import OnlineTrainer
 
 CONFIGS = {
     "eager-fp32-adamw": {"run.precision": "fp32", "optim.name": "adamw"},
@@ -46,6 +51,8 @@ CONFIGS = {
 }
 # The paper's Balls protocol: batch 2 = 1 live + 1 replayed window.
 PAPER_BATCH = {"replay.live": "1", "replay.replayed": "1"}
+# --smoke: every config's code path at a size that steps in milliseconds (head dim 32, the kernels' smallest)
+SMOKE_MODEL = {"model.width": "64", "model.depth": "1", "model.heads": "2", "autoencoder.fit_steps": "2"}
 
 
 def make_trainer(preset: str, device: torch.device, overrides: dict, run_dir: Path) -> OnlineTrainer:
@@ -68,36 +75,61 @@ def one_frame(trainer: OnlineTrainer) -> None:
         trainer._insert_live()
 
 
-def matmul_ceiling_tflops(device: torch.device) -> float:
-    """The device's measured dense matmul rate: bf16 4096^3 on CUDA, fp32 512^3 on a CPU."""
-    n, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    reps = 20 if device.type == "cuda" else 5
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+class _MatmulShapes(TorchDispatchMode):
+    """Records the (m, k, n) of every matmul dispatched: the shapes the step's ceiling is measured on."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops: dict[tuple[int, int, int], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = getattr(func, "overloadpacket", None)
+        a, b = None, None
+        if packet in (torch.ops.aten.mm, torch.ops.aten.bmm):
+            a, b = args[0], args[1]
+        elif packet in (torch.ops.aten.addmm, torch.ops.aten.baddbmm):
+            a, b = args[1], args[2]
+        if a is not None:
+            m, k, n = a.shape[-2] * (a.shape[0] if a.dim() == 3 else 1), a.shape[-1], b.shape[-1]
+            self.flops[(m, k, n)] = self.flops.get((m, k, n), 0) + 2 * m * k * n
+        return func(*args, **(kwargs or {}))
 
 
-def step_flops(trainer: OnlineTrainer) -> float:
-    """Model FLOPs of one training step: 6 x parameters x tokens (forward 2, backward 4)."""
-    r, m = trainer.cfg.replay, trainer.model
-    tokens = (r.live + r.replayed) * trainer.window * m.grid[0] * m.grid[1]
-    return 6.0 * sum(p.numel() for p in m.parameters()) * tokens
+def count_step_flops(trainer: OnlineTrainer) -> tuple[float, list[tuple[int, int, int]]]:
+    """The model's FLOPs in one training step (forward + backward, as dispatched), and its three costliest
+    matmul shapes: one eager step under FlopCounterMode, outside any timing. Only the DiT's own count is
+    taken (frames encoded by the autoencoder while ingesting are not the model's work)."""
+    shapes = _MatmulShapes()
+    with FlopCounterMode(display=False) as counter, shapes:
+        one_frame(trainer)
+    flops = sum(counter.get_flop_counts().get(VideoDiT.__name__, {}).values())
+    top = sorted(shapes.flops, key=shapes.flops.get, reverse=True)[:3]
+    return float(flops), top
+
+
+def matmul_ceiling(device: torch.device, shapes: list[tuple[int, int, int]], repeats: int) -> tuple[float, str]:
+    """The best matmul rate on the step's own shapes and a large square one, in the configs' dtypes."""
+    big = (4096, 4096, 4096) if device.type == "cuda" else (1024, 1024, 1024)
+    return utils.matmul_ceiling_tflops(device, [*shapes, big], [torch.float32, torch.bfloat16], repeats)
+
+
+def model_parameters(trainer: OnlineTrainer) -> int:
+    return sum(p.numel() for p in trainer.model.parameters())
+
+
+def prime(trainer: OnlineTrainer, warmup: int) -> None:
+    """Fill the live window, then take ``warmup`` steps (compile; the graph is captured after its own warm-up)."""
+    for _ in range(trainer.window - 1):  # fill the live window
+        trainer._ingest(trainer._next_frame())
+    for _ in range(warmup):
+        one_frame(trainer)
 
 
 def measure(trainer: OnlineTrainer, steps: int, warmup: int) -> dict:
+    """frames/s and ms per step over ``steps`` steps timed as one block (the sync-free modes are measured as
+    they run: no host sync between steps), and the CPU peak of tensor bytes over two more steps."""
     device = trainer.device
-    for _ in range(trainer.window - 1):  # fill the live window
-        trainer._ingest(trainer._next_frame())
-    for _ in range(warmup):  # warm up (compile; the graph is captured after its own warm-up steps)
-        one_frame(trainer)
+    prime(trainer, warmup)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,76 +150,111 @@ def measure(trainer: OnlineTrainer, steps: int, warmup: int) -> dict:
                 one_frame(trainer)
         peak = tracker.peak
     return {"frames/s": round(steps / seconds, 2), "ms_per_step": round(1e3 * seconds / steps, 3),
-            "peak_memory_MiB": None if peak is None else round(peak / 2**20, 2),
-            "model_TFLOP/s": round(step_flops(trainer) * steps / seconds / 1e12, 4)}
+            "peak_memory_MiB": None if peak is None else round(peak / 2**20, 2)}
 
 
-def run_benchmark(device=None, preset=None, steps=None, out_path=None, log=print) -> list[dict]:
+def run_benchmark(device=None, preset=None, steps=None, out_path=None, *, smoke=False, log=print) -> list[dict]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     preset = preset or ("small" if on_gpu else "tiny")
-    steps = steps or (200 if on_gpu else 4)
-    rows = []
-    ceiling = matmul_ceiling_tflops(device)
-    base = {"gpu": autotune.device_name(device) if on_gpu else "cpu-smoke", "matmul_ceiling_TFLOP/s": round(ceiling, 3),
-            "date": datetime.date.today().isoformat(), "preset": preset, "batch": 2, "steps": steps}
-    for name, overrides in CONFIGS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                trainer = make_trainer(preset, device, overrides, Path(tmp) / "run")
-                row = {**base, "config": name, "status": "ok", **measure(trainer, steps, warmup=6 if on_gpu else 1)}
-                row["share_of_matmul_ceiling"] = round(row["model_TFLOP/s"] / ceiling, 4)
-            except Exception as err:  # a backend that cannot serve this machine says so in its row
-                row = {**base, "config": name, "status": f"not run because {type(err).__name__}: {err}"}
-        rows.append(row)
+    steps = steps or (2 if smoke else 200 if on_gpu else 4)
+    size = SMOKE_MODEL if smoke else {}
+    rows, flops, shapes = [], None, []
+    base = {"gpu": utils.device_name(device) if on_gpu else "cpu-smoke", "date": utils.today(), "preset": preset,
+            "model": "smoke (width 64, depth 1)" if smoke else preset, "batch": 2, "steps": steps}
+    compile_mode = utils.trace_only_compile() if smoke and not on_gpu else contextlib.nullcontext()
+    with compile_mode:
+        for name, overrides in CONFIGS.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    trainer = make_trainer(preset, device, {**size, **overrides}, Path(tmp) / "run")
+                    row = {**base, "config": name, "status": "ok",
+                           **measure(trainer, steps, warmup=6 if on_gpu and not smoke else 1)}
+                    if flops is None and trainer.cfg.run.step == "eager" and not trainer.cfg.run.compile:
+                        flops, shapes = count_step_flops(trainer)  # the same model and batch in every config
+                except Exception as err:  # a backend that cannot serve this machine says so in its row
+                    row = {**base, "config": name, "status": f"not run because {type(err).__name__}: {err}"}
+            rows.append(row)
+    ceiling, ceiling_at = matmul_ceiling(device, shapes, repeats=3 if smoke else 10)
     eager = next((r for r in rows if r["config"] == "eager-fp32-adamw" and r["status"] == "ok"), None)
     for row in rows:
+        row.update({"matmul_ceiling_TFLOP/s": round(ceiling, 4), "matmul_ceiling_at": ceiling_at})
+        if flops and row["status"] == "ok":
+            row["model_GFLOP_per_step"] = round(flops / 1e9, 4)
+            rate = flops * row["frames/s"] / 1e12
+            row["model_TFLOP/s"] = round(rate, 5)
+            row["share_of_matmul_ceiling"] = round(rate / ceiling, 6)
         if eager and row["status"] == "ok":
             row["speedup_vs_eager_fp32"] = round(row["frames/s"] / eager["frames/s"], 3)
             if row["peak_memory_MiB"] and eager["peak_memory_MiB"]:
                 row["memory_vs_eager_fp32"] = round(row["peak_memory_MiB"] / eager["peak_memory_MiB"], 3)
         log("  ".join(f"{k}={v}" for k, v in row.items() if k != "date"))
     if out_path is not None:
-        write_rows(rows, out_path)
+        utils.write_rows(rows, out_path)
     return rows
 
 
-def default_out_path(device) -> Path | None:
-    return shared_out_path(device, "bench_train_step")
+# ---- pytest (a CPU smoke run of every config; the full run on a GPU) ------------------------------
+
+# smoke sizes: one intra-op thread (conftest.py's fixture; a second thread only spin-waits on tiny ops)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---- pytest (a CPU smoke run of the eager configs; the full run on a GPU) ------------------------
-
-
-def test_train_step_benchmark_rows(benchmark, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
     on_gpu = torch.cuda.is_available()
-    if not on_gpu:  # compiling the model is minutes on 2 cores: the smoke run covers the eager configs
-        monkeypatch.delitem(CONFIGS, "compiled-bf16-bnb8bit")
-        monkeypatch.setitem(CONFIGS, "compiled+graph", {**CONFIGS["compiled+graph"], "run.compile": "false"})
-    rows = benchmark.pedantic(run_benchmark, kwargs={"steps": None if on_gpu else 2, "out_path": tmp_path / "r.json",
-                                                     "log": lambda *_: None}, rounds=1, iterations=1)
+    out = tmp_path_factory.mktemp("train_step") / "r.json"
+    return run_benchmark(smoke=not on_gpu, out_path=out, log=lambda *_: None), out
+
+
+def test_train_step_benchmark_rows(benchmark, smoke_rows):
+    rows, out = benchmark.pedantic(lambda: smoke_rows, rounds=1, iterations=1)
     by_config = {r["config"]: r for r in rows}
-    assert by_config["eager-fp32-adamw"]["status"] == "ok", by_config["eager-fp32-adamw"]
-    assert by_config["eager-bf16-bnb8bit"]["status"] == "ok", by_config["eager-bf16-bnb8bit"]
+    for name in ("eager-fp32-adamw", "eager-bf16-bnb8bit", "compiled-bf16-bnb8bit", "device-bf16-fused8bit"):
+        assert by_config[name]["status"] == "ok", by_config[name]
     assert by_config["eager-fp32-adamw"]["frames/s"] > 0
     assert by_config["eager-fp32-adamw"]["peak_memory_MiB"] > 0
-    assert by_config["device-bf16-fused8bit"]["status"] == "ok", by_config["device-bf16-fused8bit"]
-    if on_gpu:
+    if torch.cuda.is_available():
         assert by_config["compiled+graph"]["status"] == "ok", by_config["compiled+graph"]
     else:  # said why, not skipped silently
         assert "CUDA graphs need a CUDA device" in by_config["compiled+graph"]["status"]
-    assert (tmp_path / "r.csv").exists()
+    assert out.with_suffix(".csv").exists()
+
+
+def test_no_share_exceeds_its_ceiling(smoke_rows):
+    """Every timed config's model FLOP rate is a share of the ceiling in (0, 1]: the FLOPs are the step's own
+    and the ceiling is measured on the step's own matmul shapes (the count used to be 6 x parameters x tokens,
+    multiplying the per-frame adaLN and timestep MLP by every token, against one 512^3 fp32 matmul: 166%)."""
+    rows, _ = smoke_rows
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert timed and all(0 < r["share_of_matmul_ceiling"] <= 1.0 for r in timed), timed
+    assert not utils.share_violations(rows)
+
+
+def test_share_check_catches_an_inflated_flop_count(smoke_rows, monkeypatch):
+    """Mutation check: the same run claiming more FLOPs than it does (x10, or more where the smoke model's
+    share is tiny, enough for its true share to read above 1) must fail the share check."""
+    rows, _ = smoke_rows
+    share = next(r for r in rows if r["config"] == "eager-fp32-adamw")["share_of_matmul_ceiling"]
+    factor, real = max(10.0, 2.0 / share), count_step_flops
+
+    def inflated_count(trainer):
+        flops, shapes = real(trainer)
+        return factor * flops, shapes
+
+    monkeypatch.setitem(globals(), "count_step_flops", inflated_count)
+    for name in [n for n in CONFIGS if n != "eager-fp32-adamw"]:
+        monkeypatch.delitem(CONFIGS, name)
+    inflated = run_benchmark(smoke=not torch.cuda.is_available(), log=lambda *_: None)
+    assert utils.share_violations(inflated), inflated
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = utils.parser(__doc__)
     parser.add_argument("--preset", default=None, help="default: small on a GPU, tiny on a CPU")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default=None, help="rows .json (+ .csv beside it)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_benchmark(device, args.preset, args.steps, args.out or default_out_path(device))
+    run = utils.resolve(args, "bench_train_step", repeats=0, smoke_repeats=0)
+    run_benchmark(run.device, args.preset, run.repeats or None, run.out, smoke=run.smoke)
     return 0
 
 

@@ -1,15 +1,13 @@
-"""`fastdiff bench`, `fastdiff profile`, `fastdiff tune` and the reference comparison, at smoke sizes on CPU."""
+"""`fastdiff bench`, `fastdiff profile` and `fastdiff tune`, at smoke sizes on CPU (the reference comparison,
+bench/compare_lifelong_vdm.py, has its own tests/test_compare_lifelong_vdm.py)."""
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from fastdiff.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
+from fastdiff.commands import bench
 
 
 def test_profile_writes_a_trace_and_a_top_ops_table(tmp_path, capsys):
@@ -33,8 +31,26 @@ def test_bench_runs_a_component_benchmark_and_says_it_is_a_smoke_run(tmp_path, c
     assert code == 0, printed
     if not torch.cuda.is_available():
         assert "smoke sizes" in printed
-    assert (tmp_path / "bench_streams.json").exists()
+    assert (tmp_path / "bench_streams.json").exists() and (tmp_path / "bench_streams.csv").exists()
     assert main(["bench", "--only", "nothing-matches"]) == 2
+
+
+def test_bench_passes_every_benchmark_the_same_flags(tmp_path, monkeypatch, capsys):
+    """No per-benchmark special cases: each script gets --device, --out <folder>/bench_<name>.json, --smoke
+    without a GPU, and --repeats when given."""
+    calls = []
+
+    def record(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--out", str(tmp_path), "--repeats", "3"]) == 0
+    assert [c[1].rsplit("/", 1)[-1] for c in calls] == [f"bench_{name}.py" for name in bench.BENCHES]
+    for cmd, name in zip(calls, bench.BENCHES):
+        assert cmd[2:] == ["--device", "cpu", "--out", str(tmp_path / f"bench_{name}.json"), "--smoke",
+                           "--repeats", "3"]
 
 
 def test_tune_needs_a_gpu_and_says_so(capsys):
@@ -42,9 +58,3 @@ def test_tune_needs_a_gpu_and_says_so(capsys):
         return
     assert main(["tune", "adaln"]) == 1
     assert "no CUDA device" in capsys.readouterr().err
-
-
-def test_reference_comparison_refuses_a_folder_that_is_not_a_checkout(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_lifelong_vdm.py"), "--repo", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "not a lifelong-vdm checkout" in done.stderr

@@ -2,12 +2,15 @@
 
 Each benchmark in bench/ runs in its own process (ours vs eager, torch.compile, SDPA / xformers /
 bitsandbytes as fits; ratios, GB/s or TFLOP/s and the share of the device's measured ceiling) and writes
-its rows as JSON + CSV. On a GPU the rows go to profiles/<gpu>/; without one every benchmark runs at smoke
-sizes, which time nothing worth keeping, and the rows go to runs/bench-cpu-smoke/.
+its rows as JSON + CSV. Every benchmark takes the same flags (bench/utils.py): --device, --out FILE.json,
+--smoke and --repeats, passed alike to all. On a GPU the rows go to profiles/<gpu>/; without one every
+benchmark runs with --smoke (tiny sizes: it checks every code path runs, in about a minute, and times
+nothing worth keeping) and the rows go to runs/bench-cpu-smoke/.
 
 examples:
   fastdiff bench
-  fastdiff bench --only train_step attention --steps 500
+  fastdiff bench --only train_step attention --repeats 500
+  fastdiff bench --smoke                                  # on a GPU too: seconds per benchmark
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ BENCHES = ("streams", "temporal_attention", "noise_schedule", "adaln_modulate", 
 
 def add_arguments(p) -> None:
     p.add_argument("--only", nargs="+", metavar="NAME", help=f"a subset of {', '.join(BENCHES)} (substrings match)")
-    p.add_argument("--steps", type=int, help="end-to-end steps to time (default: 200 on a GPU, 3 on a CPU)")
+    p.add_argument("--repeats", type=int, help="timed repetitions per measurement, passed to every benchmark (the "
+                                               "end-to-end benchmark's timed steps); default: each benchmark's own")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on a GPU too (always so without one)")
     p.add_argument("--out", help="folder for the rows (default: profiles/<gpu>/ or runs/bench-cpu-smoke/)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per benchmark")
 
@@ -56,24 +61,19 @@ def run(args) -> int:
         print(f"fastdiff bench: --only {args.only} matches none of {', '.join(BENCHES)}", file=sys.stderr)
         return 2
     on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    smoke = args.smoke or not on_gpu
     if on_gpu:
         out = Path(args.out or autotune.profiles_root() / autotune.slug(autotune.device_name(torch.device("cuda"))))
     else:
         out = Path(args.out or "runs/bench-cpu-smoke")
-        print("no GPU: every benchmark runs at smoke sizes (it checks the benchmarks run; its timings mean nothing)")
+        print("no GPU: every benchmark runs at smoke sizes (it checks every code path runs; its timings mean nothing)")
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in names:
-        rows = out / f"bench_{name}.json"
-        cmd = [sys.executable, str(folder / f"bench_{name}.py")]
-        if name == "streams":
-            cmd += ["--frames", "100000" if on_gpu else "5000", "--json", str(rows)]
-        elif name == "sampling":
-            cmd += ["--frames", "200" if on_gpu else "20", "--out", str(out / "sampling")]
-        else:
-            cmd += ["--out", str(rows)]
-        if name == "train_step" and args.steps:
-            cmd += ["--steps", str(args.steps)]
+        cmd = [sys.executable, str(folder / f"bench_{name}.py"), "--device", device,
+               "--out", str(out / f"bench_{name}.json"), *["--smoke"] * smoke,
+               *(["--repeats", str(args.repeats)] if args.repeats else [])]
         started = time.perf_counter()
         print(f"--- bench_{name} ...", flush=True)
         try:
@@ -97,10 +97,13 @@ def run(args) -> int:
 def print_step_table(rows: list[dict]) -> None:
     cols = (("config", "{}"), ("frames/s", "{:.1f}"), ("ms_per_step", "{:.2f}"), ("peak_memory_MiB", "{:.0f}"),
             ("speedup_vs_eager_fp32", "{:.2f}x"), ("memory_vs_eager_fp32", "{:.2f}x"),
-            ("model_TFLOP/s", "{:.3f}"), ("share_of_matmul_ceiling", "{:.1%}"))
+            ("model_TFLOP/s", "{:.4f}"), ("share_of_matmul_ceiling", "{:.2%}"))
     if rows:
-        print(f"\nend-to-end online step on {rows[0].get('gpu')} (preset {rows[0].get('preset')}, batch "
-              f"{rows[0].get('batch')}; frames/s = steps/s, one step per frame)")
+        first = rows[0]
+        print(f"\nend-to-end online step on {first.get('gpu')} (model {first.get('model', first.get('preset'))}, "
+              f"batch {first.get('batch')}; frames/s = steps/s, one step per frame; model FLOPs counted over one "
+              f"step, {first.get('model_GFLOP_per_step', '?')} GFLOP; matmul ceiling "
+              f"{first.get('matmul_ceiling_TFLOP/s', '?')} TFLOP/s at {first.get('matmul_ceiling_at', '?')})")
     print("| " + " | ".join(c for c, _ in cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
