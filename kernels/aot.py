@@ -355,6 +355,26 @@ FAMILIES = {f.name: f for f in (
 )}
 
 
+def _tile_size(spec: Spec) -> float:
+    """Rough bytes of a program's tile per warp: the sweep's order of risk."""
+    import torch
+
+    tile = math.prod(v for k, v in spec.config.items() if k.startswith("BLOCK"))
+    dims = math.prod(v for v in spec.shape.values() if isinstance(v, int) and not isinstance(v, bool))
+    itemsize = torch.empty((), dtype=_torch_dtype(spec.dtype)).element_size()
+    return tile * dims * itemsize / spec.config.get("num_warps", 4)
+
+
+def _family(spec: Spec) -> tuple:
+    """Specs that differ only in their tile (BLOCK_*): compile time grows with the tile."""
+    rest = sorted((k, v) for k, v in spec.config.items() if not k.startswith("BLOCK"))
+    return (spec.kernel, spec.key, json.dumps(spec.shape, sort_keys=True), spec.dtype, spec.arch, tuple(rest))
+
+
+def _tile(spec: Spec) -> int:
+    return math.prod(v for k, v in spec.config.items() if k.startswith("BLOCK"))
+
+
 def all_specs(subset: str = "all", archs: Iterable[int] = tuple(SHARED_LIMIT), small: bool = False,
               kernels: Iterable[str] | None = None) -> list[Spec]:
     """Specs of the sweep: ``subset`` 'defaults' (what an untuned GPU runs) or 'all' (also every tuning
@@ -364,11 +384,12 @@ def all_specs(subset: str = "all", archs: Iterable[int] = tuple(SHARED_LIMIT), s
     for name, family in FAMILIES.items():
         if kernels is None or name in kernels:
             specs += family.enumerate(subset, archs, small)
-    # Defaults first, then the candidates round-robin over (kernel, arch): a sweep cut short by its
+    # Defaults first, then the candidates round-robin over (kernel, arch), smaller tiles first (so that a
+    # timeout can stand for the larger tiles of its family, see run_specs): a sweep cut short by its
     # deadline has every default and an even share of every kernel's candidates.
     rank: dict[tuple, int] = {}
     order = []
-    for s in _merge(specs):
+    for s in sorted(_merge(specs), key=_tile_size):
         group = (s.kernel, s.arch, "candidate" not in s.roles or len(s.roles) > 1)
         rank[group] = rank.get(group, -1) + 1
         order.append((not group[2], rank[group], s))
@@ -609,8 +630,24 @@ def run_specs(specs: list[Spec], jobs: int = 2, timeout: float = DEFAULT_TIMEOUT
         workers.append(w)
         return w
 
+    slow: dict[tuple, int] = {}  # family -> smallest tile that timed out
+
+    def inferred_timeout(spec: Spec) -> bool:
+        """A larger tile of a family whose smaller tile already timed out is recorded as a timeout
+        without compiling it (minutes each otherwise); the record says so."""
+        limit = slow.get(_family(spec))
+        if limit is None or _tile(spec) < limit:
+            return False
+        results[index_of[id(spec)]] = judge(_result(
+            spec, status="timeout", inferred=True, compile_s=None, cached=False, timeout_s=timeout,
+            error=f"not compiled: a smaller tile of this config family (tile {limit}) did not compile in {timeout:g} s"))
+        return True
+
     def feed(w: _Worker):
         nonlocal done
+        while pending and inferred_timeout(pending[-1][1]):
+            pending.pop()
+            done += 1
         if pending and deadline_s is not None and time.monotonic() - begin > deadline_s:
             for i, spec in pending:
                 results[i] = judge(_result(spec, status="not_run", error=f"sweep deadline ({deadline_s:g} s) passed",
@@ -623,6 +660,8 @@ def run_specs(specs: list[Spec], jobs: int = 2, timeout: float = DEFAULT_TIMEOUT
             w.spec = None
 
     def timeout_record(spec: Spec, key: str | None) -> dict:
+        family = _family(spec)
+        slow[family] = min(slow.get(family, _tile(spec)), _tile(spec))
         fields = {"status": "timeout", "error": f"compile did not finish in {timeout:g} s", "compile_s": timeout,
                   "compile_key": key, "timeout_s": timeout}
         if key is not None:  # later specs with the same compile key time out without another attempt
@@ -662,6 +701,9 @@ def run_specs(specs: list[Spec], jobs: int = 2, timeout: float = DEFAULT_TIMEOUT
                     elif "key" in msg:
                         w.key = msg["key"]
                     elif "record" in msg:
+                        if msg["record"]["status"] == "timeout":  # from the cache: an earlier run's timeout
+                            family = _family(w.spec)
+                            slow[family] = min(slow.get(family, _tile(w.spec)), _tile(w.spec))
                         results[index_of[id(w.spec)]] = msg["record"]
                         done += 1
                         feed(w)
@@ -760,7 +802,10 @@ def table_entries(records: list[dict]) -> dict:
                                                                                   fields)), default=None)
             if clean:
                 pick = min(clean, key=lambda r: _closeness(r["config"], heuristic["config"], fields))
-            if pick is not None:
+            if pick is None:  # no compiled candidate of this shape launches here: say so, keep the heuristic
+                entry["no_default"] = f"heuristic {config_id(heuristic['config'], fields)}: {_why_bad(heuristic)}; " \
+                                      "no compiled candidate compiles and fits"
+            else:
                 entry["default"] = {f: int(pick["config"][f]) for f in fields if f in pick["config"]}
                 entry["replaces"] = config_id(heuristic["config"], fields)
                 entry["reason"] = _why_bad(heuristic)
@@ -774,9 +819,9 @@ def table_entries(records: list[dict]) -> dict:
 
 def _spill_reason(op: str, key: str, pool: list[dict]) -> str:
     least = min(pool, key=lambda r: r["spill_bytes"])
-    return (f"every candidate that fits spills (least: {config_id_text(least)} with {least['spill_bytes']:,} B at "
-            f"{least['registers']} registers): the smallest tile of this shape already needs more than the "
-            f"255 registers a thread can have")
+    return (f"every compiled candidate that fits spills, the least {config_id_text(least)} with "
+            f"{least['spill_bytes']:,} B at {least['registers']} registers: one program's smallest tile of this shape "
+            "already holds more live values than a thread's registers")
 
 
 def config_id_text(record: dict) -> str:
@@ -800,12 +845,20 @@ def build_table(out_dir: Path) -> dict:
     return table
 
 
+TABLE_HEADER = '''"""Generated by `python -m fastdiff_kernels.aot` from profiles/aot/*.json; do not edit by hand.
+
+TABLE[triton minor version][arch][op][config key] = {"rejected": [config ids], "default": config, ...}; read
+by fastdiff_kernels.autotune (aot_allowed, aot_default). See profiles/README.md, "AOT compile table".
+"""
+
+'''
+
+
 def write_table_module(table: dict, path: Path | None = None) -> Path:
     import pprint
 
     path = path or Path(__file__).resolve().parent / "aot_table.py"
-    head = path.read_text().split("TABLE")[0] if path.exists() else '"""AOT table."""\n\n'
-    text = head + "TABLE: dict = " + pprint.pformat(table, width=118, sort_dicts=True) + "\n"
+    text = TABLE_HEADER + "TABLE: dict = " + pprint.pformat(table, width=118, sort_dicts=True) + "\n"
     tmp = path.with_suffix(".py.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -881,7 +934,10 @@ def markdown_report(data: dict, entries: dict) -> str:
     unique = {r.get("compile_key") for r in records if r.get("compile_key")}
     total_s = sum(r.get("compile_s") or 0 for r in records if not r.get("cached"))
     out.append(f"{len(records)} specs, {len(unique)} distinct binaries; {total_s:,.0f} s of compiling in this run "
-               f"({sum(bool(r.get('cached')) for r in records)} records from the cache).\n\n")
+               f"({sum(bool(r.get('cached')) for r in records)} records from the cache). "
+               f"{sum(bool(r.get('inferred')) for r in records)} of the timeouts are inferred, not compiled: a larger "
+               "tile of a config family (same kernel, shape, dtype, arch, warps) whose smaller tile already timed "
+               "out.\n\n")
     if full:
         out.append("## Before pruning: every spec (heuristic defaults and all tuning candidates)\n\n")
         out.append(markdown_table(records))
@@ -902,6 +958,12 @@ def markdown_report(data: dict, entries: dict) -> str:
         out.append(f"- {op} `{key}` on sm_{arch}: `{e['replaces']}` ({e['reason']}) -> `{new}`"
                    + (f" (still spills {e['unavoidable_spill_bytes']:,} B)" if "unavoidable_spill_bytes" in e else "")
                    + "\n")
+    stuck = [(arch, op, key, e) for arch, ops in sorted(entries.items()) for op, keys in sorted(ops.items())
+             for key, e in sorted(keys.items()) if "no_default" in e]
+    if stuck:
+        out.append("\n## Shapes with no config that launches on an arch\n\n")
+        for arch, op, key, e in stuck:
+            out.append(f"- {op} `{key}` on sm_{arch}: {e['no_default']}\n")
     spills = [(arch, op, key, e) for arch, op, key, e in changed if "unavoidable_spill_bytes" in e]
     out.append("\n## Shapes that cannot avoid spilling\n\n")
     out.append("None: every shape has a default that compiles, fits and does not spill.\n" if not spills else "")

@@ -4,7 +4,9 @@ Every op works on latent clips ``(B, K, C, H, W)`` with one noise level per fram
 (DESIGN decision 1). Each Triton kernel runs on a 2-D grid: frames on axis 0 (the large count, no
 65,535 limit there), chunks of ``BLOCK`` elements of one frame's ``C*H*W`` on axis 1. A program
 loads its frame's coefficients once and streams its chunk: one read of each input, one write of
-each output, fp32 math whatever the storage dtype (fp32 / bf16 / fp16).
+each output, fp32 math whatever the storage dtype (fp32 / bf16 / fp16). BLOCK follows the frame size
+(a power of two, 16..2048) and the warps follow BLOCK (8 from 2048), except where the AOT compile sweep
+found that spilling on a GPU arch with this Triton version (fastdiff_kernels.aot_table; see _config).
 
 Formulas (a = alpha = sqrt(alpha_bar), s = sigma = sqrt(1 - alpha_bar), eps ~ N(0, 1)):
 
