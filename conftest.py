@@ -42,3 +42,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_backend():
+    """Every op on its Triton kernel (in the interpreter on CPU tensors): opt in per test module."""
+    from fastdiff_kernels import dispatch
+
+    with dispatch.backend_override("triton"):
+        yield
+
+
+def _nan_empty(shape, dtype=None, device=None):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(module): every buffer the module's Triton path allocates (its `_empty`) starts as NaN, so an element
+    a kernel fails to write shows up in the comparison."""
+    return lambda module: monkeypatch.setattr(module, "_empty", _nan_empty)

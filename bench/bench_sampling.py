@@ -27,21 +27,19 @@ from torch import nn
 
 from fastdiff.config import Config
 from fastdiff.diffusion import Schedule
+from fastdiff.evaluate import autoregressive_pattern, heldout_windows, pattern_loss
 from fastdiff.lora import FastLearner, remove_temporal_lora
+from fastdiff.memory import TensorMemoryTracker
 from fastdiff.metrics import balls_metrics
 from fastdiff.models.autoencoder import FrameAutoencoder
 from fastdiff.models.dit import VideoDiT
 from fastdiff.sampling import (
     LoadedRun,
     SampleOptions,
-    TensorMemoryTracker,
-    autoregressive_pattern,
     context_frames,
     fifo_plan,
     generate_latents,
-    heldout_clips,
     load_run,
-    pattern_loss,
     sample_video,
 )
 
@@ -128,7 +126,7 @@ def compare(run_dir: str, frames: int, device: str, seed: int = 0, only: str | N
     context = context_frames(run, n_obs)
     with torch.no_grad():
         context_latents = run.autoencoder.encode(torch.from_numpy(context).to(run.device))[None]
-        clips = heldout_clips(run, 32, start=5000)
+        clips = heldout_windows(run, 32, start=5000)
     truth = context_frames(run, frames)
     rows = {"held-out stream (ground truth)": {"balls": balls_metrics(truth, run.window)}}
     balls = rows["held-out stream (ground truth)"]["balls"]["balls"]

@@ -277,10 +277,16 @@ def test_gpu_sweep():
 def main(argv=None) -> int:
     parser = utils.parser(__doc__)
     parser.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--sequences", type=int, nargs="+", help="time these sequence counts only (with --frames, "
+                                                                 "--head-dim), e.g. 70000 300000")
+    parser.add_argument("--frames", type=int, default=16, help="T of the --sequences cases")
+    parser.add_argument("--head-dim", type=int, default=64, help="D of the --sequences cases")
     args = parser.parse_args(argv)
     run = utils.resolve(args, "bench_temporal_attention")
     on_gpu = run.device.type == "cuda"
     sizes = (GPU_REPRESENTATIVE if on_gpu else CPU_SMOKE) if run.smoke else None
+    if args.sequences:
+        sizes = [{"sequences": n, "T": args.frames, "D": args.head_dim} for n in args.sequences]
     with utils.smoke_compile(run):
         run_benchmark(run.device, sizes, run.out, impls=args.impls.split(",") if args.impls else None,
                       repeats=run.repeats)

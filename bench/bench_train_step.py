@@ -66,13 +66,7 @@ def make_trainer(preset: str, device: torch.device, overrides: dict, run_dir: Pa
 
 
 def one_frame(trainer: OnlineTrainer) -> None:
-    frame = trainer._next_frame()
-    trainer._ingest(frame)
-    if trainer.fast is not None:
-        trainer.fast.step()
-    else:
-        trainer.train_step(trainer._live_windows())
-        trainer._insert_live()
+    trainer.advance()
 
 
 class _MatmulShapes(TorchDispatchMode):
@@ -114,13 +108,13 @@ def matmul_ceiling(device: torch.device, shapes: list[tuple[int, int, int]], rep
 
 
 def model_parameters(trainer: OnlineTrainer) -> int:
-    return sum(p.numel() for p in trainer.model.parameters())
+    return sum(p.numel() for p in trainer.step.model.parameters())
 
 
 def prime(trainer: OnlineTrainer, warmup: int) -> None:
     """Fill the live window, then take ``warmup`` steps (compile; the graph is captured after its own warm-up)."""
-    for _ in range(trainer.window - 1):  # fill the live window
-        trainer._ingest(trainer._next_frame())
+    while not trainer.step.ready:  # fill the live window (its last frame takes the first step)
+        trainer.advance()
     for _ in range(warmup):
         one_frame(trainer)
 
@@ -143,7 +137,7 @@ def measure(trainer: OnlineTrainer, steps: int, warmup: int) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     elif not trainer.cfg.run.compile:  # CPU: count tensor bytes over two more steps, outside the timing
-        from fastdiff.sampling import TensorMemoryTracker
+        from fastdiff.memory import TensorMemoryTracker
 
         with TensorMemoryTracker() as tracker:
             for _ in range(2):

@@ -74,6 +74,16 @@ def save_checkpoint(state: dict, directory: Path, frame: int, keep: int) -> Path
     return path
 
 
+def remove_interrupted_writes(directory: Path) -> int:
+    """Delete the temp files of checkpoint writes a kill cut short (their rename never happened, so nothing refers
+    to them). Only the run's own trainer may call this, before it writes again: a temp file can also be a write
+    in progress."""
+    stale = list(Path(directory).glob(".ckpt_*.tmp")) if Path(directory).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def load_latest(directory: Path, map_location="cpu", log=print) -> tuple[dict, Path]:
     """The newest checkpoint that loads; corrupt ones are reported and skipped."""
     candidates = list_checkpoints(directory)

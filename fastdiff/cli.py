@@ -18,12 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"fastdiff.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"fastdiff.commands.{name}":
-                continue  # command not built in this checkout
-            raise
+        module = importlib.import_module(f"fastdiff.commands.{name}")
         p = sub.add_parser(
             name, help=module.HELP, description=module.__doc__ or module.HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter,

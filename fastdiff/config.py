@@ -17,8 +17,19 @@ except ModuleNotFoundError:  # python < 3.11
     import tomli as tomllib
 
 
+from fastdiff_kernels.dispatch import BACKENDS as KERNEL_BACKENDS
+
+
 class ConfigError(ValueError):
     """An invalid configuration; the message names the field."""
+
+
+# Every choice list, once: argparse, validation and the code that branches on them all read these.
+STEP_MODES = ("eager", "device", "graph")  # run.step (fastdiff/step.py)
+STRATEGIES = ("er", "none", "full", "offline", "gen-distill")  # replay.strategy (fastdiff/strategies.py)
+OPTIMIZERS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")  # optim.name besides auto (fastdiff/optim.py)
+DEVICE_SKIP_OPTIMIZERS = ("adamw", "adamw8bit-fused")  # the ones that skip a non-finite step on the device
+SAMPLE_MODES = ("autoregressive", "fifo")  # fastdiff sample --mode (fastdiff/sampling.py)
 
 
 @dataclass
@@ -87,6 +98,7 @@ class OptimConfig:
 class RunConfig:
     stream: str = "balls-o"
     streams: str = ""  # one stream per rank under torchrun, ";"-separated (fastdiff/distributed.py)
+    stream_options: str = ""  # the stream's own options, "key=value;key=value" (fastdiff/streams: parse_stream_options)
     frames: int = 0  # frames to train on (0: the preset's default)
     stream_frames: int = 0  # the stream's nominal length (drift of balls-c completes over it); 0: = frames
     window: int = 0  # K; 0: the stream's natural window (balls 10, maze 20)
@@ -108,6 +120,7 @@ class RunConfig:
     nan_policy: str = "skip"  # skip (count and go on) or stop
     disk_full_policy: str = "continue"  # continue (report, keep the old checkpoint) or stop
     progress: bool = True
+    threads: int = 0  # intra-op CPU threads; 0: the cores this process may run on (fastdiff/build.py)
 
 
 @dataclass
@@ -175,13 +188,13 @@ CHOICES = {
     "diffusion.prediction": ("eps", "v"),
     "diffusion.loss_weight": ("uniform", "min-snr"),
     "diffusion.sampler": ("ddim", "heun"),
-    "replay.strategy": ("er", "none", "full", "offline", "gen-distill"),
+    "replay.strategy": STRATEGIES,
     "replay.storage": ("latent", "pixel"),
-    "optim.name": ("auto", "adamw8bit-bnb", "adamw8bit-fused", "adamw"),
+    "optim.name": ("auto", *OPTIMIZERS),
     "run.precision": ("auto", "bf16", "fp32"),
-    "run.kernels": ("auto", "triton", "reference", "sdpa", "xformers"),
+    "run.kernels": KERNEL_BACKENDS,
     "run.nan_policy": ("skip", "stop"),
-    "run.step": ("eager", "device", "graph"),
+    "run.step": STEP_MODES,
     "run.disk_full_policy": ("continue", "stop"),
 }
 
@@ -299,7 +312,17 @@ def default_preset() -> str:
     return "tiny"
 
 
+def optimizer_name(cfg: Config) -> str:
+    """optim.name with `auto` resolved: bitsandbytes' 8-bit AdamW for the eager step; the sync-free step needs
+    an optimizer that skips on the device: ours."""
+    if cfg.optim.name != "auto":
+        return cfg.optim.name
+    return "adamw8bit-bnb" if cfg.run.step == "eager" else "adamw8bit-fused"
+
+
 def validate(cfg: Config) -> None:
+    """Refuse a bad config before any work, naming the field. Checks that need the machine (a CUDA device, free
+    memory, the number of ranks) are made where the machine is known: fastdiff/build.py, step.py, distributed.py."""
     for dotted, allowed in CHOICES.items():
         section, name = _section_and_field(cfg, dotted)
         if getattr(section, name) not in allowed:
@@ -354,3 +377,21 @@ def validate(cfg: Config) -> None:
         )
     if cfg.run.window == 1:
         raise ConfigError("run.window: a window needs at least 2 frames (observed + generated)")
+    _check_step_mode(cfg)
+
+
+def _check_step_mode(cfg: Config) -> None:
+    mode, optimizer = cfg.run.step, optimizer_name(cfg)
+    if mode == "eager":
+        return
+    if optimizer not in DEVICE_SKIP_OPTIMIZERS:
+        raise ConfigError(
+            f"run.step={mode} with optim.name={optimizer} not supported because that optimizer cannot skip a "
+            "non-finite step on the device (bitsandbytes' 8-bit step synchronises per parameter); use "
+            "optim.name=adamw8bit-fused (same 8-bit state) or adamw")
+    if mode == "graph" and cfg.replay.strategy == "gen-distill":
+        raise ConfigError("run.step=graph with replay.strategy=gen-distill not supported because the teacher is "
+                          "replaced on every refresh, which a captured graph cannot see; use run.step=device")
+    if mode == "graph" and cfg.run.nan_policy == "stop":
+        raise ConfigError("run.step=graph with run.nan_policy=stop not supported because stopping at once needs a "
+                          "host sync every step; use nan_policy=skip (skips are counted and reported)")

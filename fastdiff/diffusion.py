@@ -8,6 +8,7 @@ so x_t = alpha[t] x0 + sigma[t] eps.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,6 @@ class Schedule:
     def timesteps(self) -> int:
         return self.alpha.numel()
 
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        return (self.alpha[t] / self.sigma[t]) ** 2
-
     def ve_sigma(self) -> torch.Tensor:
         """EDM's sigma for each discrete t: the noise-to-signal ratio sigma/alpha (increasing in t)."""
         return self.sigma / self.alpha
@@ -60,7 +58,7 @@ class Schedule:
 
 def sample_training_levels(batch: int, frames: int, timesteps: int, paper_prob: float,
                            generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-frame timesteps (B, K) and observed mask (B, K) for training (decision 1).
+    """Per-frame timesteps (B, K) and observed mask (B, K) for training.
 
     With probability `paper_prob` a window follows the paper: first K/2 frames observed, the rest share
     one noise level. Otherwise every frame draws its own level and a random clean prefix of 0..K/2
@@ -77,22 +75,34 @@ def sample_training_levels(batch: int, frames: int, timesteps: int, paper_prob: 
 
 
 def frame_weights(t: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig) -> torch.Tensor:
+    """Per-frame loss weights (B, K): uniform, or min-SNR-gamma (Hang et al. 2023) for the prediction target."""
     if cfg.loss_weight == "uniform":
-        return torch.ones(t.shape, device=t.device)
-    snr = schedule.snr(t)
-    clipped = snr.clamp(max=cfg.min_snr_gamma)
-    return clipped / snr if cfg.prediction == "eps" else clipped / (snr + 1)  # min-SNR-gamma
+        return ops.uniform_weight(t)
+    return ops.min_snr_weight(t, schedule.alpha, schedule.sigma, gamma=cfg.min_snr_gamma, prediction=cfg.prediction)
+
+
+def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: torch.Tensor, schedule: Schedule,
+                          prediction: str, generator: torch.Generator | None, *, weight: torch.Tensor | None = None,
+                          excluded: torch.Tensor | None = None, retarget=None) -> torch.Tensor:
+    """The loss every caller trains or measures with: noise clean clips x0 (B, K, C, H, W) to per-frame levels t
+    (B, K), observed frames kept clean, predict, and take the (weighted) MSE over the frames that are neither
+    observed nor `excluded`. `retarget(x_t, target)` may replace the regression target (generative
+    distillation regresses onto its teacher)."""
+    x_t, target = ops.add_noise(x0, t, observed, schedule.alpha, schedule.sigma, generator=generator,
+                                prediction=prediction)
+    if retarget is not None:
+        target = retarget(x_t, target)
+    pred = model(x_t, t.float(), observed)
+    return ops.frame_mse_loss(pred, target, weight, observed if excluded is None else observed | excluded)
 
 
 def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
                   generator: torch.Generator) -> torch.Tensor:
-    """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W)."""
+    """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels."""
     b, k = x0.shape[:2]
     t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device)
-    x_t, target = ops.add_noise(x0, t, observed, schedule.alpha, schedule.sigma, generator=generator,
-                                prediction=cfg.prediction)
-    pred = model(x_t, t.float(), observed)
-    return ops.frame_mse_loss(pred, target, frame_weights(t, schedule, cfg), observed)
+    return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator,
+                                 weight=frame_weights(t, schedule, cfg))
 
 
 @torch.no_grad()
@@ -101,14 +111,11 @@ def loss_at_levels(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCo
     """Unweighted loss at fixed noise levels (evaluation): returns (len(levels),)."""
     b, k = x0.shape[:2]
     observed = (torch.arange(k, device=x0.device) < n_observed).expand(b, k)
-    losses = []
-    for level in levels:
-        t = torch.full((b, k), level, device=x0.device, dtype=torch.long).masked_fill(observed, 0)
-        x_t, target = ops.add_noise(x0, t, observed, schedule.alpha, schedule.sigma, generator=generator,
-                                    prediction=cfg.prediction)
-        pred = model(x_t, t.float(), observed)
-        losses.append(ops.frame_mse_loss(pred, target, torch.ones(b, k, device=x0.device), observed))
-    return torch.stack(losses)
+    ones = torch.ones(b, k, device=x0.device)
+    return torch.stack([
+        masked_diffusion_loss(model, x0, torch.full((b, k), level, device=x0.device, dtype=torch.long)
+                              .masked_fill(observed, 0), observed, schedule, cfg.prediction, generator, weight=ones)
+        for level in levels])
 
 
 def predict_x0_eps(model_out, x_t, a, s, prediction: str):
@@ -151,7 +158,11 @@ def heun_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
                 s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0,
                 sigma_min: float = 0.002, sigma_max: float = 1000.0, rho: float = 7.0) -> torch.Tensor:
     """The EDM stochastic Heun sampler (Karras et al. 2022, Alg. 2), the paper's default
-    `heun-80-inf-0-1-1000-0.002-7-50`, run on the VP model through x_ve = x / alpha."""
+    `heun-80-inf-0-1-1000-0.002-7-50`, run on the VP model through x_ve = x / alpha.
+
+    The per-element math is the fused per-frame EDM kernels (fastdiff_kernels.noise_schedule: predictor,
+    corrector and the next step's churn in one pass each); observed frames have sigma 0 throughout, which those
+    steps leave untouched."""
     b, k = clip.shape[:2]
     device = clip.device
     obs5 = observed[:, :, None, None, None]
@@ -161,57 +172,84 @@ def heun_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     i = torch.arange(steps, device=device, dtype=torch.float64)
     sigmas = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     sigmas = torch.cat([sigmas.float(), torch.zeros(1, device=device)])
+    churn = {"S_churn": s_churn, "S_min": s_min, "S_max": s_max, "S_noise": s_noise, "num_steps": steps}
 
-    def denoise(x_ve, sig):
-        t = schedule.t_from_ve_sigma(torch.full((b, k), float(sig), device=device)).masked_fill(observed, 0)
-        a = 1.0 / math.sqrt(1.0 + float(sig) ** 2)
+    def per_frame(level: float) -> torch.Tensor:  # (B, K): the level on generated frames, 0 on observed ones
+        return torch.full((b, k), level, device=device).masked_fill(observed, 0.0)
+
+    def noise():
+        return torch.randn(clip.shape, generator=generator, device=device)
+
+    def denoise(x_ve, sig):  # D(x; sigma) of the VP model, per frame
+        t = schedule.t_from_ve_sigma(sig).masked_fill(observed, 0)
+        a = (1.0 / (1.0 + sig**2).sqrt())[..., None, None, None]
         x_vp = torch.where(obs5, clip, x_ve * a)
-        out = model(x_vp, t, observed).float()
-        x0, _ = predict_x0_eps(out, x_vp, a, a * float(sig), prediction)
+        x0, _ = predict_x0_eps(model(x_vp, t, observed).float(), x_vp, a, a * sig[..., None, None, None],
+                               prediction)
         return torch.where(obs5, clip, x0)
 
-    x = torch.randn(clip.shape, generator=generator, device=device) * sigmas[0]
+    x = noise() * sigmas[0]
+    x, sig_hat = ops.edm_churn(x, per_frame(float(sigmas[0])), noise=noise() if s_churn > 0 else None, **churn)
     for n in range(steps):
-        sig, sig_next = float(sigmas[n]), float(sigmas[n + 1])
-        gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_min <= sig <= s_max else 0.0
-        sig_hat = sig * (1 + gamma)
-        if gamma > 0:
-            x = x + math.sqrt(sig_hat**2 - sig**2) * s_noise * torch.randn(x.shape, generator=generator, device=device)
-        d = (x - denoise(x, sig_hat)) / sig_hat
-        x_next = x + (sig_next - sig_hat) * d
-        if sig_next > 0:  # second-order correction
-            d2 = (x_next - denoise(x_next, sig_next)) / sig_next
-            x_next = x + (sig_next - sig_hat) * 0.5 * (d + d2)
-        x = x_next
+        sig_next = per_frame(float(sigmas[n + 1]))
+        x_pred, _ = ops.edm_heun_step(x, denoise(x, sig_hat), sig_hat, sig_next)
+        if float(sigmas[n + 1]) == 0.0:  # the last step is Euler's
+            x = x_pred
+            break
+        # the corrector, fused with the churn of the next step's level
+        x, sig_hat = ops.edm_heun_step(x, denoise(x_pred, sig_next), sig_hat, sig_next, x_pred=x_pred,
+                                       noise=noise() if s_churn > 0 else None, **churn)
     return torch.where(obs5, clip, x)
 
 
-@torch.no_grad()
-def rollout(model, context: torch.Tensor, total: int, window: int, schedule: Schedule, cfg: DiffusionConfig, *,
-            n_observed: int | None = None, generator: torch.Generator | None = None,
-            clip_x0: float | None = None, sampler: str | None = None) -> torch.Tensor:
-    """Autoregressive sliding rollout (the paper's): observe n frames, generate window - n, slide.
+def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig, *,
+                  generator: torch.Generator | None = None, clip_x0: float | None = None,
+                  sampler: str | None = None) -> torch.Tensor:
+    """Generate the frames of one window that are not observed, with the configured sampler."""
+    if (sampler or cfg.sampler) == "heun":
+        return heun_sample(model, clip, observed, schedule, steps=cfg.sample_steps, prediction=cfg.prediction,
+                           generator=generator)
+    return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
+                       prediction=cfg.prediction, generator=generator, clip_x0=clip_x0)
 
-    context (B, n0, C, H, W) clean frames; returns (B, total, C, H, W) including the context."""
+
+@torch.no_grad()
+def rollout_chunks(model, context: torch.Tensor, window: int, schedule: Schedule, cfg: DiffusionConfig, *,
+                   n_observed: int | None = None, generator: torch.Generator | None = None,
+                   clip_x0: float | None = None, sampler: str | None = None) -> Iterator[torch.Tensor]:
+    """The paper's autoregressive sliding rollout, endless: observe the last n frames (K/2 by default), generate
+    the rest of the window, slide. context (B, n0, C, H, W) clean frames; yields the new frames of each window
+    (B, K - n, C, H, W). Only the observed frames are kept, so memory does not grow with the video."""
     b, n0 = context.shape[:2]
     n_obs = window // 2 if n_observed is None else n_observed
     if not 0 < n_obs < window:
         raise ValueError(f"n_observed must be in [1, {window - 1}], got {n_obs}")
     if n0 < 1:
         raise ValueError("rollout needs at least one context frame")
+    recent = context[:, -n_obs:]
+    while True:
+        n_ctx = recent.shape[1]
+        clip = torch.zeros(b, window, *recent.shape[2:], device=recent.device)
+        clip[:, :n_ctx] = recent
+        observed = (torch.arange(window, device=recent.device) < n_ctx).expand(b, window)
+        new = sample_window(model, clip, observed, schedule, cfg, generator=generator, clip_x0=clip_x0,
+                            sampler=sampler)[:, n_ctx:]
+        yield new
+        recent = torch.cat([recent, new], dim=1)[:, -n_obs:]
+
+
+@torch.no_grad()
+def rollout(model, context: torch.Tensor, total: int, window: int, schedule: Schedule, cfg: DiffusionConfig, *,
+            n_observed: int | None = None, generator: torch.Generator | None = None,
+            clip_x0: float | None = None, sampler: str | None = None, on_frames=None) -> torch.Tensor:
+    """:func:`rollout_chunks` collected: (B, total, C, H, W), the context included. `on_frames(n)` is told how
+    many frames (per video) each chunk added, for a progress bar."""
     frames = list(context.unbind(1))
-    sampler = sampler or cfg.sampler
+    chunks = rollout_chunks(model, context, window, schedule, cfg, n_observed=n_observed, generator=generator,
+                            clip_x0=clip_x0, sampler=sampler)
     while len(frames) < total:
-        ctx = torch.stack(frames[-n_obs:], dim=1)
-        n_ctx = ctx.shape[1]
-        clip = torch.zeros(b, window, *ctx.shape[2:], device=ctx.device)
-        clip[:, :n_ctx] = ctx
-        observed = (torch.arange(window, device=ctx.device) < n_ctx).expand(b, window)
-        if sampler == "heun":
-            out = heun_sample(model, clip, observed, schedule, steps=cfg.sample_steps, prediction=cfg.prediction,
-                              generator=generator)
-        else:
-            out = ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
-                              prediction=cfg.prediction, generator=generator, clip_x0=clip_x0)
-        frames.extend(out[:, n_ctx:].unbind(1))
+        new = next(chunks)
+        frames.extend(new.unbind(1))
+        if on_frames is not None:
+            on_frames(min(new.shape[1], total - len(frames) + new.shape[1]))
     return torch.stack(frames[:total], dim=1)

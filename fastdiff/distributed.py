@@ -6,10 +6,9 @@ Semantics (README, "More than one GPU"):
   replayed from its own buffer, its own RNG stream for replay draws, noise levels and noise), DDP averages
   the gradients, and every rank applies the same optimizer step. Effective batch = N x the per-rank batch.
 * One stream (`run.stream`): every rank reads the same stream and takes the same live window. The replay
-  reservoir of the single-GPU run (capacity C) is *sharded*, not copied: global slot j lives on rank j % N.
-  Every rank draws the same algorithm-R slot from a generator seeded alike on every rank (no communication),
-  and only the owner writes it. The union of the shards is exactly a single-GPU reservoir, so a checkpoint
-  stores the global reservoir and any number of ranks can load it (rank r keeps slots j % M == r).
+  reservoir of the single-GPU run (capacity C) is *sharded*, not copied (fastdiff/replay.py): its union over
+  the ranks is exactly a single-GPU reservoir, so a checkpoint stores the global reservoir and any number of
+  ranks can load it.
 * Several streams (`run.streams`, one per rank): each rank keeps its own full buffer of its own stream. Such a
   checkpoint resumes only on as many ranks as it has streams (a stream's position and buffer cannot be split).
 
@@ -27,8 +26,6 @@ from inspect import signature
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from fastdiff.replay import ReplayBuffer
 
 STREAMS_SEPARATOR = ";"  # run.streams entries; not "," because video:a,b,c is one stream
 
@@ -155,132 +152,13 @@ class World:
                   **no_buffer_sync)
         return torch.compile(ddp) if compile_model else ddp
 
-    # --- replay -----------------------------------------------------------------------------------
-    def replay_buffer(self, cfg, capacity: int, shape, *, dtype, device, mode: str) -> ReplayBuffer:
-        if not self.active or parse_streams(cfg.run.streams):
-            return ReplayBuffer(capacity, shape, dtype=dtype, device=device, mode=mode)
-        if capacity < self.size:
-            raise DistributedError(
-                f"the replay buffer holds {capacity} windows, fewer than the {self.size} ranks it is split over; "
-                "raise replay.windows or replay.fraction"
-            )
-        gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.run.seed, -1))  # alike on every rank
-        return ShardedReservoir(capacity, shape, rank=self.rank, world=self.size, generator=gen, dtype=dtype,
-                                device=device, mode=mode)
-
-    # --- checkpoints ------------------------------------------------------------------------------
-    def gather_checkpoint(self, state: dict, streams: list[str] | None) -> dict | None:
-        """Collect every rank's own part of the state on rank 0 (None elsewhere). Off the hot path."""
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's `obj` (tensors moved to the CPU), in rank order, on rank 0; None on the other ranks."""
         if not self.active:
-            return state
-        mine = {"generator": state["rng"]["generator"]}
-        if streams:  # own stream per rank: its position, live frames and buffer are its own
-            mine.update(stream=state["stream"], ring=state["ring"], ring_pixels=state["ring_pixels"],
-                        buffer=state["buffer"])
-        else:
-            mine["buffer"] = state["buffer"]
+            return [obj]
         parts = [None] * self.size if self.is_main else None
-        dist.gather_object(to_cpu(mine), parts, dst=0)
-        if not self.is_main:
-            return None
-        if not streams and state["buffer"] is not None:
-            state["buffer"] = merge_shards([p["buffer"] for p in parts])
-        state["distributed"] = {"world_size": self.size, "streams": streams, "ranks": parts}
-        return state
-
-    def localize_checkpoint(self, state: dict, streams: list[str] | None, device) -> dict:
-        """Rewrite a loaded checkpoint into this rank's view (any world size for one stream)."""
-        saved = state.get("distributed")
-        if saved is None:  # written by one process: every rank starts from it, with its own RNG stream
-            saved = {"world_size": 1, "streams": None, "ranks": [{"generator": state["rng"]["generator"]}]}
-        if (saved["streams"] or []) != (streams or []):
-            raise DistributedError(
-                f"this run trained on {saved['streams'] or 'one shared stream'} over {saved['world_size']} rank(s); "
-                "resume it with the same run.streams, one rank per stream (a stream's position and replay buffer "
-                "belong to one rank and cannot be split or merged)"
-            )
-        ranks = saved["ranks"]
-        if self.rank < len(ranks):  # same rank existed: continue its RNG stream
-            generator = ranks[self.rank]["generator"]
-        else:  # a new rank: a fresh stream, derived from where the run stands
-            frame = state["counters"]["frames_seen"]
-            seed = derive_seed(state["config"]["run"]["seed"], self.rank, frame)
-            generator = torch.Generator(device=device).manual_seed(seed).get_state()  # CUDA and CPU states differ
-        state = {**state, "rng": {**state["rng"], "generator": generator}}
-        if saved["streams"]:
-            mine = ranks[self.rank]
-            state.update(stream=mine["stream"], ring=mine["ring"].to(device), buffer=mine["buffer"],
-                         ring_pixels=mine["ring_pixels"].to(device))
-        return state
-
-
-# --- the reservoir sharded over ranks ------------------------------------------------------------------
-class ShardedReservoir(ReplayBuffer):
-    """Rank r's shard of one global reservoir of `capacity` windows: global slot j is local slot j // world on
-    rank j % world. Every rank draws the same slot (same generator), so the shards never disagree."""
-
-    def __init__(self, capacity: int, window_shape, *, rank: int, world: int, generator: torch.Generator,
-                 dtype, device, mode: str = "reservoir"):
-        self.global_capacity, self.rank, self.world = capacity, rank, world
-        super().__init__(len(range(rank, capacity, world)), window_shape, dtype=dtype, device=device, mode=mode)
-        self.insert_generator = generator
-
-    def filled(self) -> torch.Tensor:
-        total = torch.clamp(self.seen, max=self.global_capacity)  # global slots in use: 0 .. total-1
-        return torch.clamp(torch.div(total - self.rank + self.world - 1, self.world, rounding_mode="floor"), min=0)
-
-    def insert(self, window: torch.Tensor, start, generator=None) -> None:
-        """Algorithm R over the global reservoir (see ReplayBuffer.insert); `generator` is ignored: the draw
-        must be the same on every rank. No host synchronisation."""
-        draw = torch.rand((), generator=self.insert_generator, device=self.device, dtype=torch.float64)
-        cap = self.global_capacity
-        if self.mode == "full":
-            j = torch.clamp(self.seen, max=cap)
-        else:
-            j = torch.where(self.seen < cap, self.seen, (draw * (self.seen + 1).double()).long())
-        mine = (j < cap) & (j % self.world == self.rank)
-        slot = torch.where(mine, torch.div(j, self.world, rounding_mode="floor"), self.capacity).view(1)
-        self.windows.index_copy_(0, slot, window.to(self.dtype)[None])
-        start_t = torch.as_tensor(start, device=self.device, dtype=torch.long).view(1)
-        self.starts.index_copy_(0, slot, start_t)
-        self.seen += 1
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state.update(capacity=self.global_capacity, shard=(self.rank, self.world),
-                     insert_generator=self.insert_generator.get_state())
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        """Load a global reservoir (as merge_shards / a one-process run writes it): keep slots j % world == rank."""
-        if tuple(state["window_shape"]) != self.window_shape or state["capacity"] != self.global_capacity:
-            raise ValueError(
-                f"replay buffer in checkpoint holds {state['capacity']} windows of {tuple(state['window_shape'])}, "
-                f"this run expects {self.global_capacity} of {self.window_shape}"
-            )
-        windows, starts = state["windows"][self.rank :: self.world], state["starts"][self.rank :: self.world]
-        n = windows.shape[0]
-        self.windows[:n].copy_(windows)
-        self.starts[:n].copy_(starts)
-        self.seen.copy_(state["seen"])
-        if state.get("insert_generator") is not None:
-            self.insert_generator.set_state(state["insert_generator"].cpu())
-
-
-def merge_shards(shards: list[dict]) -> dict:
-    """The global reservoir from every rank's shard, in global slot order: the format of ReplayBuffer.state_dict,
-    so that one process (or any other number of ranks) loads it."""
-    world = len(shards)
-    first = shards[0]
-    if any(s.get("shard", (r, world)) != (r, world) for r, s in enumerate(shards)):
-        raise ValueError("replay shards are out of order or from different world sizes")
-    total = sum(s["windows"].shape[0] for s in shards)
-    windows = first["windows"].new_empty((total, *first["windows"].shape[1:]))
-    starts = first["starts"].new_empty((total,))
-    for r, s in enumerate(shards):
-        windows[r::world] = s["windows"]
-        starts[r::world] = s["starts"]
-    return {**first, "windows": windows, "starts": starts, "shard": None}
+        dist.gather_object(to_cpu(obj), parts, dst=0)
+        return parts
 
 
 # --- helpers ---------------------------------------------------------------------------------------

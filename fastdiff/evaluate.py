@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from fastdiff import metrics
-from fastdiff.diffusion import loss_at_levels, rollout
+from fastdiff.config import DiffusionConfig
+from fastdiff.diffusion import Schedule, loss_at_levels, masked_diffusion_loss, rollout
+from fastdiff.models.autoencoder import encode_frames
 from fastdiff.sampling import LoadedRun
-from fastdiff.streams import make_stream
 
 QUARTERS = 4
 
@@ -74,11 +75,10 @@ def is_balls(run: LoadedRun) -> bool:
 
 def evaluation_clips(run: LoadedRun, count: int, length: int) -> HeldoutClips:
     """`count` clips evenly spaced over the held-out stream's horizon (the training stream's nominal length)."""
+    from fastdiff.sampling import heldout_stream
+
     horizon = run.cfg.run.stream_frames or run.cfg.run.frames
-    try:
-        stream = make_stream(run.cfg.run.stream, split="test", seed=run.cfg.run.seed, total_frames=horizon)
-    except Exception:  # e.g. a video file: no held-out split, evaluate on the stream itself
-        stream = make_stream(run.cfg.run.stream, split="train", seed=run.cfg.run.seed, total_frames=horizon)
+    stream = heldout_stream(run)
     span = max(horizon - length, 0)
     starts = np.unique(np.linspace(0, span, count).round().astype(np.int64))
     frames, centres, colours = [], [], []
@@ -105,14 +105,6 @@ def evaluation_clips(run: LoadedRun, count: int, length: int) -> HeldoutClips:
                      np.stack(centres[:n]) if centres else None, np.stack(colours[:n]) if colours else None)
 
 
-def _encode(run: LoadedRun, frames: np.ndarray) -> torch.Tensor:
-    """uint8 (N, T, H, W, 3) -> latents (N, T, C, h, w) on the run's device."""
-    n, t = frames.shape[:2]
-    with torch.no_grad():
-        z = run.autoencoder.encode(torch.from_numpy(np.ascontiguousarray(frames)).to(run.device).flatten(0, 1))
-    return z.view(n, t, *z.shape[1:]).float()
-
-
 def noise_levels(run: LoadedRun, count: int) -> list[int]:
     steps = run.schedule.timesteps
     return [int((i + 0.5) * steps / count) for i in range(count)]
@@ -120,7 +112,7 @@ def noise_levels(run: LoadedRun, count: int) -> list[int]:
 
 def heldout_loss(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> dict:
     levels = noise_levels(run, opts.levels)
-    x0 = _encode(run, clips.frames[:, : run.window])
+    x0 = encode_frames(run.autoencoder, clips.frames[:, : run.window], run.device)
     gen = torch.Generator(device=run.device).manual_seed(opts.seed)
     per_level = torch.zeros(len(levels))
     quarter = np.minimum((clips.starts * QUARTERS) // max(clips.horizon, 1), QUARTERS - 1)
@@ -144,18 +136,24 @@ def heldout_loss(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> dict
 @torch.no_grad()
 def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.ndarray:
     """uint8 (N, samples, length, H, W, 3): each clip's first `observed` frames, then generated ones."""
-    context = _encode(run, clips.frames[:, : opts.observed])
+    context = encode_frames(run.autoencoder, clips.frames[:, : opts.observed], run.device)
     context = context.repeat_interleave(opts.samples, dim=0)
     if opts.sample_steps:
         run.cfg.diffusion.sample_steps = opts.sample_steps
     gen = torch.Generator(device=run.device).manual_seed(opts.seed + 1)
     clip_x0 = 1.0 if run.cfg.autoencoder.latent == "none" else None
     out = []
-    for i in range(0, len(context), opts.batch):
-        video = rollout(run.model, context[i:i + opts.batch], opts.length, run.window, run.schedule,
-                        run.cfg.diffusion, generator=gen, clip_x0=clip_x0)
-        n, t = video.shape[:2]
-        out.append(run.autoencoder.decode(video.flatten(0, 1)).view(n, t, *run.frame_shape).cpu().numpy())
+    from tqdm import tqdm
+
+    with tqdm(total=len(context) * (opts.length - opts.observed), unit="frame", desc="rollouts", disable=None,
+              leave=False) as bar:
+        for i in range(0, len(context), opts.batch):
+            batch = context[i:i + opts.batch]
+            count = len(batch)
+            video = rollout(run.model, batch, opts.length, run.window, run.schedule, run.cfg.diffusion,
+                            generator=gen, clip_x0=clip_x0, on_frames=lambda n: bar.update(n * count))  # noqa: B023
+            n, t = video.shape[:2]
+            out.append(run.autoencoder.decode(video.flatten(0, 1)).view(n, t, *run.frame_shape).cpu().numpy())
     return np.concatenate(out).reshape(len(clips.frames), opts.samples, opts.length, *run.frame_shape)
 
 
@@ -262,6 +260,39 @@ def evaluate(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions, *, sample: 
             result["KVD"] = metrics.kernel_distance(real, fake)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+# --- the sampling modes' noise patterns (bench/bench_sampling.py compares the modes) --------------------
+def heldout_windows(run: LoadedRun, count: int, start: int = 0) -> torch.Tensor:
+    """`count` non-overlapping K-frame windows of the held-out stream as latents (count, K, C, h, w)."""
+    from fastdiff.sampling import context_frames
+
+    frames = context_frames(run, count * run.window, start=start)
+    return encode_frames(run.autoencoder, frames.reshape(count, run.window, *frames.shape[1:]), run.device)
+
+
+def autoregressive_pattern(run: LoadedRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (t, observed, kept) of every model call the autoregressive DDIM rollout makes per chunk."""
+    k, n_obs = run.window, run.window // 2
+    levels = torch.linspace(run.schedule.timesteps - 1, 0, run.cfg.diffusion.sample_steps).round().long()
+    observed = (torch.arange(k) < n_obs).expand(len(levels), k)
+    t = levels[:, None].expand(-1, k).masked_fill(observed, 0)
+    return t, observed, ~observed
+
+
+@torch.no_grad()
+def pattern_loss(model, clips: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
+                 pattern: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int = 0) -> float:
+    """Unweighted held-out loss of `model` on real clips noised the way a sampling mode noises its model
+    inputs: the mean over the mode's model calls of the loss on the frames each call writes back."""
+    t_rows, obs_rows, kept_rows = (p.to(clips.device) for p in pattern)
+    gen = torch.Generator(device=clips.device).manual_seed(seed)
+    b = clips.shape[0]
+    total = 0.0
+    for t, observed, kept in zip(t_rows, obs_rows, kept_rows):
+        t, observed, kept = (m.expand(b, -1).contiguous() for m in (t, observed, kept))
+        total += float(masked_diffusion_loss(model, clips, t, observed, schedule, cfg.prediction, gen, excluded=~kept))
+    return total / len(t_rows)
 
 
 def milestone_paths(run_dir: Path) -> list[Path]:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdiff.config import build_config
+from fastdiff.config import STRATEGIES, build_config
 from fastdiff.evaluate import EvalOptions, evaluate_run, plot_curves
 
-STRATEGIES = ("offline", "er", "none", "full", "gen-distill")
 STRATEGY_NAMES = {"offline": "Offline (i.i.d.)", "er": "ER (5%)", "none": "No replay", "full": "Full replay",
                   "gen-distill": "Generative distillation"}
 # The paper's Balls (C) test-stream numbers (Table 6): FVD, loss, minADE, ColorKL.

@@ -11,8 +11,8 @@ the tail. Memory is the queue plus one step's activations: constant in the lengt
 * Lookahead denoising: windows of f frames at stride f/2; only the last f/2 outputs of each window are
   kept, so every frame is denoised with f/2 cleaner frames in front of it (2n calls per step). In front
   of the head sit the last f/2 emitted frames, given to the model as observed (clean) frames: our model
-  is trained with a clean prefix of 0..K/2 frames and independent per-frame levels (DESIGN decision 1),
-  so these windows are in its training distribution.
+  is trained with a clean prefix of 0..K/2 frames and independent per-frame levels
+  (diffusion.sample_training_levels), so these windows are in its training distribution.
 * Warm-up from observed frames (the paper's initialisation with the frames we have): slot i starts as
   the last observed frame noised to levels[i]; the emitted history starts as the observed frames; the
   first `warmup` outputs (default L - f, as the paper) still carry the frozen start and are dropped.

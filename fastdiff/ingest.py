@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-ENCODE_BATCH = 256  # frames per encoder call; fixed from each chunk's start so that a resumed chunk is bit-identical
+from fastdiff.models.autoencoder import encode_frames
+
+CHUNK = 256  # frames read and encoded at once; a checkpoint keeps the stream's state per chunk
 
 
 @dataclass
@@ -37,11 +39,6 @@ class Chunk:
         return self.pixels.shape[0]
 
 
-def encode_chunk(encode, pixels: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([encode(pixels[i:i + ENCODE_BATCH]).float() for i in range(0, len(pixels), ENCODE_BATCH)])
-
-
 class _End:
     pass
 
@@ -49,8 +46,8 @@ class _End:
 class SyncIngest:
     """The same chunks, read and encoded on the training thread (run.async_ingest=false)."""
 
-    def __init__(self, stream, encode, device: torch.device, *, chunk: int):
-        self.stream, self.encode, self.device, self.chunk = stream, encode, device, chunk
+    def __init__(self, stream, autoencoder, device: torch.device, *, chunk: int):
+        self.stream, self.autoencoder, self.device, self.chunk = stream, autoencoder, device, chunk
         self.wait_seconds = 0.0
 
     def next_chunk(self) -> Chunk | None:
@@ -61,7 +58,7 @@ class SyncIngest:
         if len(frames) == 0:
             return None
         pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-        return Chunk(state, pixels, encode_chunk(self.encode, pixels))
+        return Chunk(state, pixels, encode_frames(self.autoencoder, pixels))
 
     def close(self) -> dict | None:
         return None
@@ -70,8 +67,8 @@ class SyncIngest:
 class AsyncIngest:
     """Chunks of the stream, read ahead on a thread and moved to the device on a side stream."""
 
-    def __init__(self, stream, encode, device: torch.device, *, chunk: int, depth: int = 2):
-        self.stream, self.encode, self.device, self.chunk = stream, encode, device, chunk
+    def __init__(self, stream, autoencoder, device: torch.device, *, chunk: int, depth: int = 2):
+        self.stream, self.autoencoder, self.device, self.chunk = stream, autoencoder, device, chunk
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -124,10 +121,10 @@ class AsyncIngest:
         """Start the chunk's copy and encode (on the side stream on CUDA)."""
         state, host = item
         if not self.cuda:
-            return Chunk(state, host, encode_chunk(self.encode, host))
+            return Chunk(state, host, encode_frames(self.autoencoder, host))
         with torch.cuda.stream(self.side):
             pixels = host.to(self.device, non_blocking=True)
-            latents = encode_chunk(self.encode, pixels)
+            latents = encode_frames(self.autoencoder, pixels)
             ready = torch.cuda.Event()
             ready.record(self.side)
         return Chunk(state, pixels, latents, ready)
@@ -174,3 +171,75 @@ class AsyncIngest:
                 self.queue.get(timeout=0.05)
         self.thread.join()
         return self._pending[0] if self._pending else None
+
+
+class FrameFeed:
+    """The stream, one frame at a time, as (pixels, latent) on the training device: what the trainer ingests.
+
+    Frames come a chunk at a time from :class:`AsyncIngest` (or :class:`SyncIngest`), the reader started at the
+    first chunk's end: the first chunk is read synchronously, because the autoencoder is fitted on its prefix
+    before there is anything to encode with. The feed's state (the current chunk's starting stream state, its
+    length and the position in it) is what a checkpoint keeps: resuming re-reads exactly that chunk and skips."""
+
+    def __init__(self, stream, autoencoder, device: torch.device, *, async_read: bool, chunk: int | None = None):
+        self.stream, self.autoencoder, self.device = stream, autoencoder, device
+        self.async_read, self.chunk_size = async_read, chunk or CHUNK
+        self.reader: AsyncIngest | SyncIngest | None = None
+        self.chunk: Chunk | None = None
+        self.position = 0  # next frame of the chunk
+        self.wait_before = 0.0  # waiting done by readers already closed
+
+    def read_first(self, frames: int) -> np.ndarray:
+        """Read the first chunk (at least `frames` frames) synchronously; returns its frames for the autoencoder
+        fit. Call :meth:`encode_first` once the autoencoder can encode."""
+        self._first_state = self.stream.state_dict()
+        self._first_frames = self.stream.read(max(frames, self.chunk_size))
+        return self._first_frames
+
+    def encode_first(self) -> None:
+        self.chunk = self._chunk(self._first_state, self._first_frames)
+        self.position = 0
+        del self._first_state, self._first_frames
+
+    def _chunk(self, state: dict, frames: np.ndarray) -> Chunk:
+        pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        return Chunk(state, pixels, encode_frames(self.autoencoder, pixels))
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time the trainer spent waiting on the stream."""
+        return self.wait_before + (self.reader.wait_seconds if self.reader is not None else 0.0)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next frame's pixels (H, W, 3) uint8 and latent (C, h, w), views into the ready chunk; None at the end."""
+        if self.chunk is not None and self.position >= len(self.chunk):
+            if self.reader is None:
+                reader = AsyncIngest if self.async_read else SyncIngest
+                self.reader = reader(self.stream, self.autoencoder, self.device, chunk=self.chunk_size)
+            self.chunk = self.reader.next_chunk()
+            self.position = 0
+        if self.chunk is None:
+            return None
+        self.position += 1
+        return self.chunk.pixels[self.position - 1], self.chunk.latents[self.position - 1]
+
+    def close(self) -> None:
+        """Stop reading ahead; rewind the stream to the first frame not handed out in a chunk."""
+        if self.reader is None:
+            return
+        rewind = self.reader.close()
+        if rewind is not None:
+            self.stream.load_state_dict(rewind)
+        self.wait_before += self.reader.wait_seconds
+        self.reader = None
+
+    def state_dict(self) -> dict:
+        return {"chunk_state": self.chunk.state if self.chunk is not None else self.stream.state_dict(),
+                "chunk_len": len(self.chunk) if self.chunk is not None else 0, "skip": self.position,
+                "info": self.stream.info.__dict__}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.stream.load_state_dict(saved["chunk_state"])
+        frames = self.stream.read(max(saved.get("chunk_len", self.chunk_size), saved["skip"]))
+        self.chunk = self._chunk(saved["chunk_state"], frames) if len(frames) else None
+        self.position = saved["skip"]

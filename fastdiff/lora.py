@@ -18,8 +18,8 @@ import math
 import torch
 from torch import nn
 
-from fastdiff import ops
 from fastdiff.config import DiffusionConfig
+from fastdiff.diffusion import masked_diffusion_loss
 
 
 class LoRALinear(nn.Module):
@@ -105,10 +105,8 @@ class FastLearner:
             level = torch.randint(0, self.schedule.timesteps, (b, 1), generator=self.generator, device=clip.device)
             t = level.expand(b, k)
             observed = torch.zeros(b, k, dtype=torch.bool, device=clip.device)
-            x_t, target = ops.add_noise(clip, t, observed, self.schedule.alpha, self.schedule.sigma,
-                                        generator=self.generator, prediction=self.cfg.prediction)
-            pred = self.model(x_t, t.float(), observed)
-            loss = ops.frame_mse_loss(pred.float(), target.float(), None, observed)
+            loss = masked_diffusion_loss(self.model, clip, t, observed, self.schedule, self.cfg.prediction,
+                                         self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()

@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from fastdiff.config import Config
 
 ACTIVATION_BYTES = {"fp32": 124.0, "bf16": 87.0}
@@ -98,3 +102,39 @@ def describe(est: dict[str, float]) -> str:
 def fits(est: dict[str, float], budget_gib: float, headroom: float = 0.85) -> bool:
     """Whether the estimate leaves `1 - headroom` of the budget for the allocator's fragmentation and cuDNN."""
     return est["total"] <= headroom * budget_gib * 1024 and math.isfinite(est["total"])
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the block (any device, deterministic).
+
+    Every op's outputs are recorded by storage; a storage counts until it is freed (a weak reference
+    tells). Tensors that existed before the block (weights) are not counted. On CUDA prefer
+    torch.cuda.max_memory_allocated; this works on CPU, where torch keeps no allocator statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.total = 0
+        self.peak = 0
+
+    def _prune(self) -> None:
+        for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
+            self.total -= self.live.pop(ptr)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out,) if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr, size = storage.data_ptr(), storage.nbytes()
+                known = self.live.get(ptr)
+                if size == 0 or (known is not None and not known[0].expired()):
+                    continue
+                if known is not None:  # the address was freed and reused
+                    self.total -= known[1]
+                self.live[ptr] = (StorageWeakRef(storage), size)
+                self.total += size
+        if self.total > self.peak:  # only a possible new peak needs the exact (pruned) count
+            self._prune()
+            self.peak = max(self.peak, self.total)
+        return out

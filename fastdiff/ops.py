@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from fastdiff_kernels import dispatch
 from fastdiff_kernels.adaln_modulate import adaln_modulate
-from fastdiff_kernels.noise_schedule import add_noise, ddim_step, frame_mse_loss
+from fastdiff_kernels.noise_schedule import (
+    add_noise,
+    ddim_step,
+    edm_churn,
+    edm_heun_step,
+    frame_mse_loss,
+    min_snr_weight,
+    uniform_weight,
+)
 from fastdiff_kernels.temporal_attention import temporal_attention
 
 
@@ -17,4 +25,5 @@ def use_kernels(name: str) -> None:
     dispatch.set_backend(None if name == "auto" else name)
 
 
-__all__ = ["adaln_modulate", "add_noise", "ddim_step", "frame_mse_loss", "temporal_attention", "use_kernels"]
+__all__ = ["adaln_modulate", "add_noise", "ddim_step", "edm_churn", "edm_heun_step", "frame_mse_loss", "min_snr_weight",
+           "temporal_attention", "uniform_weight", "use_kernels"]

@@ -4,7 +4,7 @@
 :data:`OPTIMIZERS`:
 
 * ``adamw8bit-fused``: ours, :class:`kernels.adamw8bit.AdamW8bitFused` (CUDA-graph capturable);
-* ``adamw8bit-bnb``: ``bitsandbytes.optim.AdamW8bit`` (the design's default, decision 8);
+* ``adamw8bit-bnb``: ``bitsandbytes.optim.AdamW8bit`` (the default of the eager step);
 * ``adamw``: ``torch.optim.AdamW``, ``fused=True`` when every parameter is on CUDA.
 
 Conversion. Every optimizer's per-parameter state is read into one neutral form — either 8-bit
@@ -29,6 +29,7 @@ import logging
 
 import torch
 
+from fastdiff.config import OPTIMIZERS
 from fastdiff_kernels.adamw8bit import (
     MIN_8BIT_SIZE,
     AdamW8bitFused,
@@ -37,7 +38,6 @@ from fastdiff_kernels.adamw8bit import (
     quantize_blockwise,
 )
 
-OPTIMIZERS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 _BNB_WRAP_KEY = "__bnb_optimizer_quant_state__"
 

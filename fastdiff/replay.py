@@ -1,9 +1,15 @@
-"""Replay buffer on the training device, reservoir-sampled over window starts (decision 6).
+"""Replay buffer on the training device, reservoir-sampled over window starts.
 
 Vitter's algorithm R decided on the device: window n (0-based) goes to slot n while the buffer fills;
 afterwards it replaces a uniformly drawn slot j < n+1 when j < capacity, else it is written to a scratch
 slot that is never sampled. Inclusion probability is capacity / windows_seen for every window, and no
 step needs `.item()`, so the insert can live inside a CUDA graph. Sampling is a device randint + gather.
+
+Sharded over data-parallel ranks (``shard=(rank, world)``, fastdiff/distributed.py): the buffer is rank r's
+share of one global reservoir of `capacity` windows, global slot j living in local slot j // world on rank
+j % world. Every rank draws the same global slot from an insert generator seeded alike on all ranks (no
+communication) and only the owner writes it, so the shards together are exactly a one-process reservoir of
+the stream, and a checkpoint holds that global reservoir (:func:`merge_shards`) whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -13,17 +19,28 @@ import torch
 
 class ReplayBuffer:
     def __init__(self, capacity: int, window_shape: tuple[int, ...], *, dtype: torch.dtype, device,
-                 mode: str = "reservoir"):
+                 mode: str = "reservoir", shard: tuple[int, int] = (0, 1), insert_seed: int | None = None):
         if capacity <= 0:
             raise ValueError(f"replay capacity must be positive, got {capacity}")
         if mode not in ("reservoir", "full"):
             raise ValueError(f"unknown replay mode {mode!r}")
-        self.capacity, self.mode = capacity, mode
+        rank, world = shard
+        if world > 1 and insert_seed is None:
+            raise ValueError("a sharded reservoir needs insert_seed, the same on every rank")
+        if capacity < world:
+            raise ValueError(f"the replay buffer holds {capacity} windows, fewer than the {world} ranks it is split "
+                             "over; raise replay.windows or replay.fraction")
+        self.capacity, self.mode = capacity, mode  # capacity: of the global reservoir
+        self.rank, self.world = rank, world
         self.window_shape, self.dtype = tuple(window_shape), dtype
-        # +1: the scratch slot that rejected inserts write to.
-        self.windows = torch.zeros((capacity + 1, *window_shape), dtype=dtype, device=device)
-        self.starts = torch.full((capacity + 1,), -1, dtype=torch.long, device=device)
+        self.local_capacity = len(range(rank, capacity, world))
+        # +1: the scratch slot that rejected (or other ranks') inserts write to.
+        self.windows = torch.zeros((self.local_capacity + 1, *window_shape), dtype=dtype, device=device)
+        self.starts = torch.full((self.local_capacity + 1,), -1, dtype=torch.long, device=device)
         self.seen = torch.zeros((), dtype=torch.long, device=device)
+        # Sharded: the slot draw must be the same on every rank, so it has its own generator.
+        self.insert_generator = (torch.Generator(device=device).manual_seed(insert_seed)
+                                 if insert_seed is not None else None)
 
     @property
     def device(self) -> torch.device:
@@ -34,16 +51,27 @@ class ReplayBuffer:
         return self.windows.numel() * self.windows.element_size()
 
     def filled(self) -> torch.Tensor:
-        return torch.clamp(self.seen, max=self.capacity)
+        """Windows held by this rank (a device scalar)."""
+        total = torch.clamp(self.seen, max=self.capacity)  # global slots in use: 0 .. total-1
+        if self.world == 1:
+            return total
+        return torch.clamp(torch.div(total - self.rank + self.world - 1, self.world, rounding_mode="floor"), min=0)
 
-    def insert(self, window: torch.Tensor, start: torch.Tensor | int, generator: torch.Generator) -> None:
-        """Offer one window (its first frame's stream index is `start`). No host synchronisation."""
-        draw = torch.rand((), generator=generator, device=self.device, dtype=torch.float64)
+    def insert(self, window: torch.Tensor, start: torch.Tensor | int, generator: torch.Generator | None) -> None:
+        """Offer one window (its first frame's stream index is `start`). No host synchronisation. A sharded
+        buffer draws from its own insert generator instead of `generator`."""
+        draw = torch.rand((), generator=self.insert_generator or generator, device=self.device, dtype=torch.float64)
+        cap = self.capacity
         if self.mode == "full":  # keep everything seen (until the capacity, sized to the whole stream)
-            slot = torch.clamp(self.seen, max=self.capacity)
+            j = torch.clamp(self.seen, max=cap)
         else:
-            j = (draw * (self.seen + 1).double()).long()  # uniform in [0, seen]
-            slot = torch.where(self.seen < self.capacity, self.seen, torch.where(j < self.capacity, j, self.capacity))
+            uniform = (draw * (self.seen + 1).double()).long()  # in [0, seen]
+            j = torch.where(self.seen < cap, self.seen, uniform)
+        if self.world == 1:
+            slot = torch.where(j < cap, j, cap)
+        else:
+            mine = (j < cap) & (j % self.world == self.rank)
+            slot = torch.where(mine, torch.div(j, self.world, rounding_mode="floor"), self.local_capacity)
         slot = slot.view(1)
         self.windows.index_copy_(0, slot, window.to(self.dtype)[None])
         start_t = torch.as_tensor(start, device=self.device, dtype=torch.long).view(1)
@@ -60,18 +88,63 @@ class ReplayBuffer:
         return torch.where(empty, fallback.to(self.dtype)[None], picked)
 
     def state_dict(self) -> dict:
+        """This rank's windows in local slot order; :func:`merge_shards` makes the global reservoir of them."""
         n = int(self.filled())  # checkpointing is off the hot path: a sync here is fine
-        return {"capacity": self.capacity, "mode": self.mode, "seen": self.seen.clone(),
-                "windows": self.windows[:n].clone(), "starts": self.starts[:n].clone(),
-                "window_shape": self.window_shape, "dtype": str(self.dtype)}
+        state = {"capacity": self.capacity, "mode": self.mode, "seen": self.seen.clone(),
+                 "windows": self.windows[:n].clone(), "starts": self.starts[:n].clone(),
+                 "window_shape": self.window_shape, "dtype": str(self.dtype)}
+        if self.world > 1:
+            state.update(shard=(self.rank, self.world), insert_generator=self.insert_generator.get_state())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a global reservoir (one process's state_dict, or merge_shards of a sharded run's): this rank keeps
+        the slots j with j % world == rank."""
         if tuple(state["window_shape"]) != self.window_shape or state["capacity"] != self.capacity:
             raise ValueError(
                 f"replay buffer in checkpoint holds {state['capacity']} windows of {tuple(state['window_shape'])}, "
                 f"this run expects {self.capacity} of {self.window_shape}"
             )
-        n = state["windows"].shape[0]
-        self.windows[:n].copy_(state["windows"])
-        self.starts[:n].copy_(state["starts"])
+        windows, starts = state["windows"][self.rank :: self.world], state["starts"][self.rank :: self.world]
+        n = windows.shape[0]
+        self.windows[:n].copy_(windows)
+        self.starts[:n].copy_(starts)
         self.seen.copy_(state["seen"])
+        if self.insert_generator is not None and state.get("insert_generator") is not None:
+            self.insert_generator.set_state(state["insert_generator"].cpu())
+
+
+def merge_shards(shards: list[dict]) -> dict:
+    """The global reservoir from every rank's state_dict, in global slot order: the layout of a one-process
+    ReplayBuffer.state_dict, so that one process (or any other number of ranks) loads it."""
+    world = len(shards)
+    first = shards[0]
+    if any(s.get("shard", (r, world)) != (r, world) for r, s in enumerate(shards)):
+        raise ValueError("replay shards are out of order or from different world sizes")
+    total = sum(s["windows"].shape[0] for s in shards)
+    windows = first["windows"].new_empty((total, *first["windows"].shape[1:]))
+    starts = first["starts"].new_empty((total,))
+    for r, s in enumerate(shards):
+        windows[r::world] = s["windows"]
+        starts[r::world] = s["starts"]
+    return {**first, "windows": windows, "starts": starts, "shard": None}
+
+
+def resize_reservoir(state: dict, capacity: int, generator: torch.Generator) -> dict:
+    """A global reservoir state resized to `capacity` windows (an explicit choice on resume, --resize-buffer).
+
+    Shrinking keeps a uniform random subset of the stored windows: still a uniform sample of every window seen,
+    and algorithm R goes on with inclusion probability capacity / seen. Growing keeps every stored window. While
+    the buffer had not yet filled (seen <= stored) it held every window seen, so growing is exact too; once it
+    had, the windows it dropped are gone, and the reservoir restarts its count at the stored windows (they stand
+    for the past), filling the new slots with the next windows of the stream: the past then weighs as many
+    windows as were stored, not as were seen."""
+    n = state["windows"].shape[0]
+    seen = int(state["seen"])
+    if capacity == state["capacity"]:
+        return state
+    if capacity < n:  # shrink: a uniform subset, in slot order
+        keep = torch.randperm(n, generator=generator, device=generator.device)[:capacity].sort().values
+        keep = keep.to(state["windows"].device)
+        return {**state, "capacity": capacity, "windows": state["windows"][keep], "starts": state["starts"][keep]}
+    return {**state, "capacity": capacity, "seen": torch.as_tensor(min(seen, n)).to(state["seen"])}

@@ -1,4 +1,5 @@
-"""Load a trained run (config, frozen autoencoder, EMA model) and generate videos from it."""
+"""Load a trained run (config, frozen autoencoder, EMA model) and generate videos from it: the paper's
+autoregressive rollout or FIFO diagonal denoising, optionally adapting a temporal LoRA as it goes."""
 
 from __future__ import annotations
 
@@ -9,19 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastdiff import build, ops
 from fastdiff import checkpoint as ckpt
-from fastdiff import ops
-from fastdiff.config import Config, DiffusionConfig
-from fastdiff.diffusion import Schedule, ddim_sample, heun_sample
+from fastdiff.config import SAMPLE_MODES, Config
+from fastdiff.diffusion import Schedule, rollout_chunks
 from fastdiff.fifo import FifoPlan, default_partitions, fifo_frames
 from fastdiff.lora import FastLearner, remove_temporal_lora
-from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
+from fastdiff.models.autoencoder import encode_frames
 from fastdiff.models.dit import VideoDiT
-from fastdiff.streams import make_stream
-from fastdiff.train import pick_device
+from fastdiff.streams import make_stream, parse_stream_options
 
 
 @dataclass
@@ -38,22 +36,12 @@ class LoadedRun:
     frame: int  # stream frame the checkpoint was taken at
 
 
-def build_models(cfg: Config, frame_hw: tuple[int, int], window: int, device) -> tuple[torch.nn.Module, VideoDiT]:
-    ae_cfg = cfg.autoencoder
-    ae = PixelSpace() if ae_cfg.latent == "none" else FrameAutoencoder(ae_cfg.channels, ae_cfg.factor, ae_cfg.hidden)
-    h, w = frame_hw[0] // ae.factor, frame_hw[1] // ae.factor
-    m = cfg.model
-    model = VideoDiT(ae.channels, h, w, window, width=m.width, depth=m.depth, heads=m.heads, patch=m.patch,
-                     mlp_ratio=m.mlp_ratio)
-    return ae.to(device), model.to(device)
-
-
 def load_run(run_dir: Path, device: str = "auto", checkpoint: Path | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    dev = pick_device(device)
+    dev = build.pick_device(device)
     ops.use_kernels(cfg.run.kernels)
     if checkpoint is None:
         state, _ = ckpt.load_latest(run_dir / "checkpoints", map_location=dev)
@@ -61,25 +49,26 @@ def load_run(run_dir: Path, device: str = "auto", checkpoint: Path | None = None
         state = torch.load(checkpoint, map_location=dev, weights_only=False)
     info = state["stream"]["info"]
     window = cfg.run.window or info["window"]
-    ae, model = build_models(cfg, (info["height"], info["width"]), window, dev)
-    if cfg.autoencoder.latent != "none":
-        ae.load_state_dict(torch.load(run_dir / "autoencoder.pt", map_location=dev, weights_only=True))
+    ae = build.load_autoencoder(cfg.autoencoder, run_dir / "autoencoder.pt", dev)
+    model = build.model(cfg.model, build.latent_shape(cfg.autoencoder, (info["height"], info["width"])), window, dev)
     model.load_state_dict(state["ema"])
     model.eval().requires_grad_(False)
-    ae.eval()
     schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, dev)
     return LoadedRun(cfg, run_dir, dev, ae, model, schedule, window, (info["height"], info["width"], 3),
                      info.get("fps") or 10.0, state["counters"]["frames_seen"])
 
 
-def context_frames(run: LoadedRun, count: int, start: int = 0, split: str = "test") -> np.ndarray:
-    """`count` real frames to condition on: from the held-out test stream when the stream has one."""
-    try:
-        stream = make_stream(run.cfg.run.stream, split=split, seed=run.cfg.run.seed,
-                             total_frames=run.cfg.run.stream_frames or run.cfg.run.frames)
-    except Exception:
-        stream = make_stream(run.cfg.run.stream, split="train", seed=run.cfg.run.seed)
-    with stream:
+def heldout_stream(run: LoadedRun):
+    """The run's held-out stream: the test simulation of a synthetic stream (same seed, independent), or the stream
+    itself where it has no other split (a video), with the run's stream options and nominal length."""
+    options = parse_stream_options(run.cfg.run.stream_options)
+    horizon = run.cfg.run.stream_frames or run.cfg.run.frames
+    return make_stream(run.cfg.run.stream, split="test", seed=run.cfg.run.seed, total_frames=horizon, **options)
+
+
+def context_frames(run: LoadedRun, count: int, start: int = 0) -> np.ndarray:
+    """`count` real frames of the held-out stream to condition on."""
+    with heldout_stream(run) as stream:
         if start:
             stream.read(start)
         frames = stream.read(count)
@@ -88,31 +77,6 @@ def context_frames(run: LoadedRun, count: int, start: int = 0, split: str = "tes
     return frames
 
 
-MODES = ("autoregressive", "fifo")
-
-
-def autoregressive_chunks(model, context: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig, window: int, *,
-                          generator: torch.Generator | None = None, clip_x0: float | None = None
-                          ) -> Iterator[torch.Tensor]:
-    """The paper's sliding rollout, endless: observe the last K/2 frames, generate K/2, slide. Yields the
-    new chunks (B, K - K/2, C, H, W); only the observed frames are kept, so memory is constant."""
-    b = context.shape[0]
-    n_obs = window // 2
-    recent = context[:, -n_obs:]
-    while True:
-        n_ctx = recent.shape[1]
-        clip = torch.zeros(b, window, *recent.shape[2:], device=recent.device)
-        clip[:, :n_ctx] = recent
-        observed = (torch.arange(window, device=recent.device) < n_ctx).expand(b, window)
-        if cfg.sampler == "heun":
-            out = heun_sample(model, clip, observed, schedule, steps=cfg.sample_steps, prediction=cfg.prediction,
-                              generator=generator)
-        else:
-            out = ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
-                              prediction=cfg.prediction, generator=generator, clip_x0=clip_x0)
-        new = out[:, n_ctx:]
-        yield new
-        recent = torch.cat([recent, new], dim=1)[:, -n_obs:]
 
 
 @dataclass
@@ -128,8 +92,8 @@ class SampleOptions:
     fast_lr: float = 1e-4
 
     def check(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"sampling mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode not in SAMPLE_MODES:
+            raise ValueError(f"sampling mode {self.mode!r} is not one of {', '.join(SAMPLE_MODES)}")
         if self.partitions < 0:
             raise ValueError(f"--partitions must be >= 0 (0 = automatic), got {self.partitions}")
         if self.warmup is not None and self.warmup < 0:
@@ -152,8 +116,8 @@ def generate_latents(run: LoadedRun, context: torch.Tensor, opts: SampleOptions,
     if learner is not None:
         learner.previous = context[:, -chunk:]
     if opts.mode == "autoregressive":
-        for new in autoregressive_chunks(run.model, context, run.schedule, run.cfg.diffusion, run.window,
-                                         generator=generator, clip_x0=clip_x0):
+        for new in rollout_chunks(run.model, context, run.window, run.schedule, run.cfg.diffusion,
+                                  generator=generator, clip_x0=clip_x0):
             if learner is not None:
                 learner.observe(new)
             yield from new.unbind(1)
@@ -180,8 +144,7 @@ def sample_video(run: LoadedRun, frames: int, *, mode: str = "autoregressive", s
         context = context_frames(run, n_obs)
     if frames <= len(context):
         raise ValueError(f"--frames {frames} must exceed the {len(context)} context frames")
-    with torch.no_grad():
-        latents = run.autoencoder.encode(torch.from_numpy(np.ascontiguousarray(context)).to(run.device))[None]
+    latents = encode_frames(run.autoencoder, context, run.device)[None]
     gen = torch.Generator(device=run.device).manual_seed(opts.seed)
     learner = None
     if opts.fast_learning:
@@ -190,8 +153,11 @@ def sample_video(run: LoadedRun, frames: int, *, mode: str = "autoregressive", s
     video = np.empty((frames, *context.shape[1:]), np.uint8)
     video[: len(context)] = context
     try:
+        from tqdm import tqdm
+
         stream = generate_latents(run, latents, opts, learner, gen)
-        for i in range(len(context), frames):
+        for i in tqdm(range(len(context), frames), unit="frame", desc=f"sample ({opts.mode})", disable=None,
+                      leave=False):
             latent = next(stream)
             with torch.no_grad():
                 video[i] = run.autoencoder.decode(latent)[0].cpu().numpy()
@@ -216,79 +182,3 @@ def save_video(frames: np.ndarray, out: Path, fps: float) -> None:
         media.save_mp4(frames, out, fps=fps, scale=scale)
     else:
         raise ValueError(f"--out {out}: use .mp4, .gif or .png")
-
-
-# --------------------------------------------------------------------------------------------------
-# Measuring the modes: held-out loss under each mode's noise pattern, memory
-# --------------------------------------------------------------------------------------------------
-
-
-def heldout_clips(run: LoadedRun, count: int, start: int = 0) -> torch.Tensor:
-    """`count` non-overlapping K-frame windows of the held-out stream as latents (count, K, C, h, w)."""
-    frames = context_frames(run, count * run.window, start=start)
-    with torch.no_grad():
-        latents = run.autoencoder.encode(torch.from_numpy(np.ascontiguousarray(frames)).to(run.device))
-    return latents.view(count, run.window, *latents.shape[1:])
-
-
-def autoregressive_pattern(run: LoadedRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (t, observed, kept) of every model call the autoregressive DDIM rollout makes per chunk."""
-    k, n_obs = run.window, run.window // 2
-    levels = torch.linspace(run.schedule.timesteps - 1, 0, run.cfg.diffusion.sample_steps).round().long()
-    observed = (torch.arange(k) < n_obs).expand(len(levels), k)
-    t = levels[:, None].expand(-1, k).masked_fill(observed, 0)
-    return t, observed, ~observed
-
-
-@torch.no_grad()
-def pattern_loss(model, clips: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
-                 pattern: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int = 0) -> float:
-    """Unweighted held-out loss of `model` on real clips noised the way a sampling mode noises its model
-    inputs: the mean over the mode's model calls of the loss on the frames each call writes back."""
-    t_rows, obs_rows, kept_rows = (p.to(clips.device) for p in pattern)
-    gen = torch.Generator(device=clips.device).manual_seed(seed)
-    b = clips.shape[0]
-    total = 0.0
-    for t, observed, kept in zip(t_rows, obs_rows, kept_rows):
-        t, observed, kept = (m.expand(b, -1).contiguous() for m in (t, observed, kept))
-        x_t, target = ops.add_noise(clips, t, observed, schedule.alpha, schedule.sigma, generator=gen,
-                                    prediction=cfg.prediction)
-        pred = model(x_t, t.float(), observed).float()
-        total += float(ops.frame_mse_loss(pred, target, None, ~kept | observed))
-    return total / len(t_rows)
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Peak bytes of live tensor storages created inside the block (any device, deterministic).
-
-    Every op's outputs are recorded by storage; a storage counts until it is freed (a weak reference
-    tells). Tensors that existed before the block (weights) are not counted. On CUDA prefer
-    torch.cuda.max_memory_allocated; this works on CPU, where torch keeps no allocator statistics."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.total = 0
-        self.peak = 0
-
-    def _prune(self) -> None:
-        for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
-            self.total -= self.live.pop(ptr)[1]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out,) if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr, size = storage.data_ptr(), storage.nbytes()
-                known = self.live.get(ptr)
-                if size == 0 or (known is not None and not known[0].expired()):
-                    continue
-                if known is not None:  # the address was freed and reused
-                    self.total -= known[1]
-                self.live[ptr] = (StorageWeakRef(storage), size)
-                self.total += size
-        if self.total > self.peak:  # only a possible new peak needs the exact (pruned) count
-            self._prune()
-            self.peak = max(self.peak, self.total)
-        return out

@@ -23,8 +23,8 @@ import copy
 import numpy as np
 import torch
 
-from fastdiff import ops
-from fastdiff.diffusion import ddim_sample, frame_weights, sample_training_levels
+from fastdiff.diffusion import ddim_sample, frame_weights, masked_diffusion_loss, sample_training_levels, training_loss
+from fastdiff.models.autoencoder import encode_frames
 
 BANK_CHUNK = 1024  # frames encoded at once while building the offline bank
 
@@ -39,15 +39,16 @@ class StreamBank:
         self._offsets = torch.arange(window, device=frames.device)
 
     @classmethod
-    def from_stream(cls, stream, frames: int, window: int, encode, *, dtype, device, log=print) -> StreamBank:
-        """Read `frames` frames of `stream` and keep encode(frames) (or raw pixels) as `dtype` on `device`."""
+    def from_stream(cls, stream, frames: int, window: int, autoencoder, *, dtype, device, log=print) -> StreamBank:
+        """Read `frames` frames of `stream` and keep their latents (`autoencoder` None: the raw pixels) as `dtype`
+        on `device`."""
         parts, read = [], 0
         while read < frames:
             chunk = stream.read(min(BANK_CHUNK, frames - read))
             if len(chunk) == 0:
                 break
-            with torch.no_grad():
-                parts.append(encode(torch.from_numpy(np.ascontiguousarray(chunk)).to(device)).to(dtype))
+            pixels = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
+            parts.append((pixels if autoencoder is None else encode_frames(autoencoder, pixels)).to(dtype))
             read += len(chunk)
         log(f"offline bank: {read} frames of {stream.info.name} held on {device} for i.i.d. windows")
         return cls(torch.cat(parts), window)
@@ -90,24 +91,23 @@ class GenerativeDistillation:
     def loss(self, model, live: torch.Tensor, replayed: int, schedule, cfg, generator) -> torch.Tensor:
         """The mixed live + distillation loss; falls back to the live windows while there is no teacher."""
         if self.teacher is None or replayed == 0:
-            from fastdiff.diffusion import training_loss
-
             batch = live if replayed == 0 else torch.cat([live, live[-1:].expand(replayed, *live.shape[1:])])
             return training_loss(model, batch, schedule, cfg, generator)
         generated = self.generate(replayed, live, schedule, cfg, generator)
         x0 = torch.cat([live, generated.to(live.dtype)])
         b, k = x0.shape[:2]
         t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device)
-        x_t, target = ops.add_noise(x0, t, observed, schedule.alpha, schedule.sigma, generator=generator,
-                                    prediction=cfg.prediction)
         n_live = live.shape[0]
-        with torch.no_grad():
-            teacher_out = self.teacher(x_t[n_live:], t[n_live:].float(), observed[n_live:]).to(target.dtype)
-        target = torch.cat([target[:n_live], teacher_out])
+
+        def teacher_target(x_t, target):  # the replayed rows regress onto the teacher's prediction
+            with torch.no_grad():
+                teacher_out = self.teacher(x_t[n_live:], t[n_live:].float(), observed[n_live:]).to(target.dtype)
+            return torch.cat([target[:n_live], teacher_out])
+
         weight = frame_weights(t, schedule, cfg)
         weight = torch.cat([weight[:n_live], self.weight * weight[n_live:]])
-        pred = model(x_t, t.float(), observed)
-        return ops.frame_mse_loss(pred, target, weight, observed)
+        return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
+                                     retarget=teacher_target)
 
     def state_dict(self) -> dict:
         return {"teacher": None if self.teacher is None else self.teacher.state_dict(),

@@ -1,81 +1,70 @@
 """The online trainer: one gradient step per arriving frame, live window(s) + replayed windows.
 
-Reads top to bottom: set up (stream, autoencoder, model, optimizer, replay buffer) -> for every frame:
-ingest -> step -> insert into the reservoir -> log / checkpoint / sample. This eager path is the
-reference the fast path is measured against.
+Reads top to bottom: set up (stream, autoencoder fitted on a warm-up prefix, the online step) -> for every
+frame: ingest, step (:meth:`OnlineTrainer.advance`) -> log, checkpoint, milestone, sample. The step itself,
+its three modes and its state live in fastdiff/step.py; the components are built in fastdiff/build.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import random
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastdiff import build, config, distributed, ops
 from fastdiff import checkpoint as ckpt
-from fastdiff import distributed, fastpath, ops
 from fastdiff.config import Config
-from fastdiff.diffusion import Schedule, rollout, training_loss
-from fastdiff.ingest import AsyncIngest, Chunk, SyncIngest, encode_chunk
-from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
-from fastdiff.models.dit import VideoDiT
-from fastdiff.replay import ReplayBuffer
+from fastdiff.diffusion import rollout
+from fastdiff.ingest import FrameFeed
+from fastdiff.replay import merge_shards, resize_reservoir
+from fastdiff.step import OnlineStep, StepResult
 from fastdiff.strategies import GenerativeDistillation, StreamBank
-from fastdiff.streams import make_stream
-
-INGEST_CHUNK = 256  # frames read and encoded at once; the stream's state is saved per chunk
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name!r}: no CUDA device is available on this machine")
-    return device
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    skipped: bool
+from fastdiff.streams import make_stream, parse_stream_options
 
 
 class OnlineTrainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, log=print):
+    """One run: `resume` continues the run in `run_dir` from its newest readable checkpoint. Its replay buffer keeps
+    the capacity the run was created with (written into its config.json) whatever `run.frames` says now, unless
+    `resize_buffer` asks for `replay.windows` (fastdiff/replay.py: resize_reservoir says how it stays uniform)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, resize_buffer: bool = False, log=print):
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
         self.world = distributed.current()  # one process unless launched with torchrun
         self.world.check(cfg)
         if not self.world.is_main:
             self.log = lambda *_, **__: None  # rank 0 speaks for every rank
-        self.device = self.world.device(pick_device(cfg.run.device))
+        self.device = self.world.device(build.pick_device(cfg.run.device))
+        threads = build.cpu_threads(cfg.run.threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         ops.use_kernels(cfg.run.kernels)
-        # auto: bitsandbytes' 8-bit AdamW; the sync-free fast path needs one that skips on the device: ours.
-        opt_name = cfg.optim.name if cfg.optim.name != "auto" else (
-            "adamw8bit-bnb" if cfg.run.step == "eager" else "adamw8bit-fused")
-        fastpath.check(cfg, self.device, opt_name)  # refuse before any work
-        self.autocast_dtype = self._autocast_dtype()
+        optimizer_name = config.optimizer_name(cfg)
         torch.manual_seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         random.seed(cfg.run.seed)
 
-        # --- the stream ---------------------------------------------------------------------------
+        if resume and not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            # Stopped before its first checkpoint (e.g. killed while fitting the autoencoder): nothing was
+            # trained that could be lost, so the run starts over, deterministically, from frame 0.
+            log(f"{self.run_dir} has no checkpoint yet: starting the run from its first frame")
+            resume = False
+        saved = None
+        if resume:
+            if self.world.is_main:
+                ckpt.remove_interrupted_writes(self.run_dir / "checkpoints")
+            saved = ckpt.load_latest(self.run_dir / "checkpoints", map_location=self.device, log=self.log)
+
+        # --- the stream ---------------------------------------------------------------------------------------
         self.total_frames = cfg.run.frames
-        stream_frames = cfg.run.stream_frames or self.total_frames
-        stream_spec, stream_seed = self.world.stream_spec(cfg)  # several streams: one per rank
-        self.stream = make_stream(stream_spec, split="train", seed=stream_seed, total_frames=stream_frames)
+        stream_frames = cfg.run.stream_frames or self.total_frames  # the stream's nominal length (balls-c drifts)
+        self.streams = self.world.stream_specs(cfg)  # several streams under torchrun: one per rank
+        stream_spec, stream_seed = self.world.stream_spec(cfg)
+        self.stream = make_stream(stream_spec, split="train", seed=stream_seed, total_frames=stream_frames,
+                                  **parse_stream_options(cfg.run.stream_options))
         info = self.stream.info
         if info.length is not None and info.length < self.total_frames:
             log(f"stream {info.name} has {info.length} frames; training on all of them")
@@ -84,348 +73,213 @@ class OnlineTrainer:
         if self.total_frames < self.window:
             raise ValueError(f"run.frames={self.total_frames} is shorter than one window of {self.window} frames")
         self.frame_shape = (info.height, info.width, 3)
-        self._check_buffer_memory(stream_frames)  # an impossible buffer is refused before the autoencoder is fitted
+        buffer_plan = self._buffer_plan(stream_frames, saved[0] if saved else None, resize_buffer)
+        if buffer_plan is not None:  # an impossible buffer is refused before the autoencoder is fitted
+            build.check_memory(build.buffer_bytes(buffer_plan), "replay buffer", self.device)
+        if not resume:  # what the run is created with, kept in its config.json: the stream's length, the capacity
+            cfg.run.stream_frames = stream_frames
+            if buffer_plan is not None and cfg.replay.strategy != "full":
+                cfg.replay.windows = buffer_plan[0]
 
-        # --- frozen autoencoder (fitted on a warm-up prefix of the stream) -------------------------
-        if resume and not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
-            # Stopped before its first checkpoint (e.g. killed while fitting the autoencoder): nothing was
-            # trained that could be lost, so the run starts over, deterministically, from frame 0.
-            log(f"{self.run_dir} has no checkpoint yet: starting the run from its first frame")
-            resume = False
-        self.generator = torch.Generator(device=self.device).manual_seed(self.world.rank_seed(cfg.run.seed))
-        # The first chunk is read here, synchronously: the autoencoder is fitted on its warm-up prefix.
-        first_state = self.stream.state_dict()
-        first_frames = self.stream.read(max(cfg.autoencoder.warmup_frames, INGEST_CHUNK))
+        # --- the frozen autoencoder, fitted on a warm-up prefix of the stream ---------------------------------
+        generator = torch.Generator(device=self.device).manual_seed(self.world.rank_seed(cfg.run.seed))
+        self.feed = FrameFeed(self.stream, None, self.device, async_read=cfg.run.async_ingest)
+        first_frames = self.feed.read_first(cfg.autoencoder.warmup_frames)
         with self.world.main_first():  # rank 0 fits and saves the autoencoder, the other ranks load it
-            self.autoencoder = self._build_autoencoder(resume, first_frames)
-        self.ingest = None  # the reader of every later chunk, started at the first one (fastdiff/ingest.py)
-        self._chunk = self._chunk_from(first_state, first_frames)
-        self._chunk_pos = 0
-        self.latent_shape = (self.autoencoder.channels, info.height // self.autoencoder.factor,
-                             info.width // self.autoencoder.factor)
+            self.autoencoder = self._fitted_autoencoder(resume, first_frames)
+        self.feed.autoencoder = self.autoencoder
+        self.feed.encode_first()
+        self.latent_shape = build.latent_shape(cfg.autoencoder, self.frame_shape[:2])
 
-        # --- model, EMA, optimizer, schedule ---------------------------------------------------------
-        m = cfg.model
-        self.model = VideoDiT(self.latent_shape[0], self.latent_shape[1], self.latent_shape[2], self.window,
-                              width=m.width, depth=m.depth, heads=m.heads, patch=m.patch, mlp_ratio=m.mlp_ratio,
-                              checkpoint_activations=m.checkpoint_activations).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        from fastdiff.optim import build_optimizer
-
-        self.optimizer = build_optimizer(opt_name, self.model.parameters(), lr=cfg.optim.lr,
-                                         betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                         weight_decay=cfg.optim.weight_decay, fused=cfg.run.step != "eager")
-        self.optimizer_name = opt_name
-        self.schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, self.device)
-        self.train_model = torch.compile(self.model, fullgraph=True) if cfg.run.compile else self.model
-        self.train_model = self.world.wrap(self.model, self.train_model, cfg.run.compile)  # DDP under torchrun
-
-        # --- replay buffer (or the offline bank / the distillation teacher) ----------------------------
-        self.buffer = self._build_buffer(stream_frames)
-        self.bank = self._build_bank(stream_spec, stream_seed, stream_frames) if cfg.replay.strategy == "offline" \
-            else None
-        self.distill = GenerativeDistillation(cfg.replay.teacher_every, cfg.replay.distill_steps,
-                                              cfg.replay.distill_weight) if cfg.replay.strategy == "gen-distill" \
-            else None
-        live_frames = self.window + cfg.replay.live - 1
-        self.ring = torch.zeros((live_frames, *self.latent_shape), device=self.device)
-        self.ring_pixels = torch.zeros((live_frames, *self.frame_shape), dtype=torch.uint8, device=self.device)
-        self.frames_device = torch.zeros((), dtype=torch.long, device=self.device)  # frames_seen, on the device
-
-        # --- counters -------------------------------------------------------------------------------
-        self.frames_seen = 0  # frames ingested
-        self.steps = 0  # gradient steps taken
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        # --- the online step: model, EMA, optimizer, schedule, replay, live ring --------------------------------
+        self.step = OnlineStep(
+            cfg, build.model(cfg.model, self.latent_shape, self.window, self.device), optimizer_name=optimizer_name,
+            window=self.window, latent_shape=self.latent_shape, frame_shape=self.frame_shape, device=self.device,
+            generator=generator, autocast=build.autocast_dtype(cfg.run.precision, self.device),
+            buffer=self._replay_buffer(buffer_plan),
+            bank=self._offline_bank(stream_spec, stream_seed, stream_frames) if cfg.replay.strategy == "offline"
+            else None,
+            distill=GenerativeDistillation(cfg.replay.teacher_every, cfg.replay.distill_steps,
+                                           cfg.replay.distill_weight) if cfg.replay.strategy == "gen-distill" else None,
+            autoencoder=self.autoencoder, world=self.world, log=self.log)
         self.checkpoint_failures = 0
-        self.wait_seconds = 0.0  # time spent waiting on the stream
-        self._wait_before = 0.0
         self._tb = None
-        if resume:
-            self._load_checkpoint()
-        self.fast = None if cfg.run.step == "eager" else fastpath.FastStep(self, graph=cfg.run.step == "graph")
+        self.resumed_at: int | None = None  # the checkpoint's frame, when this process resumed the run
+        self.interrupted = False
+        if saved is not None:
+            self.load_checkpoint(*saved)
+        elif self.world.is_main:
+            write_config(cfg, self.run_dir)  # with the resolved stream length and buffer capacity
 
-    # ----------------------------------------------------------------------------------------------
-    def _autocast_dtype(self):
-        precision = self.cfg.run.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        return torch.bfloat16 if precision == "bf16" else None
-
-    def _chunk_from(self, state: dict, frames: np.ndarray) -> Chunk:
-        pixels = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-        return Chunk(state, pixels, encode_chunk(self.autoencoder.encode, pixels))
-
-    def _build_autoencoder(self, resume: bool, first_frames: np.ndarray):
+    # --- set-up helpers ------------------------------------------------------------------------------------------
+    def _fitted_autoencoder(self, resume: bool, first_frames: np.ndarray):
         ae_cfg = self.cfg.autoencoder
-        if ae_cfg.latent == "none":
-            return PixelSpace()
-        ae = FrameAutoencoder(ae_cfg.channels, ae_cfg.factor, ae_cfg.hidden).to(self.device)
         path = self.run_dir / "autoencoder.pt"
+        if ae_cfg.latent == "none":
+            return build.autoencoder(ae_cfg, self.device)
         if resume or path.exists():
             if not path.exists():
                 raise ckpt.CheckpointError(f"{path} is missing: cannot resume a latent run without its autoencoder")
-            ae.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-            ae.requires_grad_(False).eval()
-            return ae
+            return build.load_autoencoder(ae_cfg, path, self.device)
+        ae = build.autoencoder(ae_cfg, self.device)
         prefix = first_frames[: ae_cfg.warmup_frames]
         self.log(f"fitting the frame autoencoder on {len(prefix)} warm-up frames ({ae_cfg.fit_steps} steps)")
         gen = torch.Generator().manual_seed(self.cfg.run.seed + 1)
-        mse = ae.fit(prefix, steps=ae_cfg.fit_steps, batch=ae_cfg.fit_batch, lr=ae_cfg.lr, generator=gen,
-                     device=self.device)
+        from tqdm import tqdm
+
+        with tqdm(total=ae_cfg.fit_steps, unit="step", desc="autoencoder fit", leave=False,
+                  disable=None if self.cfg.run.progress and self.world.is_main else True) as bar:
+            def progress(step, loss):
+                bar.update(step + 1 - bar.n)
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+            mse = ae.fit(prefix, steps=ae_cfg.fit_steps, batch=ae_cfg.fit_batch, lr=ae_cfg.lr, generator=gen,
+                         device=self.device, progress=progress)
         self.log(f"autoencoder frozen: reconstruction MSE {mse:.5f} (pixels in [-1, 1])")
         ckpt.atomic_torch_save(ae.state_dict(), path)
         return ae
 
-    def _buffer_plan(self, stream_frames: int) -> tuple[int, tuple, torch.dtype] | None:
-        """(capacity in windows, window shape, dtype) of the replay buffer, from the config alone.
+    def _buffer_plan(self, stream_frames: int, saved: dict | None, resize: bool):
+        """The replay buffer's (capacity, window shape, dtype). On resume the capacity is the checkpoint's unless a
+        resize is asked for; `full` replay follows the run's length (it keeps every window, so growing is exact)."""
+        length = max(stream_frames, self.total_frames) if self.cfg.replay.strategy == "full" else stream_frames
+        plan = build.buffer_plan(self.cfg, self.window, self.frame_shape, length, self.device)
+        saved_buffer = saved.get("buffer") if saved else None
+        if plan is None or saved_buffer is None or saved_buffer["capacity"] == plan[0]:
+            return plan
+        if resize or self.cfg.replay.strategy == "full" and plan[0] > saved_buffer["capacity"]:
+            self.log(f"replay buffer resized from {saved_buffer['capacity']} to {plan[0]} windows")
+            return plan
+        self.log(f"replay buffer keeps the {saved_buffer['capacity']} windows the run was created with "
+                 f"(--resize-buffer N changes it)")
+        return (saved_buffer["capacity"], *plan[1:])
 
-        The paper's buffer holds a share of the stream's *frames* (5%: 5,000 windows of 10 frames for 1M
-        frames of balls, 2,500 of 20 for the maze), so capacity = fraction * frames / window; `full` keeps
-        every window."""
-        r, ae = self.cfg.replay, self.cfg.autoencoder
-        if r.strategy in ("none", "offline", "gen-distill"):
-            return None
-        if r.strategy == "full":
-            capacity = max(stream_frames - self.window + 1, 1)
-        else:
-            capacity = r.windows or max(1, round(r.fraction * stream_frames / self.window))
-        if r.storage == "pixel":
-            return capacity, (self.window, *self.frame_shape), torch.uint8
-        channels, factor = (3, 1) if ae.latent == "none" else (ae.channels, ae.factor)
-        shape = (self.window, channels, self.frame_shape[0] // factor, self.frame_shape[1] // factor)
-        return capacity, shape, torch.bfloat16 if self.device.type == "cuda" else torch.float32
-
-    def _check_buffer_memory(self, stream_frames: int) -> None:
-        plan = self._buffer_plan(stream_frames)
-        if plan is not None:
-            capacity, shape, dtype = plan
-            self._check_memory((capacity + 1) * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
-                               "replay buffer")
-
-    def _build_buffer(self, stream_frames: int) -> ReplayBuffer | None:
-        plan = self._buffer_plan(stream_frames)
+    def _replay_buffer(self, plan):
+        """The reservoir; under torchrun with one shared stream, this rank's shard of it."""
         if plan is None:
             return None
-        self._check_buffer_memory(stream_frames)
-        capacity, shape, dtype = plan
-        mode = "full" if self.cfg.replay.strategy == "full" else "reservoir"
-        return self.world.replay_buffer(self.cfg, capacity, shape, dtype=dtype, device=self.device, mode=mode)
+        shared = self.world.active and not self.streams
+        shard = (self.world.rank, self.world.size) if shared else (0, 1)
+        seed = distributed.derive_seed(self.cfg.run.seed, -1) if shared else None  # alike on every rank
+        return build.replay_buffer(self.cfg.replay, plan, self.device, shard=shard, insert_seed=seed)
 
-    def _build_bank(self, stream_spec: str, stream_seed: int, stream_frames: int) -> StreamBank:
+    def _offline_bank(self, stream_spec: str, stream_seed: int, stream_frames: int) -> StreamBank:
         """The offline baseline's i.i.d. source: a second reader of the same stream, read to the end."""
         frames = min(stream_frames, self.stream.info.length or stream_frames)  # the whole stream, not just the run
-        storage_pixels = self.cfg.replay.storage == "pixel"
-        dtype = torch.uint8 if storage_pixels else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        per_frame = math.prod(self.frame_shape if storage_pixels else self.latent_shape)
-        self._check_memory(frames * per_frame * torch.empty((), dtype=dtype).element_size(),
-                           "offline bank (the whole stream)")
-        encode = (lambda px: px) if storage_pixels else self.autoencoder.encode
-        with make_stream(stream_spec, split="train", seed=stream_seed, total_frames=stream_frames) as stream:
-            return StreamBank.from_stream(stream, frames, self.window, encode, dtype=dtype,
-                                          device=self.device, log=self.log)
-
-    def _check_memory(self, nbytes: int, what: str) -> None:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-        else:
-            import os
-
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        if nbytes > free:
-            raise MemoryError(
-                f"{what} needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on {self.device}; "
-                "lower replay.fraction / replay.windows or use replay.storage=pixel"
-            )
+        build.check_memory(build.bank_bytes(self.cfg, frames, self.frame_shape, self.device),
+                           "offline bank (the whole stream)", self.device)
+        pixels = self.cfg.replay.storage == "pixel"
+        dtype = torch.uint8 if pixels else build.storage_dtype(self.device)
+        with make_stream(stream_spec, split="train", seed=stream_seed, total_frames=stream_frames,
+                         **parse_stream_options(self.cfg.run.stream_options)) as stream:
+            return StreamBank.from_stream(stream, frames, self.window, None if pixels else self.autoencoder,
+                                          dtype=dtype, device=self.device, log=self.log)
 
     def memory_estimate(self) -> dict[str, float]:
         """fastdiff/memory.py's estimate with this run's actual buffer and bank (MiB)."""
         from fastdiff import memory
 
+        buffer, bank = self.step.buffer, self.step.bank
         return memory.estimate(self.cfg, self.frame_shape[:2], self.window, self.device.type,
-                               buffer_bytes=self.buffer.nbytes if self.buffer else 0,
-                               bank_bytes=self.bank.nbytes if self.bank else 0)
+                               buffer_bytes=buffer.nbytes if buffer else 0, bank_bytes=bank.nbytes if bank else 0)
 
-    # --- ingest -----------------------------------------------------------------------------------
-    def _next_frame(self) -> int | None:
-        """Index of the next frame in the current chunk (a new chunk when it is used up); None at the end."""
-        if self._chunk is not None and self._chunk_pos >= len(self._chunk):
-            if self.ingest is None:
-                reader = AsyncIngest if self.cfg.run.async_ingest else SyncIngest
-                self.ingest = reader(self.stream, self.autoencoder.encode, self.device, chunk=INGEST_CHUNK)
-            self._chunk = self.ingest.next_chunk()
-            self._chunk_pos = 0
-            self.wait_seconds = self._wait_before + self.ingest.wait_seconds
-        if self._chunk is None:
-            return None
-        self._chunk_pos += 1
-        return self._chunk_pos - 1
+    # --- counters (the step's, as the host last saw them) --------------------------------------------------------
+    @property
+    def frames_seen(self) -> int:
+        return self.step.frames_seen
 
-    @torch.no_grad()
-    def _ingest(self, index: int) -> None:
-        pixels, latent = self._chunk.pixels[index], self._chunk.latents[index]
-        # in place: the captured step (fastdiff/fastpath.py) reads these very tensors on every replay
-        self.ring[:-1] = self.ring[1:].clone()
-        self.ring[-1] = latent.float()
-        self.ring_pixels[:-1] = self.ring_pixels[1:].clone()
-        self.ring_pixels[-1] = pixels
-        self.frames_seen += 1
-        self.frames_device += 1
+    @property
+    def steps(self) -> int:
+        return self.step.steps
 
-    def _live_windows(self) -> torch.Tensor:
-        k, n = self.window, self.cfg.replay.live
-        return torch.stack([self.ring[i : i + k] for i in range(n)])  # newest window last
+    @property
+    def skipped(self) -> int:
+        return self.step.skipped
 
-    # --- one online step --------------------------------------------------------------------------
-    def _batch(self, live: torch.Tensor) -> torch.Tensor:
-        r = self.cfg.replay
-        if self.bank is not None:  # offline: every window i.i.d. from the whole stream
-            drawn = self.bank.sample(r.live + r.replayed, self.generator)
-            if r.storage == "pixel":
-                with torch.no_grad():
-                    drawn = self.autoencoder.encode(drawn.flatten(0, 1)).view(len(drawn), *live.shape[1:])
-            return drawn.float()
-        if self.distill is not None:
-            return live  # the replayed windows are generated inside the loss
-        if self.buffer is None:  # no replay: the batch is filled with the live window
-            return live[-1:].expand(r.live + r.replayed, *live.shape[1:])
-        if r.replayed == 0:
-            return live
-        fallback = self.ring_pixels[-self.window :] if r.storage == "pixel" else live[-1]
-        replayed = self.buffer.sample(r.replayed, self.generator, fallback)
-        if r.storage == "pixel":
-            with torch.no_grad():
-                replayed = self.autoencoder.encode(replayed.flatten(0, 1)).view(r.replayed, *live.shape[1:])
-        return torch.cat([live, replayed.float()])
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def advance(self) -> bool:
+        """Ingest the next frame of the stream and, once the live window is full, take its gradient step.
+        False when the stream has ended."""
+        frame = self.feed.next()
+        if frame is None:
+            return False
+        self.step.ingest(*frame)
+        if self.step.ready:
+            self.step.step()  # device / graph: no host sync; results are read when logging
+        return True
 
-    def train_step(self, live: torch.Tensor) -> StepResult:
-        self.model.train()
-        batch = self._batch(live)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            if self.distill is not None:
-                loss = self.distill.loss(self.train_model, batch, self.cfg.replay.replayed, self.schedule,
-                                         self.cfg.diffusion, self.generator)
-            else:
-                loss = training_loss(self.train_model, batch, self.schedule, self.cfg.diffusion, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        # the eager path syncs here, on purpose; the loss is the mean over ranks so that all skip or step together
-        loss_value, norm_value = float(self.world.mean(loss.detach())), float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self.log(f"frame {self.frames_seen}: non-finite loss/gradient ({loss_value}, {norm_value}); "
-                     f"step skipped ({self.skipped} so far)")
-            if self.cfg.run.nan_policy == "stop":
-                raise NonFiniteLoss(f"non-finite loss at frame {self.frames_seen} (run.nan_policy=stop)")
-            return StepResult(loss_value, norm_value, True)
-        self.optimizer.step()
-        self.steps += 1
-        self._update_ema()
-        return StepResult(loss_value, norm_value, False)
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.cfg.optim.ema
-        if self.cfg.optim.ema_warmup:
-            decay = min(decay, (1 + self.steps) / (10 + self.steps))
-        ema_params, params = list(self.ema.parameters()), list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-    def _insert_live(self) -> None:
-        if self.buffer is None:
-            return
-        start = self.frames_device - self.window  # a device value: the captured step replays it correctly
-        window = self.ring_pixels[-self.window :] if self.cfg.replay.storage == "pixel" else self.ring[-self.window :]
-        self.buffer.insert(window, start, self.generator)
-
-    # --- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg = self.cfg.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from fastdiff.memory import describe
 
         self.log(describe(self.memory_estimate()))
         metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in the finally below)
         bar = self._progress()
-        started, window_start, frames_at_start = time.perf_counter(), time.perf_counter(), self.frames_seen
-        last = None
+        started, frames_at_start = time.perf_counter(), self.frames_seen
+        if self.resumed_at is None:  # a checkpoint before the first step: from here on a kill loses at most the
+            self.save_checkpoint()  # steps since the newest checkpoint, and never the autoencoder's fit
         try:
-            while self.frames_seen < self.total_frames:
-                frame = self._next_frame()  # an index into the ready chunk
-                if frame is None:
-                    self.log(f"stream ended after {self.frames_seen} frames")
-                    break
-                self._ingest(frame)
-                if self.frames_seen < self.window + self.cfg.replay.live - 1:
-                    continue  # not a full live window yet
-                if self.fast is not None:
-                    self.fast.step()  # no host sync; results are read below only when logging
-                else:
-                    last = self.train_step(self._live_windows())
-                    self._insert_live()
-                if self.distill is not None and self.distill.maybe_refresh(self.ema, self.frames_seen):
-                    self.log(f"frame {self.frames_seen}: distillation teacher refreshed from the EMA model")
-                if cfg.milestone_every and self.frames_seen % cfg.milestone_every == 0:
-                    self.save_milestone()
-                if self.frames_seen % cfg.log_every == 0:
-                    if self.fast is not None:
-                        last = self._sync_fast()
-                    now = time.perf_counter()
-                    fps = cfg.log_every / max(now - window_start, 1e-9)
-                    window_start = now
-                    self._log_metrics(metrics, last, fps)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last.loss:.4f}", fps=f"{fps:.1f}", buffer=self._fill_text())
-                    elif self.frames_seen % (10 * cfg.log_every) == 0:  # no bar: a plain line now and then
-                        self.log(f"frame {self.frames_seen}/{self.total_frames}  loss {last.loss:.4f}  "
-                                 f"{fps:.1f} frames/s  buffer {self._fill_text()}  skipped {self.skipped}")
-                if bar is not None:
-                    bar.update(1)
-                if self.frames_seen % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if cfg.sample_every and self.frames_seen % cfg.sample_every == 0:
-                    self.write_samples(f"frame{self.frames_seen:08d}")
+            with StopOnSignal(self.log) as stop:
+                self._loop(metrics, bar, stop)
         finally:
             metrics.close()
             if bar is not None:
                 bar.close()
-            if self.ingest is not None:  # stop reading ahead; rewind the stream to the first frame not trained on
-                rewind = self.ingest.close()
-                if rewind is not None:
-                    self.stream.load_state_dict(rewind)
-                self.ingest = None
-                self._wait_before = self.wait_seconds
-        if self.fast is not None and self.fast.calls:  # the host's view of the last step and the counters
-            last = self._sync_fast()
+            self.feed.close()  # stop reading ahead; rewind the stream to the first frame not trained on
+        self.interrupted = stop.signal is not None
+        last = self.step.result()  # the host's view of the last step and the counters
         self.save_checkpoint()
-        self.write_samples("final")
+        if self.interrupted:
+            self.log(f"stopped by {stop.signal} at frame {self.frames_seen}: checkpoint written; continue with\n"
+                     f"  fastdiff train --resume {self.run_dir}")
+        else:
+            self.write_samples(f"final-frame{self.frames_seen:08d}")  # an extended run keeps the earlier ones
         elapsed = time.perf_counter() - started
         summary = {"frames": self.frames_seen, "steps": self.steps, "skipped_steps": self.skipped,
                    "seconds": elapsed, "frames_per_second": (self.frames_seen - frames_at_start) / max(elapsed, 1e-9),
-                   "stream_wait_seconds": self.wait_seconds, "last_loss": last.loss if last else None}
+                   "stream_wait_seconds": self.feed.wait_seconds,
+                   "last_loss": last.loss if self.step.calls else None, "interrupted": self.interrupted}
         if self.world.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self._tb is not None:
             self._tb.close()
         return summary
 
-    def _sync_fast(self) -> StepResult:
-        """Catch the host counters up with the device (the fast path's only sync, once per log interval)."""
-        result, newly_skipped = self.fast.sync()
-        if newly_skipped:
-            self.log(f"frame {self.frames_seen}: {newly_skipped} step(s) skipped for a non-finite loss/gradient "
-                     f"({self.skipped} so far)")
-            if self.cfg.run.nan_policy == "stop":
-                raise NonFiniteLoss(f"non-finite loss by frame {self.frames_seen} (run.nan_policy=stop)")
-        return result
+    def _loop(self, metrics, bar, stop) -> None:
+        """Frame by frame until the run's length, the stream's end or a signal: step, log, checkpoint, sample."""
+        cfg = self.cfg.run
+        window_start = time.perf_counter()
+        while self.frames_seen < self.total_frames and stop.signal is None:
+            if not self.advance():
+                self.log(f"stream ended after {self.frames_seen} frames")
+                break
+            if not self.step.ready:
+                continue  # not a full live window yet
+            if cfg.milestone_every and self.frames_seen % cfg.milestone_every == 0:
+                self.save_milestone()
+            if self.frames_seen % cfg.log_every == 0:
+                last = self.step.result()
+                now = time.perf_counter()
+                fps = cfg.log_every / max(now - window_start, 1e-9)
+                window_start = now
+                self._log_metrics(metrics, last, fps)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last.loss:.4f}", fps=f"{fps:.1f}", buffer=self._fill_text())
+                elif self.frames_seen % (10 * cfg.log_every) == 0:  # no bar: a plain line now and then
+                    self.log(f"frame {self.frames_seen}/{self.total_frames}  loss {last.loss:.4f}  "
+                             f"{fps:.1f} frames/s  buffer {self._fill_text()}  skipped {self.skipped}")
+            if bar is not None:
+                bar.update(1)
+            if self.frames_seen % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if cfg.sample_every and self.frames_seen % cfg.sample_every == 0:
+                self.write_samples(f"frame{self.frames_seen:08d}")
 
     def _fill_text(self) -> str:
-        if self.buffer is None:
+        buffer = self.step.buffer
+        if buffer is None:
             return "off"
-        return f"{int(self.buffer.filled())}/{self.buffer.capacity}"  # filled(): this rank's shard under DDP
+        return f"{int(buffer.filled())}/{buffer.capacity}"  # filled(): this rank's shard under DDP
 
     def _progress(self):
         if not self.cfg.run.progress or not self.world.is_main:
@@ -438,17 +292,20 @@ class OnlineTrainer:
     def _log_metrics(self, metrics_file, result: StepResult, fps: float) -> None:
         if not self.world.is_main:
             return
+        buffer = self.step.buffer
         row = {"frame": self.frames_seen, "step": self.steps, "loss": result.loss, "grad_norm": result.grad_norm,
                "skipped_steps": self.skipped, "frames_per_second": fps, "lr": self.cfg.optim.lr,
-               "buffer": None if self.buffer is None else int(self.buffer.filled()),
-               "stream_wait_seconds": self.wait_seconds, "time": time.time()}
+               "buffer": None if buffer is None else int(buffer.filled()),
+               "stream_wait_seconds": self.feed.wait_seconds, "time": time.time()}
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                # purge_step: a resumed run's TensorBoard drops what an earlier process logged past the checkpoint
+                purge = None if self.resumed_at is None else self.resumed_at + 1
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
             except Exception as err:  # tensorboard is optional at run time
                 self.log(f"tensorboard disabled: {err}")
                 self._tb = False
@@ -456,49 +313,73 @@ class OnlineTrainer:
             for key in ("loss", "grad_norm", "frames_per_second", "skipped_steps"):
                 self._tb.add_scalar(f"train/{key}", row[key], self.frames_seen)
 
-    # --- checkpoints ------------------------------------------------------------------------------
+    # --- checkpoints ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_name": self.optimizer_name,
-            "buffer": None if self.buffer is None else self.buffer.state_dict(),
-            "distill": None if self.distill is None else self.distill.state_dict(),
-            "ring": self.ring.clone(),
-            "ring_pixels": self.ring_pixels.clone(),
-            # the chunk's starting state, its length and the position in it: resuming re-reads exactly that chunk
-            "stream": {"chunk_state": self._chunk.state if self._chunk is not None else self.stream.state_dict(),
-                       "chunk_len": len(self._chunk) if self._chunk is not None else 0, "skip": self._chunk_pos,
-                       "info": self.stream.info.__dict__},
-            "counters": {"frames_seen": self.frames_seen, "steps": self.steps, "skipped": self.skipped},
-            "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(), "python": random.getstate()},
-        }
+        """This rank's view of the run: the step's state, the stream position, the config and the RNGs."""
+        state = self.step.state_dict()
+        generator = state.pop("generator")
+        return {"config": self.cfg.to_dict(), **state, "stream": self.feed.state_dict(), "device": self.device.type,
+                "rng": {"generator": generator, "torch": torch.get_rng_state(),
+                        "numpy": np.random.get_state(), "python": random.getstate()}}
 
     def save_checkpoint(self) -> Path | None:
-        if self.fast is not None:
-            self._sync_fast()
-        directory = self.run_dir / "checkpoints"
-        state = self.world.gather_checkpoint(self.state_dict(), self.world.stream_specs(self.cfg))
+        state = gather_checkpoint(self.state_dict(), self.world, self.streams)
         if state is None:  # not rank 0: its own part went to rank 0, which writes the file
             return None
         try:
-            path = ckpt.save_checkpoint(state, directory, self.frames_seen, self.cfg.run.keep_checkpoints)
+            return ckpt.save_checkpoint(state, self.run_dir / "checkpoints", self.frames_seen,
+                                        self.cfg.run.keep_checkpoints)
         except OSError as err:  # e.g. disk full: the previous checkpoint is untouched
             self.checkpoint_failures += 1
             self.log(f"checkpoint at frame {self.frames_seen} failed ({err}); the previous checkpoint is intact")
             if self.cfg.run.disk_full_policy == "stop":
                 raise
             return None
-        return path
+
+    def load_checkpoint(self, state: dict, path: Path) -> None:
+        """Continue from `state` (read from `path`): on any device, whichever one the run was saved on."""
+        state = rank_view(state, self.world, self.streams, self.device)
+        state = self._moved_here(state)
+        buffer = self.step.buffer
+        if buffer is not None and state["buffer"] is not None and state["buffer"]["capacity"] != buffer.capacity:
+            state["buffer"] = resize_reservoir(state["buffer"], buffer.capacity, self.step.generator)
+        try:
+            self.step.load_state_dict({**state, "generator": state["rng"]["generator"]}, log=self.log)
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(f"{path}: {err}") from None
+        self.feed.load_state_dict(state["stream"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.resumed_at = self.frames_seen
+        if self.world.is_main:
+            dropped = drop_rows_after(self.run_dir / "metrics.jsonl", self.frames_seen)
+            if dropped:
+                self.log(f"metrics.jsonl: {dropped} row(s) past frame {self.frames_seen} dropped (they are trained "
+                         "again now)")
+        self.log(f"resumed from {path.name} at frame {self.frames_seen} ({self.steps} steps)")
+
+    def _moved_here(self, state: dict) -> dict:
+        """A checkpoint written on another kind of device (a GPU run on a laptop, or the reverse): tensors were
+        mapped by torch.load; the training generator's state is device-specific (a CUDA generator's is a seed and
+        an offset, a CPU one's the Mersenne twister), so it is re-derived, deterministically, from the run's seed,
+        this rank and the frame. Buffer and optimizer dtypes are converted as they are copied in."""
+        saved_on = state.get("device", self.device.type)
+        mine = self.step.generator.get_state()
+        generator = state["rng"]["generator"]
+        if saved_on == self.device.type and generator.numel() == mine.numel():
+            return state
+        seed = distributed.derive_seed(self.cfg.run.seed, self.world.rank, state["counters"]["frames_seen"])
+        self.log(f"checkpoint written on {saved_on}, resumed on {self.device.type}: its random stream goes on from a "
+                 f"generator re-derived from (run.seed, rank, frame {state['counters']['frames_seen']})")
+        fresh = torch.Generator(device=self.device).manual_seed(seed).get_state()
+        return {**state, "rng": {**state["rng"], "generator": fresh}}
 
     def save_milestone(self) -> Path | None:
         """The EMA weights at this frame, kept for good (milestones/): `fastdiff eval` turns them into curves."""
         if not self.world.is_main:
             return None
-        state = {"config": self.cfg.to_dict(), "ema": self.ema.state_dict(),
+        state = {"config": self.cfg.to_dict(), "ema": self.step.ema.state_dict(),
                  "stream": {"info": self.stream.info.__dict__},
                  "counters": {"frames_seen": self.frames_seen, "steps": self.steps, "skipped": self.skipped}}
         path = self.run_dir / "milestones" / f"frame{self.frames_seen:010d}.pt"
@@ -510,51 +391,15 @@ class OnlineTrainer:
             return None
         return path
 
-    def _load_checkpoint(self) -> None:
-        state, path = ckpt.load_latest(self.run_dir / "checkpoints", map_location=self.device, log=self.log)
-        state = self.world.localize_checkpoint(state, self.world.stream_specs(self.cfg), self.device)
-        try:
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-        except RuntimeError as err:
-            raise ckpt.CheckpointError(f"{path} was written by a different model shape: {err}") from None
-        saved_opt = state.get("optimizer_name", self.optimizer_name)
-        opt_state = state["optimizer"]
-        if saved_opt != self.optimizer_name:
-            from fastdiff.optim import convert_state_dict
-
-            self.log(f"converting optimizer state {saved_opt} -> {self.optimizer_name}")
-            opt_state = convert_state_dict(opt_state, saved_opt, self.optimizer_name, list(self.model.parameters()))
-        self.optimizer.load_state_dict(opt_state)
-        if self.buffer is not None and state["buffer"] is not None:
-            self.buffer.load_state_dict(state["buffer"])
-        if self.distill is not None and state.get("distill") is not None:
-            self.distill.load_state_dict(state["distill"], self.ema)
-        self.ring.copy_(state["ring"])
-        self.ring_pixels.copy_(state["ring_pixels"])
-        saved = state["stream"]
-        self.stream.load_state_dict(saved["chunk_state"])
-        frames = self.stream.read(max(saved.get("chunk_len", INGEST_CHUNK), saved["skip"]))
-        self._chunk = self._chunk_from(saved["chunk_state"], frames) if len(frames) else None
-        self._chunk_pos = saved["skip"]
-        counters = state["counters"]
-        self.frames_seen, self.steps, self.skipped = counters["frames_seen"], counters["steps"], counters["skipped"]
-        self.frames_device.fill_(self.frames_seen)
-        self.generator.set_state(state["rng"]["generator"].to("cpu") if self.device.type == "cpu"
-                                 else state["rng"]["generator"].cpu())
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self.log(f"resumed from {path.name} at frame {self.frames_seen} ({self.steps} steps)")
-
-    # --- samples ----------------------------------------------------------------------------------
+    # --- samples -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, context_frames: int, total: int, seed: int = 0) -> np.ndarray:
         """Roll the EMA model out from the last `context_frames` live frames: uint8 (total, H, W, 3)."""
+        step = self.step
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        context = self.ring[-context_frames:][None]
+        context = step.ring[-context_frames:][None]
         clip_x0 = 1.0 if self.cfg.autoencoder.latent == "none" else None
-        video = rollout(self.ema, context, total, self.window, self.schedule, self.cfg.diffusion,
+        video = rollout(step.ema, context, total, self.window, step.schedule, self.cfg.diffusion,
                         generator=gen, clip_x0=clip_x0)
         return self.autoencoder.decode(video[0]).cpu().numpy()
 
@@ -577,6 +422,94 @@ class OnlineTrainer:
         return out / f"{tag}.png"
 
 
+class StopOnSignal:
+    """SIGINT / SIGTERM while training: the first asks the loop to stop after the current step (the trainer then
+    writes a checkpoint and says how to resume); a second one stops at once (KeyboardInterrupt), as usual.
+    Signal handlers belong to the main thread: elsewhere (a trainer run from a thread) this does nothing."""
+
+    def __init__(self, log):
+        self.log, self.signal, self._previous = log, None, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signal is not None:  # the second one: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.log(f"\n{self.signal}: finishing this step, then writing a checkpoint (again to stop at once)")
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def drop_rows_after(metrics: Path, frame: int) -> int:
+    """Rewrite metrics.jsonl without the rows logged after `frame` (a resumed run trains those frames again);
+    returns how many were dropped. Atomic: a kill midway leaves the old file."""
+    if not metrics.exists():
+        return 0
+    lines = metrics.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("frame", 0) <= frame]
+    if len(keep) == len(lines):
+        return 0
+    ckpt.atomic_write_bytes(metrics, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+    return len(lines) - len(keep)
+
+
+def gather_checkpoint(state: dict, world: distributed.World, streams: list[str]) -> dict | None:
+    """One checkpoint for every rank, on rank 0 (None elsewhere): each rank sends its own part (RNG stream; with one
+    stream per rank also its stream position, live frames and buffer; with one shared stream its reservoir shard,
+    merged here into the global reservoir, so that any number of ranks can resume it)."""
+    if not world.active:
+        return state
+    mine = {"generator": state["rng"]["generator"], "buffer": state["buffer"]}
+    if streams:
+        mine.update(stream=state["stream"], ring=state["ring"], ring_pixels=state["ring_pixels"])
+    parts = world.gather_to_main(mine)
+    if parts is None:
+        return None
+    if not streams and state["buffer"] is not None:
+        state["buffer"] = merge_shards([p["buffer"] for p in parts])
+    state["distributed"] = {"world_size": world.size, "streams": streams, "ranks": parts}
+    return state
+
+
+def rank_view(state: dict, world: distributed.World, streams: list[str] | None, device) -> dict:
+    """A loaded checkpoint rewritten into this rank's view (any number of ranks for one shared stream)."""
+    saved = state.get("distributed")
+    if saved is None:  # written by one process: every rank starts from it, with its own RNG stream
+        saved = {"world_size": 1, "streams": None, "ranks": [{"generator": state["rng"]["generator"]}]}
+    if (saved["streams"] or []) != (streams or []):
+        raise distributed.DistributedError(
+            f"this run trained on {saved['streams'] or 'one shared stream'} over {saved['world_size']} rank(s); "
+            "resume it with the same run.streams, one rank per stream (a stream's position and replay buffer "
+            "belong to one rank and cannot be split or merged)")
+    ranks = saved["ranks"]
+    if world.rank < len(ranks):  # the same rank existed: continue its RNG stream
+        generator = ranks[world.rank]["generator"]
+    else:  # a new rank: a fresh stream, derived from where the run stands
+        seed = distributed.derive_seed(state["config"]["run"]["seed"], world.rank, state["counters"]["frames_seen"])
+        generator = torch.Generator(device=device).manual_seed(seed).get_state()  # CUDA and CPU states differ
+    state = {**state, "rng": {**state["rng"], "generator": generator}}
+    if saved["streams"]:
+        mine = ranks[world.rank]
+        state.update(stream=mine["stream"], ring=mine["ring"].to(device), buffer=mine["buffer"],
+                     ring_pixels=mine["ring_pixels"].to(device))
+    return state
+
+
 def new_run_dir(cfg: Config) -> Path:
     stream_slug = cfg.run.stream.replace(":", "_").replace("/", "_")
     name = cfg.run.name or f"{stream_slug}-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -597,7 +530,3 @@ def write_config(cfg: Config, run_dir: Path) -> None:
             for key, value in values.items():
                 lines.append(f"{key} = {json.dumps(value)}")
     ckpt.atomic_write_bytes(run_dir / "config.toml", lambda f: f.write(("\n".join(lines) + "\n").encode()))
-
-
-def disk_free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free

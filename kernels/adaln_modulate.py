@@ -417,8 +417,6 @@ def tune(device=None, *, widths=(256, 384, 512, 1024), dtypes=(torch.bfloat16, t
     CUDA device at (frames, tokens) = (B*K, S) and return {key: best config with its time};
     :func:`kernels.autotune.save` persists it. Options other commands pass (e.g. ``frames`` tuples for
     attention) that do not apply here are ignored."""
-    from triton.testing import do_bench
-
     device = torch.device(device or "cuda")
     frames = frames if isinstance(frames, int) else 64
     arch = autotune.device_arch(device)
@@ -435,19 +433,9 @@ def tune(device=None, *, widths=(256, 384, 512, 1024), dtypes=(torch.bfloat16, t
                      "bwd": functools.partial(_bwd_op, dy, x, scale, mean, rstd)}
             for kind, call in calls.items():
                 key = config_key(kind, block_d, dtype)
-                best = None
-                for cfg in tune_candidates(kind, block_d, dtype, arch):
-                    try:
-                        with autotune.forced(OP_NAME, key, cfg):
-                            ms = do_bench(call, warmup=10, rep=40)
-                    except Exception as err:  # out of resources for this config: skip it
-                        log(f"  {key} {cfg}: skipped ({type(err).__name__})")
-                        continue
-                    if best is None or ms < best["ms"]:
-                        best = {**cfg, "ms": round(ms, 5)}
+                best = autotune.sweep(OP_NAME, key, tune_candidates(kind, block_d, dtype, arch), call,
+                                      arch_default(kind, block_d, dtype, arch), log)
                 if best is not None:
-                    with autotune.forced(OP_NAME, key, arch_default(kind, block_d, dtype, arch)):
-                        best["default_ms"] = round(do_bench(call, warmup=10, rep=40), 5)
                     best["shape"] = [frames, tokens, d]
                     results[key] = best
                     log(f"{key}: {best}")

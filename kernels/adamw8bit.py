@@ -345,6 +345,9 @@ class _Bucket:
     ptr_key: tuple | None = None  # (param addrs, grad addrs) last uploaded
     staging: torch.Tensor | None = None  # pinned buffer reserved for an upload inside graph capture
     any_active: bool = False
+    # The reference step's per-block index tensors, by which parameters have grads: made once, not every step
+    # (a tensor made from host data per step would be a host-to-device copy, and a constant in a captured graph).
+    reference_index: dict = field(default_factory=dict)
 
     def add(self, p: torch.Tensor, group_row: int, step_idx: int) -> None:
         self.params.append(p)
@@ -456,14 +459,19 @@ def _bucket_step_reference(bucket: _Bucket, steps, hyper, codes, stochastic: boo
             P.view(-1)[fb * BLOCKSIZE : fb * BLOCKSIZE + n] = p.detach().reshape(-1).float()
             G.view(-1)[fb * BLOCKSIZE : fb * BLOCKSIZE + n] = p.grad.reshape(-1).float()
             lane_ok.view(-1)[fb * BLOCKSIZE : fb * BLOCKSIZE + n] = True
-    owner = bucket.blk_tensor.long()
-    row_on = torch.tensor(active, device=device)[owner]
+    key = tuple(active)
+    if key not in bucket.reference_index:
+        owner = bucket.blk_tensor.long()
+        bucket.reference_index[key] = (torch.tensor(active, device=device)[owner],
+                                       torch.tensor(bucket.group_rows, device=device)[owner],
+                                       torch.tensor(bucket.step_idx, device=device)[owner])
+    row_on, group_row, step_row = bucket.reference_index[key]
     if skip is not None:  # device-side skip: no host sync
         row_on = row_on & (skip.reshape(()) == 0)
     P_before = P.clone() if skip is not None else None
-    rows_hyper = hyper[torch.tensor(bucket.group_rows, device=device)[owner]]  # [nb, 5]
+    rows_hyper = hyper[group_row]  # [nb, 5]
     lr, beta1, beta2, eps, wd = (rows_hyper[:, i : i + 1] for i in range(_NHYPER))
-    step = steps[torch.tensor(bucket.step_idx, device=device)[owner]][:, None]
+    step = steps[step_row][:, None]
     mask = lane_ok & row_on[:, None]
 
     if bucket.eight_bit:

@@ -287,7 +287,7 @@ def _noise_specs(name: str):
         per_frame = _meta(b, k, dtype=torch.float32)
         # The variant with the most code: in-kernel Philox noise and every optional output.
         if name == "add_noise":
-            return ns.add_noise_launch(clip(), frames_i64, None, observed, table, table, None, one_i64, one_i64, 1,
+            return ns.add_noise_launch(clip(), frames_i64, observed, table, table, None, one_i64, one_i64, 1,
                                        True, _meta(b * k, n, dtype=dtype), _meta(b * k, n, dtype=dtype))
         if name == "frame_sqerr" or name == "frame_loss_finalize":
             partial = _meta(b * k, math.ceil(n / ns._block_for(n)), dtype=torch.float32)

@@ -262,3 +262,25 @@ class Launch:
     def __call__(self, wrap: bool = True):
         kernel = torch.library.wrap_triton(self.kernel) if wrap else self.kernel
         return kernel[self.grid](*self.args, **self.constexprs, **self.options())
+
+
+def sweep(op: str, key: str, candidates: list[dict], call, default: dict, log=print) -> dict | None:
+    """Time `call` under every candidate config of `op`'s `key` (triton.testing.do_bench, GPU only) and return the
+    fastest as {**config, "ms", "default_ms"}; a candidate that cannot launch (out of resources) is skipped and said
+    so. None when none launched."""
+    from triton.testing import do_bench
+
+    best = None
+    for cfg in candidates:
+        try:
+            with forced(op, key, cfg):
+                ms = do_bench(call, warmup=10, rep=40)
+        except Exception as err:  # out of resources for this config: skip it
+            log(f"  {key} {cfg}: skipped ({type(err).__name__})")
+            continue
+        if best is None or ms < best["ms"]:
+            best = {**cfg, "ms": round(ms, 5)}
+    if best is not None:
+        with forced(op, key, default):
+            best["default_ms"] = round(do_bench(call, warmup=10, rep=40), 5)
+    return best

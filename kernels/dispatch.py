@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-import torch
+# No torch import: fastdiff's config reads BACKENDS, and `fastdiff --help` must not pay for importing torch.
 
 BACKENDS = ("auto", "triton", "reference", "sdpa", "xformers")
 _override: str | None = None
@@ -61,7 +61,7 @@ def triton_available() -> bool:
     return True
 
 
-def resolve(op: str, tensor: torch.Tensor, extra: tuple[str, ...] = ()) -> str:
+def resolve(op: str, tensor, extra: tuple[str, ...] = ()) -> str:
     """Pick the backend for ``op`` on ``tensor``: 'triton', 'reference' or one of ``extra`` (peers).
 
     Raises BackendNotSupported when the requested backend cannot run here, saying why.

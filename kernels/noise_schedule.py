@@ -1,7 +1,7 @@
 """Fused per-frame noise-schedule ops: noising, weighted frame loss, DDIM and EDM sampler steps.
 
 Every op works on latent clips ``(B, K, C, H, W)`` with one noise level per frame ``(B, K)``
-(DESIGN decision 1). Each Triton kernel runs on a 2-D grid: frames on axis 0 (the large count, no
+(fastdiff samples and trains with per-frame levels, observed frames at 0). Each Triton kernel runs on a 2-D grid: frames on axis 0 (the large count, no
 65,535 limit there), chunks of ``BLOCK`` elements of one frame's ``C*H*W`` on axis 1. A program
 loads its frame's coefficients once and streams its chunk: one read of each input, one write of
 each output, fp32 math whatever the storage dtype (fp32 / bf16 / fp16). BLOCK follows the frame size
@@ -13,16 +13,14 @@ Formulas (a = alpha = sqrt(alpha_bar), s = sigma = sqrt(1 - alpha_bar), eps ~ N(
 * ``add_noise`` (discrete t, tables ``alpha``/``sigma``):  x_t = a[t] x0 + s[t] eps, observed frames
   x_t = x0. Target: ``eps`` -> eps, ``v`` -> a eps - s x0, ``x0`` -> x0 (coefficients at t even on
   observed frames; the loss masks them anyway).
-* ``add_noise_edm`` (continuous sigma, EDM / variance exploding): x_t = x0 + sigma eps, observed
-  x_t = x0. No preconditioning: the target is the raw regression target, ``x0`` (the denoiser
-  D(x; sigma) ~ x0, weight it with :func:`edm_weight`) or ``eps`` (the noise; D = x - sigma eps_hat).
 * ``frame_mse_loss``: L = sum_{b,k not observed} w[b,k] mean_chw (pred - target)^2 / max(#not observed, 1).
   dL/dpred = g 2 w (pred - target) / (C H W max(#, 1)) on non-observed frames, 0 on observed ones.
 * ``ddim_step`` (Song et al. 2021, eq. 12): x0_hat, eps_hat from the model output, then
   x_prev = a' x0_hat + sqrt(s'^2 - c^2) eps_hat + c z, c = eta (s'/s) sqrt(1 - a^2/a'^2), with
   a' = alpha[t_prev], s' = sigma[t_prev] and t_prev = -1 meaning "to clean" (a' = 1, s' = 0).
-* ``edm_euler_step`` / ``edm_heun_step`` (Karras et al. 2022, Algorithm 2), see their docstrings
-  for the churn and the Heun two-call protocol.
+* ``edm_euler_step`` / ``edm_heun_step`` / ``edm_churn`` (Karras et al. 2022, Algorithm 2), see their
+  docstrings for the churn and the Heun two-call protocol: fastdiff.diffusion.heun_sample, the paper's
+  sampler, runs on them.
 
 Noise: given as a tensor, or drawn in the kernel with Philox (``seed`` / ``offset``: Python ints or
 int64 device tensors of one element, so a CUDA graph can advance them in place). Element ``i`` of
@@ -36,7 +34,7 @@ Float scalars (``eta``, churn parameters): Inductor hands Python floats to user 
 fp64 (Liger-Kernel PR #1364), which would drag the arithmetic they touch into fp64. Every float scalar
 is therefore cast to fp32 on entry to the kernel (``.to(tl.float32)``); integer sizes are ints.
 
-Dispatch (:func:`kernels.dispatch.resolve`): Triton on CUDA, the PyTorch reference on CPU;
+Dispatch (:func:`fastdiff_kernels.dispatch.resolve`): Triton on CUDA, the PyTorch reference on CPU;
 ``FASTDIFF_KERNELS=triton`` with ``TRITON_INTERPRET=1`` runs the kernels in Triton's interpreter on
 CPU. The Triton path is registered as ``torch.library.triton_op`` (``fastdiff::*``) so torch.compile
 traces it without graph breaks; the reference path is plain PyTorch.
@@ -53,7 +51,6 @@ import triton.language as tl
 from fastdiff_kernels import autotune, dispatch
 
 PREDICTIONS = ("eps", "v", "x0")
-EDM_TARGETS = ("eps", "x0")
 _PRED_CODE = {"eps": 0, "v": 1, "x0": 2}
 _NOISE_NONE, _NOISE_GIVEN, _NOISE_PHILOX = 0, 1, 2
 _MAX_BLOCK = 2048
@@ -95,22 +92,18 @@ def _frame_noise(noise_ptr, seed_ptr, offset_ptr, frame, chunk_start, offs, mask
 
 @triton.jit
 def _add_noise_kernel(
-    x0_ptr, noise_ptr, t_ptr, frame_sigma_ptr, observed_ptr, alpha_ptr, sigma_ptr, seed_ptr, offset_ptr,
+    x0_ptr, noise_ptr, t_ptr, observed_ptr, alpha_ptr, sigma_ptr, seed_ptr, offset_ptr,
     xt_ptr, target_ptr, N,
-    CONTINUOUS: tl.constexpr, NOISE: tl.constexpr, PRED: tl.constexpr, WRITE_TARGET: tl.constexpr,
+    NOISE: tl.constexpr, PRED: tl.constexpr, WRITE_TARGET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     frame = tl.program_id(0).to(tl.int64)
     chunk_start = tl.program_id(1) * BLOCK
     offs = chunk_start + tl.arange(0, BLOCK)
     mask = offs < N
-    if CONTINUOUS:
-        a = 1.0
-        s = tl.load(frame_sigma_ptr + frame).to(tl.float32)
-    else:
-        t = tl.load(t_ptr + frame)
-        a = tl.load(alpha_ptr + t).to(tl.float32)
-        s = tl.load(sigma_ptr + t).to(tl.float32)
+    t = tl.load(t_ptr + frame)
+    a = tl.load(alpha_ptr + t).to(tl.float32)
+    s = tl.load(sigma_ptr + t).to(tl.float32)
     observed = tl.load(observed_ptr + frame) != 0
     a_eff = tl.where(observed, 1.0, a)
     s_eff = tl.where(observed, 0.0, s)
@@ -415,15 +408,6 @@ def add_noise_reference(x0, t, observed, alpha, sigma, noise, prediction="eps"):
     return x_t, target
 
 
-def add_noise_edm_reference(x0, sigma, observed, noise, target="eps"):
-    """x_t = x0 + sigma noise per frame (EDM, no preconditioning); observed frames stay clean.
-    Target: eps -> noise, x0 -> x0."""
-    _check_prediction("add_noise_edm", target, EDM_TARGETS)
-    s = _view_per_frame(sigma, x0).to(x0.dtype)
-    x_t = torch.where(_view_per_frame(observed, x0), x0, x0 + s * noise)
-    return x_t, (noise if target == "eps" else x0)
-
-
 def frame_mse_loss_reference(pred, target, weight, observed):
     """sum over non-observed frames of weight[b,k] * mean_chw (pred - target)^2, divided by their count."""
     acc = torch.promote_types(pred.dtype, torch.float32)
@@ -529,13 +513,6 @@ def min_snr_weight(t, alpha, sigma, gamma=5.0, prediction="eps"):
     return clipped
 
 
-def edm_weight(sigma, sigma_data=0.5):
-    """EDM loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 for an x0
-    (denoiser) target, per frame."""
-    sigma = sigma.float()
-    return (sigma * sigma + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
 # ----------------------------------------------------------------------------------------------------
 # Triton launchers, registered as torch.library.triton_op so torch.compile sees through them
 # ----------------------------------------------------------------------------------------------------
@@ -543,46 +520,40 @@ def edm_weight(sigma, sigma_data=0.5):
 
 @torch.library.triton_op("fastdiff::add_noise", mutates_args=())
 def _add_noise_op(
-    x0: torch.Tensor, t: torch.Tensor | None, frame_sigma: torch.Tensor | None, observed: torch.Tensor,
-    alpha: torch.Tensor | None, sigma: torch.Tensor | None, noise: torch.Tensor | None,
+    x0: torch.Tensor, t: torch.Tensor, observed: torch.Tensor,
+    alpha: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor | None,
     seed: torch.Tensor | None, offset: torch.Tensor | None, pred: int, write_target: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = _frames_flat(x0)
     x_t = _empty(x.shape, x.dtype, x.device)
     target = _empty(x.shape, x.dtype, x.device) if write_target else x.new_empty(0)
-    add_noise_launch(x0, t, frame_sigma, observed, alpha, sigma, noise, seed, offset, pred, write_target, x_t, target)()
+    add_noise_launch(x0, t, observed, alpha, sigma, noise, seed, offset, pred, write_target, x_t, target)()
     return x_t.view(x0.shape), (target.view(x0.shape) if write_target else target)
 
 
-def add_noise_launch(x0, t, frame_sigma, observed, alpha, sigma, noise, seed, offset, pred: int, write_target: bool,
+def add_noise_launch(x0, t, observed, alpha, sigma, noise, seed, offset, pred: int, write_target: bool,
                      x_t, target) -> autotune.Launch:
     n = x0[0, 0].numel()
     x = _frames_flat(x0)
-    continuous = frame_sigma is not None
-    args = (x, _frames_flat(noise) if noise is not None else x,
-            t.contiguous() if t is not None else x, frame_sigma.contiguous() if continuous else x,
-            _mask_u8(observed), alpha if alpha is not None else x, sigma if sigma is not None else x,
+    args = (x, _frames_flat(noise) if noise is not None else x, t.contiguous(), _mask_u8(observed), alpha, sigma,
             seed if seed is not None else x, offset if offset is not None else x,
             x_t, target if write_target else x_t, n)
-    return _streaming_launch("add_noise", _add_noise_kernel, x0, args, CONTINUOUS=continuous,
+    return _streaming_launch("add_noise", _add_noise_kernel, x0, args,
                              NOISE=_NOISE_GIVEN if noise is not None else _NOISE_PHILOX, PRED=pred,
                              WRITE_TARGET=write_target)
 
 
 def _add_noise_setup(ctx, inputs, output):
-    x0, t, frame_sigma, observed, alpha, sigma, noise, _, _, pred, write_target = inputs
+    x0, t, observed, alpha, sigma, noise, _, _, pred, write_target = inputs
     ctx.pred, ctx.write_target, ctx.has_noise = pred, write_target, noise is not None
-    ctx.save_for_backward(t, frame_sigma, observed, alpha, sigma)
+    ctx.save_for_backward(t, observed, alpha, sigma)
 
 
 def _add_noise_backward(ctx, grad_xt, grad_target):
     """d x_t / d x0 = a_eff, d x_t / d noise = s_eff (a_eff = 1, s_eff = 0 on observed frames);
     v target: d/d x0 = -s, d/d noise = a; eps target: d/d noise = 1; x0 target: d/d x0 = 1."""
-    t, frame_sigma, observed, alpha, sigma = ctx.saved_tensors
-    if frame_sigma is not None:
-        a, s = torch.ones_like(frame_sigma, dtype=torch.float32), frame_sigma.float()
-    else:
-        a, s = alpha[t].float(), sigma[t].float()
+    t, observed, alpha, sigma = ctx.saved_tensors
+    a, s = alpha[t].float(), sigma[t].float()
     a_eff, s_eff = torch.where(observed, 1.0, a), torch.where(observed, 0.0, s)
     g = grad_xt.float()
     gt = grad_target.float() if (ctx.write_target and grad_target is not None and grad_target.numel()) else None
@@ -599,7 +570,7 @@ def _add_noise_backward(ctx, grad_xt, grad_target):
             dnoise = dnoise + gt
     dx0 = dx0.to(grad_xt.dtype)
     dnoise = dnoise.to(grad_xt.dtype) if dnoise is not None else None
-    return dx0, None, None, None, None, None, dnoise, None, None, None, None
+    return dx0, None, None, None, None, dnoise, None, None, None, None
 
 
 torch.library.register_autograd("fastdiff::add_noise", _add_noise_backward, setup_context=_add_noise_setup)
@@ -780,30 +751,11 @@ def add_noise(
     kernel_noise, seed_t, offset_t = _kernel_rng(x0, noise, generator, seed, offset)
     reuse = prediction == "x0" or (prediction == "eps" and kernel_noise is not None)
     x_t, target = torch.ops.fastdiff.add_noise(
-        x0, t, None, observed, alpha, sigma, kernel_noise, seed_t, offset_t, _PRED_CODE[prediction], not reuse
+        x0, t, observed, alpha, sigma, kernel_noise, seed_t, offset_t, _PRED_CODE[prediction], not reuse
     )
     if reuse:
         target = x0 if prediction == "x0" else kernel_noise
     return x_t, target
-
-
-def add_noise_edm(x0, sigma, observed, *, noise=None, generator=None, target="eps", seed=None, offset=0):
-    """EDM noising with continuous per-frame sigma (B, K): x_t = x0 + sigma eps, observed frames clean.
-    No preconditioning; ``target`` is eps (the noise) or x0 (the denoiser's target, weight it with
-    :func:`edm_weight`). Noise options as in :func:`add_noise`. Returns (x_t, target)."""
-    _check_clip("add_noise_edm", x0, {"sigma": sigma, "observed": observed})
-    _check_same("add_noise_edm", x0, noise=noise)
-    _check_prediction("add_noise_edm", target, EDM_TARGETS)
-    if not _use_triton("add_noise_edm", x0):
-        return add_noise_edm_reference(x0, sigma, observed, _reference_noise(x0, noise, generator, seed, offset), target)
-    kernel_noise, seed_t, offset_t = _kernel_rng(x0, noise, generator, seed, offset)
-    reuse = target == "x0" or kernel_noise is not None
-    x_t, tgt = torch.ops.fastdiff.add_noise(
-        x0, None, sigma, observed, None, None, kernel_noise, seed_t, offset_t, _PRED_CODE[target], not reuse
-    )
-    if reuse:
-        tgt = x0 if target == "x0" else kernel_noise
-    return x_t, tgt
 
 
 def frame_mse_loss(pred, target, weight, observed):

@@ -577,8 +577,6 @@ def tune(device=None, *, frames=(16, 32, 64), head_dims=SUPPORTED_HEAD_DIMS,
          dtypes=(torch.bfloat16, torch.float16, torch.float32), sequences: int = 1 << 16, log=print) -> dict:
     """Sweep :func:`tune_candidates` (BLOCK_SEQ x num_warps) for each (fwd|bwd, T_PAD, D, dtype) key on a CUDA
     device and return {key: best config with its time}; :func:`kernels.autotune.save` persists it."""
-    from triton.testing import do_bench
-
     device = torch.device(device or "cuda")
     arch = autotune.device_arch(device)
     results = {}
@@ -596,21 +594,9 @@ def tune(device=None, *, frames=(16, 32, 64), head_dims=SUPPORTED_HEAD_DIMS,
                          "bwd": functools.partial(_bwd_op, dout, q, k, v, out, lse, bias, None, False, d**-0.5, True)}
                 for kind, call in calls.items():
                     key = config_key(kind, t_pad, d, dtype)
-                    best = None
-                    for cfg in tune_candidates(kind, t_pad, d, dtype, arch):
-                        try:
-                            with autotune.forced(OP_NAME, key, cfg):
-                                ms = do_bench(call, warmup=10, rep=40)
-                        except Exception as err:  # out of resources for this config: skip it
-                            log(f"  {key} {cfg}: skipped ({type(err).__name__})")
-                            continue
-                        if best is None or ms < best["ms"]:
-                            best = {**cfg, "ms": round(ms, 5)}
+                    best = autotune.sweep(OP_NAME, key, tune_candidates(kind, t_pad, d, dtype, arch), call,
+                                          arch_default(kind, t_pad, d, dtype, arch), log)
                     if best is not None:
-                        default_ms = best["ms"]
-                        with autotune.forced(OP_NAME, key, arch_default(kind, t_pad, d, dtype, arch)):
-                            default_ms = do_bench(call, warmup=10, rep=40)
-                        best["default_ms"] = round(default_ms, 5)
                         best["sequences"] = n * heads
                         results[key] = best
                         log(f"{key}: {best}")

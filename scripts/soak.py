@@ -98,10 +98,11 @@ def make_trainer_class():
         rows: list
         t0: float
 
-        def _ingest(self, index: int) -> None:
-            super()._ingest(index)
-            if self.frames_seen % self.sample_every_frames == 0:
+        def advance(self) -> bool:
+            more = super().advance()
+            if more and self.frames_seen % self.sample_every_frames == 0:
                 self.record()
+            return more
 
         def record(self) -> None:
             cuda = self.device.type == "cuda"

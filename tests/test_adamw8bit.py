@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -478,11 +479,11 @@ def test_dispatch_defaults_to_reference_on_cpu():
 # ---- GPU: graph capture and no host sync ---------------------------------------------------------------
 
 
-def _gpu_problem(dtype=torch.float32):
+def _gpu_problem(dtype=torch.float32, device="cuda"):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
-    model = model.cuda().to(dtype)
-    x = torch.randn(32, 64, device="cuda", dtype=dtype)
+    model = model.to(device).to(dtype)
+    x = torch.randn(32, 64, device=device, dtype=dtype)
     return model, x
 
 
@@ -530,23 +531,32 @@ def test_cuda_graph_matches_eager(dtype):
         assert float(sa["state"][k]["step"]) == float(sb["state"][k]["step"]) == 8.0
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_step_does_not_sync():
-    model, x = _gpu_problem()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_step_does_not_sync(device):
+    """CUDA: under set_sync_debug_mode("error"); CPU (the reference step): under fastdiff.sync_check.NoHostSync,
+    which raises on the ops that would sync a CUDA stream."""
+    from fastdiff.sync_check import NoHostSync
+
+    model, x = _gpu_problem(device=device)
     opt = AdamW8bitFused(model.parameters(), lr=1e-3, stochastic_rounding=True)
     model(x).pow(2).mean().backward()
     opt.step()  # first step uploads tables
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    guard = NoHostSync() if device == "cpu" else contextlib.nullcontext()
     try:
-        for i in range(3):
-            opt.zero_grad(set_to_none=True)
-            model(x).pow(2).mean().backward()
-            opt.param_groups[0]["lr"] = 1e-3 * (i + 1)  # a scheduler changing lr: still no sync
-            opt.step()
+        with guard:
+            for i in range(3):
+                # CUDA: new grads every step, so the pointer table is re-uploaded (pinned, async); the CPU
+                # reference has no table and keeps the grads' storage, as the sync-free step does
+                opt.zero_grad(set_to_none=device == "cuda")
+                model(x).pow(2).mean().backward()
+                opt.param_groups[0]["lr"] = 1e-3 * (i + 1)  # a scheduler changing lr: still no sync
+                opt.step()
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ av = pytest.importorskip("av")
 pytest.importorskip("decord")
 
 from fastdiff import checkpoint as ckpt  # noqa: E402
+from fastdiff import ingest as ingest_module  # noqa: E402
 from fastdiff import train as train_module  # noqa: E402
 from fastdiff.cli import main  # noqa: E402
 from fastdiff.config import build_config  # noqa: E402
@@ -164,7 +165,7 @@ def test_gray_and_rgba_videos_train_as_rgb(tmp_path, mode, pix):
     assert trainer.frame_shape == (16, 32, 3)
     summary = trainer.train()
     assert summary["frames"] == 16 and summary["steps"] == 16 - 4 + 1 and summary["skipped_steps"] == 0
-    last = trainer.ring_pixels[-1].to(torch.int32)  # frame 15, written with red (or gray) = 120
+    last = trainer.step.ring_pixels[-1].to(torch.int32)  # frame 15, written with red (or gray) = 120
     assert abs(int(last[0, 0, 0]) - 120) <= 3
     if mode == "gray":
         assert torch.equal(last[..., 0], last[..., 1]) and torch.equal(last[..., 0], last[..., 2])
@@ -186,7 +187,7 @@ def damaged(tmp_path):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 16 frames, so that the damaged frames are read by the ingest thread during training."""
-    monkeypatch.setattr(train_module, "INGEST_CHUNK", 16)
+    monkeypatch.setattr(ingest_module, "CHUNK", 16)
 
 
 def _stream_errors(path, policy):

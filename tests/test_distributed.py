@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 from fastdiff import distributed, ops
 from fastdiff.config import build_config
 from fastdiff.diffusion import frame_weights, sample_training_levels
-from fastdiff.distributed import DistributedError, ShardedReservoir, World, merge_shards
-from fastdiff.replay import ReplayBuffer
-from fastdiff.train import OnlineTrainer
+from fastdiff.distributed import DistributedError, World
+from fastdiff.replay import ReplayBuffer, merge_shards
+from fastdiff.train import OnlineTrainer, rank_view
 
 # Tiny and quick: 2 blocks of 64, a 5-step autoencoder fit, 2-step sampling. paper_pattern_prob=1: every
 # window has its first K/2 frames observed, so each rank's loss averages the same number of frames and
@@ -61,25 +61,24 @@ def _worker(rank: int, world: int, port: int, tmp: str, frames: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         trainer = OnlineTrainer(_cfg(tmp, **{"run.frames": str(frames)}), os.path.join(tmp, "run"))
-        record = {"init": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        record = {"init": {k: v.clone() for k, v in trainer.step.model.state_dict().items()},
                   "batches": [], "gen_states": [], "losses": []}
-        make_batch, step = trainer._batch, trainer.train_step
+        make_batch, step = trainer.step.batch, trainer.step.step
 
         def recording_batch(live):  # what this rank trains on, and its RNG state for the noise draws
             batch = make_batch(live)
             record["batches"].append(batch.clone())
-            record["gen_states"].append(trainer.generator.get_state())
+            record["gen_states"].append(trainer.step.generator.get_state())
             return batch
 
-        def recording_step(live):
-            result = step(live)
-            record["losses"].append(result.loss)
-            return result
+        def recording_step():
+            step()
+            record["losses"].append(trainer.step.result().loss)
 
-        trainer._batch, trainer.train_step = recording_batch, recording_step
+        trainer.step.batch, trainer.step.step = recording_batch, recording_step
         trainer.train()
-        record["final"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        record["ema"] = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+        record["final"] = {k: v.clone() for k, v in trainer.step.model.state_dict().items()}
+        record["ema"] = {k: v.clone() for k, v in trainer.step.ema.state_dict().items()}
         torch.save(record, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -120,33 +119,33 @@ def test_two_ranks_match_one_process_on_the_effective_batch(tmp_path):
 
     # one process, one step per frame on the concatenated batch, from the same initial parameters
     ref = OnlineTrainer(_cfg(tmp_path, **{"run.frames": str(frames)}), tmp_path / "ref", log=lambda *_: None)
-    ref.model.load_state_dict(ranks[0]["init"])
-    ref.ema.load_state_dict(ranks[0]["init"])
+    ref.step.model.load_state_dict(ranks[0]["init"])
+    ref.step.ema.load_state_dict(ranks[0]["init"])
     losses = []
     for step in range(steps):
         parts = [(r["batches"][step], r["gen_states"][step]) for r in ranks]
-        loss = _concat_batch_loss(ref.model, parts, ref.schedule, ref.cfg.diffusion)
-        ref.optimizer.zero_grad(set_to_none=True)
+        loss = _concat_batch_loss(ref.step.model, parts, ref.step.schedule, ref.cfg.diffusion)
+        ref.step.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.model.parameters(), ref.cfg.optim.grad_clip)
-        ref.optimizer.step()
-        ref.steps += 1
-        ref._update_ema()
+        torch.nn.utils.clip_grad_norm_(ref.step.model.parameters(), ref.cfg.optim.grad_clip)
+        ref.step.optimizer.step()
+        decay = min(ref.cfg.optim.ema, (2 + step) / (11 + step))  # the EMA warm-up, counting this step
+        torch._foreach_lerp_(list(ref.step.ema.parameters()), list(ref.step.model.parameters()), 1.0 - decay)
         losses.append(float(loss.detach()))
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     moved = 0
-    for key, value in ref.model.state_dict().items():
+    for key, value in ref.step.model.state_dict().items():
         torch.testing.assert_close(ranks[0]["final"][key], value, rtol=1e-4, atol=1e-5, msg=key)
         moved += not torch.equal(value, ranks[0]["init"][key])
     assert moved > 0  # training moved the parameters: the comparison is not init against init
-    for key, value in ref.ema.state_dict().items():
+    for key, value in ref.step.ema.state_dict().items():
         torch.testing.assert_close(ranks[0]["ema"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 # --- the sharded reservoir ---------------------------------------------------------------------------
 def _shards(world, capacity, seed, mode="reservoir"):
-    return [ShardedReservoir(capacity, (1,), rank=r, world=world, generator=torch.Generator().manual_seed(seed),
-                             dtype=torch.float32, device="cpu", mode=mode) for r in range(world)]
+    return [ReplayBuffer(capacity, (1,), dtype=torch.float32, device="cpu", mode=mode, shard=(r, world),
+                         insert_seed=seed) for r in range(world)]
 
 
 @pytest.mark.parametrize("mode", ["reservoir", "full"])
@@ -158,7 +157,7 @@ def test_shards_together_are_the_single_process_reservoir(mode):
     for i in range(n):
         single.insert(torch.tensor([float(i)]), i, g)
         for s in shards:
-            s.insert(torch.tensor([float(i)]), i)
+            s.insert(torch.tensor([float(i)]), i, None)
         merged = merge_shards([s.state_dict() for s in shards])
         assert torch.equal(merged["windows"], single.state_dict()["windows"]), i  # the same slots, every step
     assert [int(s.filled()) for s in shards] == [3, 2, 2]
@@ -169,7 +168,7 @@ def test_reservoir_reshards_to_any_number_of_ranks():
     shards = _shards(2, 9, 0)
     for i in range(40):
         for s in shards:
-            s.insert(torch.tensor([float(i)]), i)
+            s.insert(torch.tensor([float(i)]), i, None)
     merged = merge_shards([s.state_dict() for s in shards])
     for world in (1, 3, 4):  # load the 2-rank reservoir on other world sizes: same global content
         new = _shards(world, 9, 1)
@@ -188,7 +187,7 @@ def test_samples_only_filled_slots_of_its_shard():
     shards = _shards(2, 8, 0)
     for i in range(3):  # global slots 0, 1, 2: rank 0 holds 0 and 2, rank 1 holds 1
         for s in shards:
-            s.insert(torch.full((1,), float(i)), i)
+            s.insert(torch.full((1,), float(i)), i, None)
     g = torch.Generator().manual_seed(0)
     assert set(shards[0].sample(200, g, torch.zeros(1))[:, 0].tolist()) == {0.0, 2.0}
     assert set(shards[1].sample(200, g, torch.zeros(1))[:, 0].tolist()) == {1.0}
@@ -236,12 +235,12 @@ def test_torchrun_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
 
     resumed = OnlineTrainer(_cfg(tmp_path, **{"run.frames": "15"}), run_dir, resume=True, log=lambda *_: None)
     assert resumed.world.size == 1 and resumed.frames_seen == 13 and resumed.steps == 4
-    for key, value in resumed.model.state_dict().items():
+    for key, value in resumed.step.model.state_dict().items():
         assert torch.equal(value, state["model"][key]), key
-    assert torch.equal(resumed.buffer.windows[:3], state["buffer"]["windows"])  # the whole reservoir, on one rank
-    assert torch.equal(resumed.generator.get_state(), saved["ranks"][0]["generator"])
+    assert torch.equal(resumed.step.buffer.windows[:3], state["buffer"]["windows"])  # the whole reservoir, on one rank
+    assert torch.equal(resumed.step.generator.get_state(), saved["ranks"][0]["generator"])
     summary = resumed.train()
-    assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and int(resumed.buffer.seen) == 6
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and int(resumed.step.buffer.seen) == 6
 
 
 # --- refusals ----------------------------------------------------------------------------------------
@@ -254,8 +253,8 @@ def test_refuses_unsupported_combinations(tmp_path):
     with pytest.raises(DistributedError, match="captured-graph fast path does not run under DDP"):
         World(rank=1, size=2).check(cfg)
     World().check(cfg)  # one process: the fast path is not our business
-    with pytest.raises(DistributedError, match="fewer than the 4 ranks"):
-        World(rank=0, size=4).replay_buffer(cfg, 3, (1,), dtype=torch.float32, device="cpu", mode="reservoir")
+    with pytest.raises(ValueError, match="fewer than the 4 ranks"):
+        ReplayBuffer(3, (1,), dtype=torch.float32, device="cpu", shard=(0, 4), insert_seed=0)
 
 
 def test_per_rank_streams_resume_only_on_as_many_ranks():
@@ -263,12 +262,12 @@ def test_per_rank_streams_resume_only_on_as_many_ranks():
              "config": {"run": {"seed": 0}},
              "distributed": {"world_size": 2, "streams": ["balls-o", "maze"], "ranks": [{}, {}]}}
     with pytest.raises(DistributedError, match="one rank per stream"):
-        World().localize_checkpoint(state, None, "cpu")
+        rank_view(state, World(), None, "cpu")
     # one shared stream: a new rank gets a fresh RNG stream, the others continue theirs
     state["distributed"] = {"world_size": 1, "streams": None, "ranks": [{"generator": state["rng"]["generator"]}]}
-    one = World(rank=1, size=2).localize_checkpoint(state, None, "cpu")
+    one = rank_view(state, World(rank=1, size=2), None, "cpu")
     assert not torch.equal(one["rng"]["generator"], state["rng"]["generator"])
-    assert torch.equal(World(rank=0, size=2).localize_checkpoint(state, None, "cpu")["rng"]["generator"],
+    assert torch.equal(rank_view(state, World(rank=0, size=2), None, "cpu")["rng"]["generator"],
                        state["rng"]["generator"])
 
 

@@ -9,7 +9,8 @@ import torch
 
 from fastdiff import checkpoint as ckpt
 from fastdiff.config import build_config
-from fastdiff.train import NonFiniteLoss, OnlineTrainer
+from fastdiff.step import NonFiniteLoss
+from fastdiff.train import OnlineTrainer
 
 TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
@@ -26,9 +27,9 @@ def _trainer(tmp_path, name="run", resume=False, **extra):
 
 
 def _snapshot(trainer):
-    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    ema = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
-    opt = trainer.optimizer.state_dict()
+    weights = {k: v.clone() for k, v in trainer.step.model.state_dict().items()}
+    ema = {k: v.clone() for k, v in trainer.step.ema.state_dict().items()}
+    opt = trainer.step.optimizer.state_dict()
     flat_opt = [t.clone() for st in opt["state"].values() for t in _tensors(st)]
     return weights, ema, flat_opt
 
@@ -51,52 +52,48 @@ def _same(a, b):
 def _poison_forward(trainer, value, at_call):
     """Make the model's output non-finite on call number `at_call` (counting from 0)."""
     calls = {"n": 0}
-    original = trainer.train_model.forward
+    original = trainer.step.train_model.forward
 
     def forward(*args, **kwargs):
         out = original(*args, **kwargs)
         calls["n"] += 1
         return out * value if calls["n"] - 1 == at_call else out
 
-    trainer.train_model.forward = forward
+    trainer.step.train_model.forward = forward
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit-bnb", "adamw8bit-fused"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_loss_skips_the_step_and_changes_nothing(tmp_path, optimizer, value):
     trainer = _trainer(tmp_path, run__frames=16, optim__name=optimizer)
-    frames = 0
-    while trainer.frames_seen < trainer.window + 2:  # a few honest steps first: the optimizer has state
-        trainer._ingest(trainer._next_frame())
-        if trainer.frames_seen >= trainer.window:
-            trainer.train_step(trainer._live_windows())
-            frames += 1
+    while trainer.steps < 3:  # a few honest steps first: the optimizer has state
+        trainer.advance()
     before = _snapshot(trainer)
     _poison_forward(trainer, value, at_call=0)
-    result = trainer.train_step(trainer._live_windows())
-    assert result.skipped and trainer.skipped == 1 and trainer.steps == frames
+    trainer.advance()
+    assert trainer.step.result().skipped and trainer.skipped == 1 and trainer.steps == 3
     assert _same(before, _snapshot(trainer)), "a skipped step changed weights, EMA or optimizer state"
-    after = trainer.train_step(trainer._live_windows())  # training goes on
-    assert not after.skipped and trainer.steps == frames + 1
+    trainer.advance()  # training goes on
+    assert not trainer.step.result().skipped and trainer.steps == 4
     assert not _same(before, _snapshot(trainer))
 
 
 def test_non_finite_gradient_is_skipped_and_reported(tmp_path):
     trainer = _trainer(tmp_path, run__frames=14)
-    first = next(iter(trainer.model.parameters()))
+    first = next(iter(trainer.step.model.parameters()))
     state = {"armed": False}
 
     def poison(grad):
         return grad * float("inf") if state["armed"] else grad
 
     first.register_hook(poison)
-    original_step = trainer.train_step
+    original_step = trainer.step.step
 
-    def step_poisoned_once(live):
+    def step_poisoned_once():
         state["armed"] = trainer.frames_seen == 12
-        return original_step(live)
+        return original_step()
 
-    trainer.train_step = step_poisoned_once
+    trainer.step.step = step_poisoned_once
     summary = trainer.train()
     assert summary["skipped_steps"] == 1 and summary["steps"] == 14 - 10 + 1 - 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -146,7 +143,8 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, policy):
     else:
         summary = trainer.train()
         assert summary["frames"] == 20 and trainer.checkpoint_failures == 3  # frames 15, 20 and the final save
-    assert [p.name for p in ckpt_dir.iterdir()] == ["ckpt_0000000010.pt"]  # no temp files left behind
+    # no temp files left behind: the checkpoint before the first step and the one at frame 10
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["ckpt_0000000000.pt", "ckpt_0000000010.pt"]
     state, _ = ckpt.load_latest(ckpt_dir, log=lambda *_: None)
     assert state["counters"]["frames_seen"] == 10
 

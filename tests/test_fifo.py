@@ -9,8 +9,8 @@ from fastdiff import fifo
 from fastdiff.config import DiffusionConfig
 from fastdiff.diffusion import Schedule
 from fastdiff.fifo import FifoPlan, FifoSampler, fifo_frames
+from fastdiff.memory import TensorMemoryTracker
 from fastdiff.models.dit import VideoDiT
-from fastdiff.sampling import TensorMemoryTracker
 from fastdiff_kernels import dispatch
 
 SCHEDULE = Schedule.make("linear", 1000)

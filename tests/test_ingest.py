@@ -9,14 +9,15 @@ import pytest
 import torch
 from test_train import _cfg, _params
 
-import fastdiff.train as train_module
+import fastdiff.ingest as ingest_module
 from fastdiff.ingest import AsyncIngest, SyncIngest
 from fastdiff.streams import make_stream
 from fastdiff.streams.base import StreamError
 from fastdiff.train import OnlineTrainer
 
 QUIET = lambda *_, **__: None  # noqa: E731
-ENCODE = lambda pixels: pixels.float().mean(-1, keepdim=True).permute(0, 3, 1, 2)[:, :, ::4, ::4]  # noqa: E731
+class ENCODE:  # a stand-in autoencoder: grey, 4x smaller
+    encode = staticmethod(lambda pixels: pixels.float().mean(-1, keepdim=True).permute(0, 3, 1, 2)[:, :, ::4, ::4])
 
 
 def _chunks(reader):
@@ -102,7 +103,7 @@ def test_waiting_on_a_slow_stream_is_measured():
 
 
 def test_training_does_not_depend_on_async_ingest(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "INGEST_CHUNK", 16)  # several chunks in a short run
+    monkeypatch.setattr(ingest_module, "CHUNK", 16)  # several chunks in a short run
     runs = {}
     for flag in ("true", "false"):
         trainer = OnlineTrainer(_cfg(tmp_path, run__frames=70, run__async_ingest=flag, run__checkpoint_every=1000),
@@ -115,14 +116,14 @@ def test_training_does_not_depend_on_async_ingest(tmp_path, monkeypatch):
 def test_resume_inside_the_first_warmup_chunk_reads_the_right_frames(tmp_path, monkeypatch):
     """Regression: the first chunk is as long as the autoencoder's warm-up prefix; a checkpoint taken inside
     it, past one ordinary chunk, used to resume by re-reading an ordinary chunk and train on wrong frames."""
-    monkeypatch.setattr(train_module, "INGEST_CHUNK", 16)
+    monkeypatch.setattr(ingest_module, "CHUNK", 16)
     extra = {"autoencoder__warmup_frames": 48, "run__checkpoint_every": 30}
     straight = OnlineTrainer(_cfg(tmp_path, run__frames=40, **extra), tmp_path / "a", log=QUIET)
     straight.train()
     OnlineTrainer(_cfg(tmp_path, run__frames=30, **extra), tmp_path / "b", log=QUIET).train()
     resumed = OnlineTrainer(_cfg(tmp_path, run__frames=40, **extra), tmp_path / "b", resume=True, log=QUIET)
-    assert resumed._chunk_pos == 30 and len(resumed._chunk) == 48
+    assert resumed.feed.position == 30 and len(resumed.feed.chunk) == 48
     resumed.train()
-    assert torch.equal(straight.ring, resumed.ring)
+    assert torch.equal(straight.step.ring, resumed.step.ring)
     a, b = _params(straight), _params(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)

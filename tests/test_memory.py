@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from fastdiff.config import PRESET_BUDGET_GIB, build_config
-from fastdiff.memory import dit_parameters, estimate, fits
+from fastdiff.memory import TensorMemoryTracker, dit_parameters, estimate, fits
 from fastdiff.models.dit import VideoDiT, count_parameters
-from fastdiff.sampling import TensorMemoryTracker
 
 STREAMS = {"balls": ((32, 32), 10), "maze": ((64, 64), 20)}
 

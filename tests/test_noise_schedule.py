@@ -24,20 +24,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend():
-    with dispatch.backend_override("triton"):
-        yield
+def _triton(triton_backend):
+    yield
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
-    """Fill every buffer the Triton path allocates with NaN, so an unwritten element shows up."""
-
-    def nan_empty(shape, dtype, device):
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ns, "_empty", nan_empty)
+def poisoned(poison):
+    poison(ns)
 
 
 def schedule(steps=100):
@@ -135,25 +128,6 @@ def test_add_noise_non_contiguous_inputs(poisoned):
     ref = ns.add_noise_reference(x0.double(), t, observed, alpha, sigma, noise.double(), "v")
     torch.testing.assert_close(x_t.double(), ref[0], atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(target.double(), ref[1], atol=2e-6, rtol=2e-6)
-
-
-@pytest.mark.parametrize("target", ns.EDM_TARGETS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_add_noise_edm_matches_reference(target, dtype, poisoned):
-    shape = SHAPES[1]
-    x0, noise = clip(shape, dtype), clip(shape, dtype, 9)
-    _, observed = frames(shape)
-    sigma = torch.exp(torch.randn(shape[:2], generator=gen(4)) * 1.2 - 1.2)
-    x_t, tgt = ns.add_noise_edm(x0, sigma, observed, noise=noise, target=target)
-    ref = ns.add_noise_edm_reference(x0.double(), sigma.double(), observed, noise.double(), target)
-    lowp = ns.add_noise_edm_reference(x0, sigma, observed, noise, target)
-    assert_close_lowp(x_t, ref[0], lowp[0], dtype, "x_t")
-    assert_close_lowp(tgt, ref[1], lowp[1], dtype, "target")
-    # in-kernel noise, eps target: the written target is the noise that was added
-    x_t, eps = ns.add_noise_edm(x0, sigma, observed, seed=2, target="eps")
-    ref = ns.add_noise_edm_reference(x0.double(), sigma.double(), observed, eps.double(), "eps")
-    lowp = ns.add_noise_edm_reference(x0, sigma, observed, eps, "eps")
-    assert_close_lowp(x_t, ref[0], lowp[0], dtype, "x_t (philox)")
 
 
 def test_add_noise_backward_matches_reference():
@@ -465,9 +439,6 @@ def test_loss_weight_helpers():
     torch.testing.assert_close(eps, torch.tensor([1.0, 0.2, 1.0, 0.0]))
     torch.testing.assert_close(v[:3], torch.tensor([0.5, 5 / 26, 0.01 / 1.01]))
     torch.testing.assert_close(x0, torch.tensor([1.0, 5.0, 0.01, 5.0]))
-    sig = torch.tensor([[0.5, 1.0], [2.0, 0.1]])
-    torch.testing.assert_close(ns.edm_weight(sig, 0.5), (sig**2 + 0.25) / (sig * 0.5) ** 2)
-    assert ns.edm_weight(torch.tensor([0.5]), 0.5).item() == pytest.approx(8.0)
     assert torch.equal(ns.uniform_weight(t), torch.ones(2, 2))
 
 
@@ -504,8 +475,6 @@ def test_bad_inputs_name_the_problem():
         ns.add_noise(x0, t.float(), observed, alpha, sigma)
     with pytest.raises(ValueError, match="noise must have"):
         ns.add_noise(x0, t, observed, alpha, sigma, noise=x0[:, :1])
-    with pytest.raises(ValueError, match="target 'v'|prediction 'v'"):
-        ns.add_noise_edm(x0, t.float(), observed, target="v")
     s = torch.ones(shape[:2])
     with pytest.raises(ValueError, match="num_steps"):
         ns.edm_euler_step(x0, x0, s, s, S_churn=1.0)

@@ -8,17 +8,11 @@ import torch
 
 from fastdiff.cli import main
 from fastdiff.config import build_config
+from fastdiff.evaluate import autoregressive_pattern, heldout_windows, pattern_loss
 from fastdiff.fifo import FifoPlan
 from fastdiff.lora import lora_layers
 from fastdiff.metrics import balls_metrics
-from fastdiff.sampling import (
-    SampleOptions,
-    autoregressive_pattern,
-    heldout_clips,
-    load_run,
-    pattern_loss,
-    sample_video,
-)
+from fastdiff.sampling import SampleOptions, load_run, sample_video
 from fastdiff.streams import make_stream
 from fastdiff.train import OnlineTrainer, write_config
 
@@ -118,7 +112,7 @@ def test_balls_metric_on_real_and_broken_videos():
 
 def test_pattern_loss_of_each_mode(run_dir):
     run = load_run(run_dir, device="cpu")
-    clips = heldout_clips(run, 4)
+    clips = heldout_windows(run, 4)
     assert clips.shape == (4, 10, 4, 8, 8)
     cfg = run.cfg.diffusion
     losses = {

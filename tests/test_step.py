@@ -1,6 +1,6 @@
-"""The fast path (fastdiff/fastpath.py): the sync-free device step against the eager reference, its
-device-side skip of non-finite steps, resume, torch.compile for real, refusals; on a GPU the captured
-CUDA graph against eager and under set_sync_debug_mode("error")."""
+"""The online step (fastdiff/step.py): the sync-free device step against the eager reference, its device-side
+skip of non-finite steps, resume, torch.compile for real, refusals; on a GPU the captured CUDA graph against
+eager and under set_sync_debug_mode("error")."""
 
 import json
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_train import _cfg, _params
 
-import fastdiff.fastpath as fastpath
+import fastdiff.step as step_module
 from fastdiff.cli import main
-from fastdiff.fastpath import FastPathError
+from fastdiff.config import ConfigError
+from fastdiff.step import StepModeError
 from fastdiff.train import OnlineTrainer
 
 QUIET = lambda *_, **__: None  # noqa: E731
@@ -30,10 +31,10 @@ def test_device_step_is_bit_identical_to_eager_with_the_fused_8bit_optimizer(tmp
     assert s_fast["steps"] == s_eager["steps"] == 21
     a, b = _params(eager), _params(fast)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ema_a, ema_b = eager.ema.state_dict(), fast.ema.state_dict()
+    ema_a, ema_b = eager.step.ema.state_dict(), fast.step.ema.state_dict()
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)  # device-side EMA warm-up = the host's
-    assert int(fast.buffer.seen) == int(eager.buffer.seen)
-    assert torch.equal(fast.buffer.starts, eager.buffer.starts)  # insert positions from the device counter
+    assert int(fast.step.buffer.seen) == int(eager.step.buffer.seen)
+    assert torch.equal(fast.step.buffer.starts, eager.step.buffer.starts)  # insert positions from the device counter
 
 
 def test_device_step_matches_eager_with_fused_adamw(tmp_path):
@@ -47,32 +48,31 @@ def test_device_step_matches_eager_with_fused_adamw(tmp_path):
 def test_device_step_skips_a_nonfinite_step_on_the_device(tmp_path, monkeypatch, optimizer):
     trainer = OnlineTrainer(_cfg(tmp_path, run__frames=40, optim__name=optimizer, run__step="device"),
                             tmp_path / "run", log=QUIET)
-    for _ in range(12):
-        trainer._ingest(trainer._next_frame())
-    fast = trainer.fast
-    fast.step()
-    fast.step()
-    snapshot = lambda: (_params(trainer), {k: v.clone() for k, v in trainer.ema.state_dict().items()},
+    while trainer.steps < 2:  # two honest steps first: the optimizer has state
+        trainer.advance()
+        trainer.step.result()
+    fast = trainer.step
+    snapshot = lambda: (_params(trainer), {k: v.clone() for k, v in trainer.step.ema.state_dict().items()},
                         json.dumps({str(k): {n: t.tolist() for n, t in st.items() if torch.is_tensor(t)}
-                                    for k, st in trainer.optimizer.state_dict()["state"].items()}))
+                                    for k, st in trainer.step.optimizer.state_dict()["state"].items()}))
     before = snapshot()
-    real_loss = fastpath.training_loss
-    monkeypatch.setattr(fastpath, "training_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
-    fast.step()
+    real_loss = step_module.training_loss
+    monkeypatch.setattr(step_module, "training_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    trainer.advance()
     after = snapshot()
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
     assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
     assert before[2] == after[2]  # moments and step counts untouched
-    result, newly_skipped = fast.sync()
-    assert result.skipped and newly_skipped == 1 and trainer.skipped == 1 and trainer.steps == 2
-    monkeypatch.setattr(fastpath, "training_loss", real_loss)
-    fast.step()  # training goes on
+    result = fast.result()
+    assert result.skipped and trainer.skipped == 1 and trainer.steps == 2
+    monkeypatch.setattr(step_module, "training_loss", real_loss)
+    trainer.advance()  # training goes on
     assert not all(torch.equal(after[0][k], v) for k, v in _params(trainer).items())
-    assert fast.sync()[0].skipped is False and trainer.steps == 3
+    assert fast.result().skipped is False and trainer.steps == 3
 
 
 def test_device_step_reports_skips_in_the_run_summary(tmp_path, monkeypatch):
-    real_loss = fastpath.training_loss
+    real_loss = step_module.training_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -80,7 +80,7 @@ def test_device_step_reports_skips_in_the_run_summary(tmp_path, monkeypatch):
         loss = real_loss(*args, **kwargs)
         return loss * float("inf") if calls["n"] in (3, 7) else loss
 
-    monkeypatch.setattr(fastpath, "training_loss", sometimes_nan)
+    monkeypatch.setattr(step_module, "training_loss", sometimes_nan)
     _, summary, _ = _run(tmp_path, "run", run__frames=25, optim__name="adamw8bit-fused", run__step="device",
                          run__log_every=5)
     assert summary["skipped_steps"] == 2 and summary["steps"] == 16 - 2
@@ -110,20 +110,18 @@ def test_compiled_model_trains_like_eager(tmp_path):
     torch._dynamo.reset()
 
 
-def test_fast_path_refusals(tmp_path, capsys):
-    with pytest.raises(FastPathError, match="cannot skip a non-finite step on the device"):
-        OnlineTrainer(_cfg(tmp_path, optim__name="adamw8bit-bnb", run__step="device"), tmp_path / "a", log=QUIET)
+def test_step_mode_refusals(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="cannot skip a non-finite step on the device"):
+        _cfg(tmp_path, optim__name="adamw8bit-bnb", run__step="device")
     if not torch.cuda.is_available():
-        with pytest.raises(FastPathError, match="CUDA graphs need a CUDA device"):
+        with pytest.raises(StepModeError, match="CUDA graphs need a CUDA device"):
             OnlineTrainer(_cfg(tmp_path, run__step="graph"), tmp_path / "b", log=QUIET)
         code = main(["train", "--out", str(tmp_path), "--set", "run.step=graph", "--no-progress"])
         assert code == 2 and "CUDA graphs need a CUDA device" in capsys.readouterr().err
-    cfg = _cfg(tmp_path, run__step="graph", replay__strategy="gen-distill")
-    with pytest.raises(FastPathError, match="teacher is replaced"):
-        fastpath.check(cfg, torch.device("cuda"), "adamw8bit-fused")
-    cfg = _cfg(tmp_path, run__step="graph", run__nan_policy="stop")
-    with pytest.raises(FastPathError, match="host sync every step"):
-        fastpath.check(cfg, torch.device("cuda"), "adamw")
+    with pytest.raises(ConfigError, match="teacher is replaced"):
+        _cfg(tmp_path, run__step="graph", replay__strategy="gen-distill")
+    with pytest.raises(ConfigError, match="host sync every step"):
+        _cfg(tmp_path, run__step="graph", run__nan_policy="stop")
 
 
 # --- GPU: the captured graph -------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def test_graph_step_matches_eager_losses(tmp_path, precision):
                                 tmp_path / step, log=QUIET)
         trainer.train()
         runs[step] = [json.loads(x)["loss"] for x in (tmp_path / step / "metrics.jsonl").read_text().splitlines()]
-    assert trainer.fast.graph is not None
+    assert trainer.step.graph is not None
     tol = 1e-4 if precision == "fp32" else 2e-2
     assert runs["graph"] == pytest.approx(runs["eager"], rel=tol, abs=tol)
 
@@ -152,17 +150,14 @@ def test_graph_step_matches_eager_losses(tmp_path, precision):
 def test_graph_step_never_syncs(tmp_path, compile_model):
     trainer = OnlineTrainer(_gpu_cfg(tmp_path, run__frames=60, run__step="graph", run__compile=compile_model),
                             tmp_path / "run", log=QUIET)
-    for _ in range(trainer.window + 4):  # ingest (outside the step) and warm-up steps, capture
-        trainer._ingest(trainer._next_frame())
-        trainer.fast.step()
+    while trainer.step.calls < step_module.WARMUP_STEPS + 2:  # warm-up steps, then the capture
+        trainer.advance()
     torch.cuda.synchronize()
-    frame = torch.from_numpy(trainer._next_frame()).cuda()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(5):
-            trainer.fast.step()  # replay: any host sync raises here
+            trainer.advance()  # ingest (a device copy) + replay: any host sync raises here
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert trainer.fast.graph is not None and frame.is_cuda
-    result, _ = trainer.fast.sync()
-    assert torch.isfinite(torch.tensor(result.loss))
+    assert trainer.step.graph is not None
+    assert torch.isfinite(torch.tensor(trainer.step.result().loss))

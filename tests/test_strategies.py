@@ -44,8 +44,8 @@ def test_offline_bank_draws_whole_stream_windows_uniformly():
 
 def test_offline_trains_on_the_whole_stream_not_the_prefix(tmp_path):
     trainer = OnlineTrainer(_cfg(tmp_path, run__frames=60, replay__strategy="offline"), tmp_path / "run", log=QUIET)
-    assert trainer.bank.frames.shape[0] == 60  # read to the end before the first step
-    batch = trainer._batch(trainer.ring[None, :10])
+    assert trainer.step.bank.frames.shape[0] == 60  # read to the end before the first step
+    batch = trainer.step.batch(trainer.step.ring[None, :10])
     assert batch.shape[0] == 1 + 2
 
 
@@ -53,14 +53,14 @@ def test_gen_distill_replays_teacher_windows_and_targets_its_prediction(tmp_path
     trainer = OnlineTrainer(_cfg(tmp_path, run__frames=24, replay__strategy="gen-distill", replay__teacher_every=12),
                             tmp_path / "run", log=QUIET)
     trainer.train()
-    distill = trainer.distill
+    distill = trainer.step.distill
     assert distill.refreshed_at == 24 and distill.teacher is not None
     assert not any(p.requires_grad for p in distill.teacher.parameters())
-    for a, b in zip(distill.teacher.parameters(), trainer.ema.parameters()):
+    for a, b in zip(distill.teacher.parameters(), trainer.step.ema.parameters()):
         assert torch.equal(a, b)  # refreshed from the EMA at frame 24
     # The replayed part's target is the teacher's output: with a student equal to the teacher and the
     # live part's error removed, the loss is exactly 0; with any other student it is not.
-    live = trainer.ring[None, :10].clone()
+    live = trainer.step.ring[None, :10].clone()
     calls = []
     original = distill.generate
 
@@ -72,13 +72,13 @@ def test_gen_distill_replays_teacher_windows_and_targets_its_prediction(tmp_path
     monkeypatch.setattr(distill, "generate", spy)
     gen = torch.Generator().manual_seed(0)
     cfg = trainer.cfg.diffusion
-    loss_teacher = distill.loss(distill.teacher, live, 2, trainer.schedule, cfg, gen)
+    loss_teacher = distill.loss(distill.teacher, live, 2, trainer.step.schedule, cfg, gen)
     assert calls and calls[0].shape == (2, *live.shape[1:])
     assert not torch.allclose(calls[0][0], live[0])  # generated, not copied
     assert loss_teacher > 0  # the live windows' error remains
     distill.weight = 0.0
     gen = torch.Generator().manual_seed(0)
-    live_only = distill.loss(distill.teacher, live, 2, trainer.schedule, cfg, gen)
+    live_only = distill.loss(distill.teacher, live, 2, trainer.step.schedule, cfg, gen)
     distill.weight = 1.0
     # same draws: the replayed frames contributed nothing, because student == teacher
     assert float(loss_teacher) == pytest.approx(float(live_only), rel=1e-5)

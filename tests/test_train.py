@@ -26,7 +26,7 @@ def _cfg(tmp_path, **extra):
 
 
 def _params(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.step.model.state_dict().items()}
 
 
 def test_run_directory_holds_everything(tmp_path):
@@ -41,7 +41,7 @@ def test_run_directory_holds_everything(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in rows] == [10, 15, 20, 25, 30]
     assert all(r["loss"] > 0 for r in rows)
-    for name in ("final.png", "final.gif"):
+    for name in ("final-frame00000030.png", "final-frame00000030.gif"):
         assert (run_dir / "samples" / name).stat().st_size > 0
     assert (run_dir / "autoencoder.pt").exists()
 
@@ -74,16 +74,16 @@ def test_strategies_train(tmp_path, strategy):
     summary = trainer.train()
     assert summary["steps"] == 5 and summary["skipped_steps"] == 0
     if strategy == "none":
-        assert trainer.buffer is None
+        assert trainer.step.buffer is None
     else:
-        assert int(trainer.buffer.seen) == 5
+        assert int(trainer.step.buffer.seen) == 5
 
 
 def test_pixel_space_and_pixel_storage(tmp_path):
     cfg = _cfg(tmp_path, run__frames=12, autoencoder__latent="none", replay__storage="pixel")
     trainer = OnlineTrainer(cfg, tmp_path / "px", log=lambda *_: None)
     assert trainer.latent_shape == (3, 32, 32)
-    assert trainer.buffer.windows.dtype == torch.uint8
+    assert trainer.step.buffer.windows.dtype == torch.uint8
     assert trainer.train()["steps"] == 3
 
 
@@ -108,11 +108,11 @@ def test_cli_resume_needs_a_run_directory(tmp_path, capsys):
 def test_replay_buffer_is_sized_as_the_paper_did():
     """5% of the stream's frames, in windows: 5,000 windows of 10 for 1M frames of balls, 2,500 of 20 for
     the maze (the paper's ltm_size); `full` keeps every window; pixel storage is uint8."""
-    from types import SimpleNamespace
+    from fastdiff.build import buffer_plan
 
-    plan = lambda stream_frames, window, hw, **overrides: OnlineTrainer._buffer_plan(SimpleNamespace(
-        cfg=build_config("small", None, {"replay.fraction": "0.05", **overrides}), window=window,
-        frame_shape=(*hw, 3), device=torch.device("cpu")), stream_frames)
+    plan = lambda stream_frames, window, hw, **overrides: buffer_plan(
+        build_config("small", None, {"replay.fraction": "0.05", **overrides}), window, (*hw, 3), stream_frames,
+        torch.device("cpu"))
     assert plan(1_000_000, 10, (32, 32))[:2] == (5000, (10, 4, 8, 8))
     assert plan(1_000_000, 20, (64, 64))[0] == 2500
     assert plan(1000, 10, (32, 32), **{"replay.strategy": "full"})[0] == 991

@@ -2,7 +2,8 @@
 
 Builds a trainer (preset and --set as for `fastdiff train`), fills the live window, runs --warmup steps
 (compilation, graph capture), then records --steps steps. Writes, under --out (default
-profiles/<gpu or cpu>/profile-<preset>-<step>/): trace.json (open in chrome://tracing or Perfetto),
+runs/profile-<gpu or cpu>-<preset>-<step>/: a run's output, not the source tree): trace.json (open in
+chrome://tracing or Perfetto),
 top_kernels.md / .json (each op or kernel's share of the device time, its time per step and launches per
 step), and summary.json.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-HELP = "profile N online steps: Chrome trace + top-kernels table under profiles/"
+HELP = "profile N online steps: Chrome trace + top-kernels table under runs/ (or --out)"
 
 
 def add_arguments(p) -> None:
@@ -54,7 +55,7 @@ def run(args) -> int:
         return 2
     cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
     where = autotune.slug(autotune.device_name(torch.device("cuda"))) if cuda else "cpu"
-    out = Path(args.out or autotune.profiles_root() / where / f"profile-{cfg.preset}-{cfg.run.step}")
+    out = Path(args.out or Path("runs") / f"profile-{where}-{cfg.preset}-{cfg.run.step}")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -63,25 +64,17 @@ def run(args) -> int:
             print(f"fastdiff profile: {err}", file=sys.stderr)
             return 2
 
-        def one_step():
-            trainer._ingest(trainer._next_frame())
-            if trainer.fast is not None:
-                trainer.fast.step()
-            else:
-                trainer.train_step(trainer._live_windows())
-                trainer._insert_live()
-
-        for _ in range(trainer.window - 1):
-            trainer._ingest(trainer._next_frame())
+        while not trainer.step.ready:  # fill the live window (its last frame takes the first step)
+            trainer.advance()
         for _ in range(args.warmup):
-            one_step()
+            trainer.advance()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
         with profile(activities=activities, record_shapes=False) as prof:
             for _ in range(args.steps):
-                one_step()
+                trainer.advance()
             if cuda:
                 torch.cuda.synchronize()
         seconds = time.perf_counter() - started

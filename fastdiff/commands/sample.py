@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import sys
 
+from fastdiff.config import CHOICES, SAMPLE_MODES
+
 HELP = "generate a video from a trained run"
 
 
@@ -26,8 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--frames", type=int, default=60, help="frames to write, context included")
     p.add_argument("--out", help="output file (.mp4, .gif or .png strip); default RUN/samples/sample.mp4")
-    p.add_argument("--mode", default="autoregressive", choices=("autoregressive", "fifo"), help="sampling scheme")
-    p.add_argument("--sampler", choices=("ddim", "heun"), help="override diffusion.sampler (autoregressive)")
+    p.add_argument("--mode", default="autoregressive", choices=SAMPLE_MODES, help="sampling scheme")
+    p.add_argument("--sampler", choices=CHOICES["diffusion.sampler"],
+                   help="override diffusion.sampler (autoregressive)")
     p.add_argument("--steps", type=int, help="override diffusion.sample_steps")
     p.add_argument("--partitions", type=int, default=0,
                    help="fifo: blocks of K frames in the queue (default: about --steps rungs)")

@@ -10,11 +10,19 @@ examples:
   fastdiff train --stream balls-c --frames 20000 --preset small --set replay.strategy=er
   fastdiff train --stream video:clips/ --set run.window=16
   fastdiff train --resume runs/balls-o-tiny-20261121-120000 --frames 6000
+  fastdiff train --stream video:clips/ --stream-option on_error=skip --stream-option size=64x64
+
+Extending a run (--resume DIR --frames N, N larger or smaller) keeps what the run was created with: the
+stream's nominal length and the replay buffer's capacity; --resize-buffer N changes the capacity explicitly
+(a shrink keeps a uniform subset of the reservoir). Ctrl-C (or SIGTERM) finishes the current step, writes a
+checkpoint and prints how to resume; a second one stops at once.
 """
 
 from __future__ import annotations
 
 import sys
+
+from fastdiff.config import CHOICES
 
 HELP = "train online on a stream (default: generated bouncing balls)"
 
@@ -26,9 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--frames", type=int, help="frames to train on (one gradient step each); default: the preset's")
     p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M), gpu-8gb, gpu-12gb, gpu-24gb, "
                                     "h100; default: fits the machine")
-    p.add_argument("--strategy", choices=("er", "none", "full", "offline", "gen-distill"),
+    p.add_argument("--strategy", choices=CHOICES["replay.strategy"],
                    help="replay strategy (replay.strategy); default er")
-    p.add_argument("--step", choices=("eager", "device", "graph"),
+    p.add_argument("--step", choices=CHOICES["run.step"],
                    help="run.step: eager (reference), device (no host sync), graph (one CUDA graph per step)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (run.compile)")
     p.add_argument("--out", help="directory that holds runs (default runs/)")
@@ -40,6 +48,13 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, help="run.seed")
     p.add_argument("--device", help="run.device: auto, cpu, cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--stream-option", metavar="KEY=VALUE", action="append", default=[],
+                   help="an option of the stream (run.stream_options), e.g. on_error=skip|stop|raise, size=64x64, "
+                        "crop=X,Y,W,H, fps=10 for video:PATH (repeatable)")
+    p.add_argument("--resize-buffer", type=int, metavar="N",
+                   help="with --resume: change the replay buffer's capacity to N windows (replay.windows)")
+    p.add_argument("--threads", type=int, help="intra-op CPU threads (run.threads; default: the cores this process "
+                                               "may use)")
 
 
 def run(args) -> int:
@@ -57,6 +72,15 @@ def run(args) -> int:
                 overrides[key] = getattr(args, flag)
         if args.no_progress:
             overrides["run.progress"] = False
+        if args.stream_option:
+            overrides["run.stream_options"] = ";".join(args.stream_option)
+        if args.threads is not None:
+            overrides["run.threads"] = args.threads
+        if args.resize_buffer is not None:
+            if not args.resume:
+                raise ConfigError("--resize-buffer: only with --resume (a new run sizes its buffer with "
+                                  "replay.windows or replay.fraction)")
+            overrides["replay.windows"] = args.resize_buffer
         if args.compile:
             overrides["run.compile"] = True
         if getattr(args, "streams", None):
@@ -106,7 +130,13 @@ def run(args) -> int:
             return run_dir
 
         run_dir = world.run_on_main(make_run_dir)
-        trainer = OnlineTrainer(cfg, run_dir, resume=bool(args.resume))
+        try:
+            trainer = OnlineTrainer(cfg, run_dir, resume=bool(args.resume),
+                                    resize_buffer=args.resize_buffer is not None)
+        except BaseException:
+            if not args.resume and world.is_main:
+                _remove_if_empty(run_dir)  # a run that never started leaves nothing behind
+            raise
         summary = trainer.train()
         if not world.is_main:
             return 0
@@ -126,8 +156,20 @@ def run(args) -> int:
               "--preset", file=sys.stderr)
         return 2 if trainer is None else 3
     print(json.dumps(summary, indent=2))
+    if summary.get("interrupted"):
+        return 130
     print(f"samples: {run_dir / 'samples'}")
     return 0
+
+
+def _remove_if_empty(run_dir) -> None:
+    """Delete a new run's directory when it holds nothing but the config written before the run could start."""
+    import shutil
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.json", "config.toml"}:
+        shutil.rmtree(run_dir)
 
 
 def _allocation_text(err: RuntimeError) -> str:

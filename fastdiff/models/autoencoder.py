@@ -108,3 +108,20 @@ class PixelSpace(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return unit_to_pixels(latents.clamp(-1, 1))
+
+
+ENCODE_BATCH = 256  # frames per encoder call; fixed from each chunk's start, so a resumed chunk is bit-identical
+
+
+@torch.no_grad()
+def encode_frames(ae, frames, device=None) -> torch.Tensor:
+    """uint8 frames (..., H, W, 3), numpy or tensor, -> float32 latents (..., C, h, w) on `device` (default: where
+    the frames are), encoded ENCODE_BATCH frames at a time."""
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if device is not None:
+        pixels = pixels.to(device)
+    lead = pixels.shape[:-3]
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    starts = range(0, max(len(flat), 1), ENCODE_BATCH)
+    latents = torch.cat([ae.encode(flat[i:i + ENCODE_BATCH]).float() for i in starts])
+    return latents.view(*lead, *latents.shape[1:])

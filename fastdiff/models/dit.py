@@ -27,12 +27,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The unfused adaLN modulation (the blocks call the fused ops.adaln_modulate(x, shift, scale),
-    which equals modulate(LayerNorm(x), shift, scale) with the no-affine norms kept below for their eps)."""
-    return x * (1 + scale) + shift
-
-
 class SpatialAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()

@@ -23,6 +23,35 @@ def list_streams() -> list[tuple[str, str]]:
     return list(STREAMS.items())
 
 
+def parse_stream_options(text: str) -> dict:
+    """`run.stream_options` ("on_error=skip;size=64x64;crop=0,0,320,240;fps=10") as make_stream's keywords: numbers
+    become numbers, "AxB" a (height, width) pair, comma lists tuples of numbers; anything else stays a string."""
+    options = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise StreamError(f"stream option {item!r}: expected key=value, e.g. on_error=skip")
+        options[key.strip()] = _option_value(value.strip())
+    return options
+
+
+def _option_value(text: str):
+    def number(t):
+        try:
+            return int(t)
+        except ValueError:
+            return float(t)
+
+    try:
+        if "x" in text.lower() and all(p.strip().isdigit() for p in text.lower().split("x")):
+            return tuple(int(p) for p in text.lower().split("x"))
+        if "," in text:
+            return tuple(number(p.strip()) for p in text.split(","))
+        return number(text)
+    except ValueError:
+        return text
+
+
 def make_stream(spec: str, *, split: str = "train", seed: int = 0, total_frames: int | None = None,
                 **options) -> FrameStream:
     """Build a stream from its spec. ``split`` and ``seed`` choose the simulation for the synthetic
@@ -32,6 +61,17 @@ def make_stream(spec: str, *, split: str = "train", seed: int = 0, total_frames:
     spec = str(spec).strip()
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
+    try:
+        return _build(kind, arg, spec, split, seed, total_frames, options)
+    except TypeError as err:  # an option this stream does not take: say which, not a traceback
+        if "unexpected keyword argument" not in str(err):
+            raise
+        bad = str(err).split("argument")[-1].strip(" '")
+        raise StreamError(f"{kind}: option {bad!r} not supported because this stream does not take it (see "
+                          "`fastdiff streams list` and the stream options in the README)") from None
+
+
+def _build(kind, arg, spec, split, seed, total_frames, options) -> FrameStream:
     if kind in ("balls-o", "balls-c"):
         from .balls import BallsStream
 
@@ -55,4 +95,4 @@ def make_stream(spec: str, *, split: str = "train", seed: int = 0, total_frames:
     raise StreamError(f"stream {spec!r} not supported because it is not one of: {known}")
 
 
-__all__ = ["FrameStream", "StreamError", "StreamInfo", "list_streams", "make_stream"]
+__all__ = ["FrameStream", "StreamError", "StreamInfo", "list_streams", "make_stream", "parse_stream_options"]
