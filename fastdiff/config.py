@@ -40,6 +40,7 @@ class ModelConfig:
     patch: int = 1
     mlp_ratio: float = 4.0
     checkpoint_activations: bool = False  # recompute blocks in backward to save memory
+    pos_embed: str = "learned"  # learned, or sincos (DiT's fixed 2-D sine-cosine table)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
+    warmup: int = 0  # steps of linear learning-rate warm-up from 0 (then constant: a stream has no end to decay to)
     ema: float = 0.9999
     ema_warmup: bool = True  # decay = min(ema, (1+step)/(10+step)) so short runs sample a useful EMA
 
@@ -184,6 +186,7 @@ PRESET_BUDGET_GIB = {"gpu-8gb": 8, "gpu-12gb": 12, "gpu-24gb": 24, "h100": 80}
 
 CHOICES = {
     "autoencoder.latent": ("ae", "none"),
+    "model.pos_embed": ("learned", "sincos"),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "v"),
     "diffusion.loss_weight": ("uniform", "min-snr"),
@@ -346,6 +349,7 @@ def validate(cfg: Config) -> None:
         "autoencoder.fit_steps": cfg.autoencoder.fit_steps, "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip, "diffusion.ddim_eta": cfg.diffusion.ddim_eta,
         "run.milestone_every": cfg.run.milestone_every, "replay.distill_weight": cfg.replay.distill_weight,
+        "optim.warmup": cfg.optim.warmup, "run.threads": cfg.run.threads,
     }
     for dotted, value in non_negative.items():
         if value < 0:

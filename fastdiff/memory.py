@@ -43,7 +43,8 @@ def dit_parameters(cfg: Config, channels: int, patches: int, window: int) -> int
              + m.heads * (2 * window - 1)  # relative-position bias
              + d * hidden + hidden + hidden * d + d  # MLP
              + d * 9 * d + 9 * d)  # adaLN
-    stem = patch_dim * d + d + patches * d + 256 * d + d + d * d + d + 2 * d
+    pos = patches * d if m.pos_embed == "learned" else 0  # a sincos table is a buffer, not a parameter
+    stem = patch_dim * d + d + pos + 256 * d + d + d * d + d + 2 * d
     head = d * 2 * d + 2 * d + d * channels * m.patch**2 + channels * m.patch**2
     return m.depth * block + stem + head
 

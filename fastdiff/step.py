@@ -98,6 +98,13 @@ class OnlineStep:
         self.grad_norm = torch.zeros((), device=device)
         self.found_inf = torch.zeros((), device=device)
         self.ema_decay = torch.full((), cfg.optim.ema, device=device, dtype=torch.float64)
+        # The warm-up's learning rate: a device tensor the sync-free step sets from its step counter (a host float
+        # would be frozen into a captured graph); the eager step sets a host float, which every optimizer takes.
+        self.lr = None
+        if cfg.optim.warmup and self.mode != "eager":
+            self.lr = torch.full((), cfg.optim.lr, device=device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
 
         # --- the host's view -------------------------------------------------------------------------------------
         self.frames_seen = 0  # frames ingested
@@ -180,6 +187,7 @@ class OnlineStep:
         # captured graph needs and which spares the 8-bit optimizer re-uploading its pointer table every step.
         self.optimizer.zero_grad(set_to_none=self.mode == "eager")
         loss.backward()
+        self._warm_up_lr()
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         if self.mode == "eager":
@@ -196,6 +204,17 @@ class OnlineStep:
         self.loss.copy_(loss.detach())
         self.grad_norm.copy_(grad_norm)
         self._insert_live()
+
+    def _warm_up_lr(self) -> None:
+        """lr = optim.lr * min(1, (steps + 1) / optim.warmup), steps taken before this one."""
+        warmup, base = self.cfg.optim.warmup, self.cfg.optim.lr
+        if not warmup:
+            return
+        if self.lr is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = base * min(1.0, (self.steps + 1) / warmup)
+        else:
+            self.lr.copy_(base * torch.clamp((self.device_steps + 1) / warmup, max=1.0))
 
     def _host_check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """The eager step's decision: read loss and gradient norm on the host, step or skip. The loss is the mean

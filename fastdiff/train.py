@@ -294,7 +294,8 @@ class OnlineTrainer:
             return
         buffer = self.step.buffer
         row = {"frame": self.frames_seen, "step": self.steps, "loss": result.loss, "grad_norm": result.grad_norm,
-               "skipped_steps": self.skipped, "frames_per_second": fps, "lr": self.cfg.optim.lr,
+               "skipped_steps": self.skipped, "frames_per_second": fps,
+               "lr": float(self.step.optimizer.param_groups[0]["lr"]),
                "buffer": None if buffer is None else int(buffer.filled()),
                "stream_wait_seconds": self.feed.wait_seconds, "time": time.time()}
         metrics_file.write(json.dumps(row) + "\n")

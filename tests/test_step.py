@@ -24,10 +24,18 @@ def _run(tmp_path, name, **extra):
     return trainer, summary, losses
 
 
-def test_device_step_is_bit_identical_to_eager_with_the_fused_8bit_optimizer(tmp_path):
-    eager, s_eager, l_eager = _run(tmp_path, "eager", run__frames=30, optim__name="adamw8bit-fused")
-    fast, s_fast, l_fast = _run(tmp_path, "fast", run__frames=30, optim__name="adamw8bit-fused", run__step="device")
+@pytest.mark.parametrize("warmup", [0, 8])
+def test_device_step_is_bit_identical_to_eager_with_the_fused_8bit_optimizer(tmp_path, warmup):
+    """The same step, the sync-free way: same losses, weights, EMA and buffer, bit for bit; with a learning-rate
+    warm-up too (a host float in eager, a device tensor in the sync-free step)."""
+    eager, s_eager, l_eager = _run(tmp_path, "eager", run__frames=30, optim__name="adamw8bit-fused",
+                                   optim__warmup=warmup)
+    fast, s_fast, l_fast = _run(tmp_path, "fast", run__frames=30, optim__name="adamw8bit-fused", run__step="device",
+                                optim__warmup=warmup)
     assert l_eager == l_fast and len(l_fast) == 21
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
+    base = fast.cfg.optim.lr
+    assert lrs == pytest.approx([base * min(1.0, (i + 1) / warmup) for i in range(21)] if warmup else [base] * 21)
     assert s_fast["steps"] == s_eager["steps"] == 21
     a, b = _params(eager), _params(fast)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -74,7 +74,8 @@ def test_replay_hazards_sees_host_values_rebinding_and_stray_randomness():
 
 # --- the online step under them ---------------------------------------------------------------------------------
 def _device_trainer(tmp_path, name="run", **extra):
-    cfg = _cfg(tmp_path, run__frames=60, run__step="device", optim__name="adamw8bit-fused", **extra)
+    # with a learning-rate warm-up: its schedule must be a device value too
+    cfg = _cfg(tmp_path, run__frames=60, run__step="device", optim__name="adamw8bit-fused", optim__warmup=20, **extra)
     trainer = OnlineTrainer(cfg, tmp_path / name, log=QUIET)
     while trainer.step.calls < 3:  # warm-up steps (compile, optimizer state)
         trainer.advance()

@@ -19,6 +19,18 @@ from torch.utils.checkpoint import checkpoint
 from fastdiff import ops
 
 
+def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:
+    """The fixed 2-D sine-cosine position embedding of DiT (Peebles & Xie 2023): half the channels encode the row,
+    half the column, at geometric frequencies. (gh * gw, width)."""
+    quarter = width // 4
+    freqs = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                                indexing="ij")
+    parts = [f(axis.reshape(-1, 1) * freqs) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
+    table = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(table, (0, width - table.shape[1])).float()
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, any shape -> (..., dim)."""
     half = dim // 2
@@ -95,7 +107,7 @@ class DiTBlock(nn.Module):
 class VideoDiT(nn.Module):
     def __init__(self, channels: int, height: int, width_px: int, max_frames: int, *, width: int = 64,
                  depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool = False, pos_embed: str = "learned"):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
@@ -104,7 +116,12 @@ class VideoDiT(nn.Module):
         self.checkpoint_activations = checkpoint_activations
         patch_dim = (channels + 1) * patch * patch  # +1: the observed-frame indicator channel
         self.embed = nn.Linear(patch_dim, width)
-        self.pos = nn.Parameter(torch.randn(self.grid[0] * self.grid[1], width) * 0.02)
+        if pos_embed == "sincos":  # fixed: where every token sits is known from the first step
+            self.register_buffer("pos", sincos_2d(self.grid, width), persistent=False)
+        elif pos_embed == "learned":
+            self.pos = nn.Parameter(torch.randn(self.grid[0] * self.grid[1], width) * 0.02)
+        else:
+            raise ValueError(f"pos_embed {pos_embed!r} is not one of learned, sincos")
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.observed_embed = nn.Embedding(2, width)
         self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio) for _ in range(depth))

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""The learning-efficiency study: what moves held-out quality per minute of CPU training on Lifelong Bouncing
+Balls (balls-o), each row against the floors (repeat the last frame, constant velocity) and the ground truth.
+
+A row is the `tiny` preset with some overrides, trained online for a fixed budget of process CPU seconds (the
+autoencoder's fit and all set-up included: it is part of what a user waits for), then evaluated on the same
+held-out clips as every other row: the held-out loss, and from sampled 50-frame continuations (5 real frames,
+45 generated) minADE, ColorKL, colour accuracy and the share of generated frames with exactly two balls.
+CPU seconds, not wall seconds: rows run side by side on a shared machine, and a busy core slows a run's wall
+clock but not the work it gets done (run one row per core, one thread each).
+
+    python scripts/learning_study.py run NAME --budget 720 [--seed 0] [--set section.field=value ...]
+    python scripts/learning_study.py queue ROWS.txt --jobs 2        # one row per line: NAME [run options]
+    python scripts/learning_study.py table [--out profiles/learning]  # study.md + study.json from the results
+    python scripts/learning_study.py sampler NAME [--steps 10 20 50] [--sampler ddim heun]  # one model, samplers
+
+Results go to runs/learning/<NAME>/ (the run directory and result.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "learning"
+# every row starts from these; a row's --set overrides them
+BASE = {"run.progress": "false", "run.sample_every": "0", "run.frames": "1000000", "run.checkpoint_every": "100000000",
+        "run.log_every": "100", "replay.windows": "500"}
+EVAL = {"clips": 12, "samples": 3, "sample_steps": 20}
+METRICS = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
+
+
+def run_row(name: str, budget: float, seed: int, settings: list[str], eval_opts: dict, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from fastdiff.config import build_config, parse_overrides
+    from fastdiff.evaluate import EvalOptions, evaluate, evaluation_clips
+    from fastdiff.sampling import load_run
+    from fastdiff.train import OnlineTrainer
+
+    overrides = {**BASE, "run.seed": str(seed), "run.threads": str(threads), **parse_overrides(settings)}
+    cfg = build_config("tiny", None, overrides)
+    run_dir = RUNS / name
+    if (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    trainer = OnlineTrainer(cfg, run_dir, log=lambda *a, **k: print(*a, flush=True))
+    setup_cpu = time.process_time() - cpu0
+    curve = []
+    while time.process_time() - cpu0 < budget and trainer.advance():
+        if trainer.step.ready and trainer.frames_seen % 100 == 0:
+            curve.append({"frame": trainer.frames_seen, "loss": trainer.step.result().loss,
+                          "cpu": round(time.process_time() - cpu0, 1)})
+    train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    trainer.feed.close()
+    trainer.save_checkpoint()
+    run = load_run(run_dir, device="cpu")
+    opts = EvalOptions(clips=eval_opts["clips"], samples=eval_opts["samples"], sample_steps=eval_opts["sample_steps"],
+                       curve_clips=1)
+    clips = evaluation_clips(run, opts.clips, opts.length)
+    eval0 = time.perf_counter()
+    result = evaluate(run, clips, opts)
+    result.update(name=name, seed=seed, settings=settings, budget_cpu=budget, steps=trainer.steps,
+                  frames=trainer.frames_seen, setup_cpu=round(setup_cpu, 1), train_cpu=round(train_cpu, 1),
+                  train_wall=round(train_wall, 1), eval_wall=round(time.perf_counter() - eval0, 1),
+                  cpu_per_step=round((train_cpu - setup_cpu) / max(trainer.steps, 1), 4), curve=curve, eval=eval_opts,
+                  parameters=sum(p.numel() for p in trainer.step.model.parameters()))
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    print(name, {k: round(result[k], 4) for k in METRICS if k in result}, "steps", trainer.steps, flush=True)
+    return result
+
+
+def queue(path: Path, jobs: int) -> None:
+    """Run the rows listed in `path` (NAME [options]), `jobs` at a time, one thread each."""
+    rows = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    rows = [shlex.split(r) for r in rows if r]
+    running: list[subprocess.Popen] = []
+    logs = RUNS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    for row in rows:
+        while len(running) >= jobs:
+            running = [p for p in running if p.poll() is None]
+            time.sleep(2)
+        if (RUNS / row[0] / "result.json").exists():
+            continue
+        with open(logs / f"{row[0]}.log", "w") as log:
+            running.append(subprocess.Popen([sys.executable, __file__, "run", *row], stdout=log, stderr=subprocess.STDOUT,
+                                            env=env))
+    for p in running:
+        p.wait()
+
+
+def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dict) -> list[dict]:
+    """One trained model's rollouts under other samplers and step counts (the sampler lever)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from fastdiff.evaluate import EvalOptions, evaluate, evaluation_clips
+    from fastdiff.sampling import load_run
+
+    rows = []
+    for sampler in samplers:
+        for n in steps:
+            run = load_run(RUNS / name, device="cpu")
+            run.cfg.diffusion.sampler = sampler
+            opts = EvalOptions(clips=eval_opts["clips"], samples=eval_opts["samples"], sample_steps=n)
+            clips = evaluation_clips(run, opts.clips, opts.length)
+            started = time.perf_counter()
+            result = evaluate(run, clips, opts, floors=False)
+            rows.append({"model": name, "sampler": sampler, "steps": n, "seconds": round(time.perf_counter() - started, 1),
+                         **{k: result.get(k) for k in METRICS}})
+            print(rows[-1], flush=True)
+    out = RUNS / name / "samplers.json"
+    out.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def table(out: Path) -> None:
+    """profiles/learning/study.md and study.json: every row, grouped by lever, next to the floors."""
+    results = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
+    if not results:
+        raise SystemExit(f"no results under {RUNS}")
+    out.mkdir(parents=True, exist_ok=True)
+    floors = results[0].get("floors", {})
+    lines = ["# Learning-efficiency study (balls-o, tiny preset, CPU)", "",
+             f"Each row: trained online for a fixed budget of process CPU seconds (set-up and autoencoder fit "
+             f"included), one thread; evaluated on the same {results[0]['eval']['clips']} held-out clips, "
+             f"{results[0]['eval']['samples']} sampled continuations each (5 real frames, 45 generated, "
+             f"{results[0]['eval']['sample_steps']} DDIM steps unless the row says otherwise). minADE in pixels "
+             "(lower is better), two balls = share of generated frames showing exactly two balls.", "",
+             "| row | settings | seed | budget (CPU s) | steps | CPU s/step | held-out loss | minADE | ColorKL | "
+             "colour acc. | two balls |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, f in floors.items():
+        lines.append(f"| *{name}* | floor | – | – | – | – | – | {_fmt(f['minADE'], 2)} | {_fmt(f['ColorKL'])} | "
+                     f"{_fmt(f['colour_accuracy'])} | {_fmt(f['ball_count_ok'])} |")
+    for r in results:
+        lines.append(f"| {r['name']} | `{' '.join(r['settings']) or 'tiny preset'}` | {r['seed']} | {r['budget_cpu']:.0f} | "
+                     f"{r['steps']} | {r['cpu_per_step']:.3f} | {_fmt(r['loss'], 4)} | {_fmt(r.get('minADE'), 2)} | "
+                     f"{_fmt(r.get('ColorKL'))} | {_fmt(r.get('colour_accuracy'))} | {_fmt(r.get('ball_count_ok'))} |")
+    samplers = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/samplers.json"))]
+    if samplers:
+        lines += ["", "## Samplers and step counts (one trained model each)", "",
+                  "| model | sampler | steps | seconds | minADE | ColorKL | colour acc. | two balls |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for rows in samplers:
+            for s in rows:
+                lines.append(f"| {s['model']} | {s['sampler']} | {s['steps']} | {s['seconds']} | "
+                             f"{_fmt(s['minADE'], 2)} | {_fmt(s['ColorKL'])} | {_fmt(s['colour_accuracy'])} | "
+                             f"{_fmt(s['ball_count_ok'])} |")
+    (out / "study.md").write_text("\n".join(lines) + "\n")
+    slim = [{k: v for k, v in r.items() if k not in ("transitions", "loss_per_level")} for r in results]
+    (out / "study.json").write_text(json.dumps({"rows": slim, "samplers": samplers}, indent=2))
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("name")
+    r.add_argument("--budget", type=float, default=720.0, help="process CPU seconds, set-up included")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--threads", type=int, default=1)
+    q = sub.add_parser("queue")
+    q.add_argument("rows", type=Path)
+    q.add_argument("--jobs", type=int, default=2)
+    t = sub.add_parser("table")
+    t.add_argument("--out", type=Path, default=ROOT / "profiles" / "learning")
+    s = sub.add_parser("sampler")
+    s.add_argument("name")
+    s.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
+    s.add_argument("--sampler", nargs="+", default=["ddim", "heun"])
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_row(args.name, args.budget, args.seed, args.set, EVAL, args.threads)
+    elif args.command == "queue":
+        queue(args.rows, args.jobs)
+    elif args.command == "table":
+        table(args.out)
+    else:
+        sampler_row(args.name, args.steps, args.sampler, EVAL)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
