@@ -315,11 +315,14 @@ def default_preset() -> str:
     return "tiny"
 
 
-def optimizer_name(cfg: Config) -> str:
-    """optim.name with `auto` resolved: bitsandbytes' 8-bit AdamW for the eager step; the sync-free step needs
-    an optimizer that skips on the device: ours."""
+def optimizer_name(cfg: Config, device_type: str = "cuda") -> str:
+    """optim.name with `auto` resolved. On a GPU: bitsandbytes' 8-bit AdamW for the eager step, ours for the
+    sync-free one (it skips a non-finite step on the device). On a CPU: torch's fused AdamW, the fastest there
+    (bitsandbytes' CPU step takes 1.7x as long on the tiny preset) and 8-bit state saves nothing that matters."""
     if cfg.optim.name != "auto":
         return cfg.optim.name
+    if device_type == "cpu":
+        return "adamw"
     return "adamw8bit-bnb" if cfg.run.step == "eager" else "adamw8bit-fused"
 
 

@@ -27,7 +27,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdiff.config import Config
+from fastdiff.config import Config, optimizer_name
 
 ACTIVATION_BYTES = {"fp32": 124.0, "bf16": 87.0}
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit-bnb": 2.03, "adamw8bit-fused": 2.03}
@@ -60,8 +60,7 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
     precision = cfg.run.precision
     if precision == "auto":
         precision = "bf16" if device_type == "cuda" else "fp32"
-    optimizer = cfg.optim.name if cfg.optim.name != "auto" else (
-        "adamw8bit-bnb" if cfg.run.step == "eager" else "adamw8bit-fused")
+    optimizer = optimizer_name(cfg, device_type)
     batch = cfg.replay.live + cfg.replay.replayed
     tokens = batch * window * patches
     width, depth, heads = cfg.model.width, cfg.model.depth, cfg.model.heads

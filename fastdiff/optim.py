@@ -5,7 +5,7 @@
 
 * ``adamw8bit-fused``: ours, :class:`kernels.adamw8bit.AdamW8bitFused` (CUDA-graph capturable);
 * ``adamw8bit-bnb``: ``bitsandbytes.optim.AdamW8bit`` (the default of the eager step);
-* ``adamw``: ``torch.optim.AdamW``, ``fused=True`` when every parameter is on CUDA.
+* ``adamw``: ``torch.optim.AdamW``, fused (and capturable for a captured step).
 
 Conversion. Every optimizer's per-parameter state is read into one neutral form — either 8-bit
 (uint8 exp_avg with the signed dynamic code, uint8 exp_avg_sq with the unsigned one, fp32 absmax per
@@ -83,11 +83,14 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float,
-    fused: bool = False,
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``params`` (tensors or groups).
-    ``fused`` asks torch's AdamW for its fused kernel on CPU too (it is always used on CUDA): the fused
-    kernel is the one that honours ``found_inf``, which the sync-free fast path skips steps with."""
+
+    torch's AdamW is always its fused kernel, on CPU as on CUDA: the one that honours ``found_inf`` (the sync-free
+    step skips through it), and on CPU the fastest (a tiny-preset step: 244 ms fused vs 282 ms foreach vs 490 ms
+    with bitsandbytes' 8-bit AdamW, one thread, scripts/learning_study.py's notes). ``capturable`` keeps its step
+    count on the device, which CUDA-graph capture requires of it (run.step=graph)."""
     _check_name(name)
     params = list(params)
     if name == "adamw8bit-fused":
@@ -100,11 +103,8 @@ def build_optimizer(
                 f"optimizer 'adamw8bit-bnb' not available because bitsandbytes fails to import: {exc}"
             ) from exc
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    flat = _flat_params(params)
-    on_cuda = bool(flat) and all(p.is_cuda for p in flat)
-    return torch.optim.AdamW(
-        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True if (on_cuda or fused) else None
-    )
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True,
+                             capturable=capturable)
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:

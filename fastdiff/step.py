@@ -82,7 +82,7 @@ class OnlineStep:
         self.optimizer_name = optimizer_name
         self.optimizer = build_optimizer(optimizer_name, model.parameters(), lr=cfg.optim.lr,
                                          betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                         weight_decay=cfg.optim.weight_decay, fused=self.mode != "eager")
+                                         weight_decay=cfg.optim.weight_decay, capturable=self.mode == "graph")
         self.schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, device)
         train_model = torch.compile(model, fullgraph=True) if cfg.run.compile else model
         self.train_model = world.wrap(model, train_model, cfg.run.compile) if world is not None else train_model

@@ -42,7 +42,6 @@ class OnlineTrainer:
         if threads is not None:
             torch.set_num_threads(threads)
         ops.use_kernels(cfg.run.kernels)
-        optimizer_name = config.optimizer_name(cfg)
         torch.manual_seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         random.seed(cfg.run.seed)
@@ -93,7 +92,8 @@ class OnlineTrainer:
 
         # --- the online step: model, EMA, optimizer, schedule, replay, live ring --------------------------------
         self.step = OnlineStep(
-            cfg, build.model(cfg.model, self.latent_shape, self.window, self.device), optimizer_name=optimizer_name,
+            cfg, build.model(cfg.model, self.latent_shape, self.window, self.device),
+            optimizer_name=config.optimizer_name(cfg, self.device.type),
             window=self.window, latent_shape=self.latent_shape, frame_shape=self.frame_shape, device=self.device,
             generator=generator, autocast=build.autocast_dtype(cfg.run.precision, self.device),
             buffer=self._replay_buffer(buffer_plan),

@@ -208,6 +208,14 @@ def aot_allowed(op: str, key: str, configs: list[dict], arch: int | None, fields
     return [cfg for cfg in configs if config_id(cfg, fields) not in rejected]
 
 
+def aot_unlaunchable(op: str, key: str, arch: int | None, version: str | None = None) -> str | None:
+    """Why no config of (op, key) can launch on ``arch`` (the AOT sweep compiled none that fits there), or None."""
+    for entry in _aot_entries(op, key, arch, version or triton_minor()):
+        if "no_default" in entry:
+            return entry["no_default"]
+    return None
+
+
 def aot_default(op: str, key: str, arch: int | None, version: str | None = None) -> dict | None:
     """The AOT table's replacement default for (op, key) on ``arch``, or None (the heuristic stands)."""
     for entry in _aot_entries(op, key, arch, version or triton_minor()):

@@ -426,8 +426,41 @@ def _backward(ctx, dout, _dlse):
     if dout.stride(-1) != 1:  # e.g. expanded (stride 0) from out.sum().backward()
         dout = dout.contiguous()
     need_dbias = bias is not None and ctx.needs_input_grad[3]
+    why = backward_unlaunchable(q)
+    if why is not None:
+        _warn_once(f"temporal_attention backward: the Triton kernel not supported here because {why}; "
+                   "the PyTorch reference computes this backward instead (slower, same gradients)")
+        return (*_reference_backward(dout, q, k, v, bias, key_mask, ctx.causal, ctx.scale, need_dbias), None, None, None)
     dq, dk, dv, dbias = _bwd_op(dout, q, k, v, out, lse, bias, key_mask, ctx.causal, ctx.scale, need_dbias)
     return dq, dk, dv, (dbias if need_dbias else None), None, None, None
+
+
+def backward_unlaunchable(q: torch.Tensor) -> str | None:
+    """Why the backward kernel cannot launch on q's GPU (no config of this shape fits its shared memory: fp32,
+    T_pad 64, D 128 on sm_86 / sm_89, per the AOT sweep), or None. CPU tensors (the interpreter) always launch."""
+    if not q.is_cuda:
+        return None
+    key = config_key("bwd", padded_frames(q.shape[1]), q.shape[-1], q.dtype)
+    arch = autotune.device_arch(q.device)
+    why = autotune.aot_unlaunchable(OP_NAME, key, arch)
+    return None if why is None else f"on sm_{arch} {key} {why}"
+
+
+def _reference_backward(dout, q, k, v, bias, key_mask, causal, scale, need_dbias):
+    """dq, dk, dv, dbias of the PyTorch reference, recomputed from the inputs."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        b = bias.detach().requires_grad_() if need_dbias else bias
+        out = temporal_attention_reference(*leaves, bias=b, causal=causal, key_mask=key_mask, scale=scale)
+        grads = torch.autograd.grad(out, leaves + ([b] if need_dbias else []), dout)
+    return (*grads[:3], grads[3] if need_dbias else None)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -237,6 +237,25 @@ def test_lse_offsets_do_not_wrap_at_2_31_sequences_times_heads():
     assert not torch.equal(got, want), "control: the int32 product should have wrapped"
 
 
+def test_a_backward_no_config_can_launch_falls_back_to_the_reference(monkeypatch):
+    """fp32, T_pad 64, D 128 needs 131,072 B of shared memory in every backward config: more than sm_86 / sm_89
+    (RTX 30xx / 40xx) have, so the AOT table says no config launches there. That backward runs the PyTorch
+    reference instead (same gradients), with a warning, rather than failing at launch."""
+    why = autotune.aot_unlaunchable(ta.OP_NAME, ta.config_key("bwd", 64, 128, torch.float32), 86)
+    assert why is not None and "131,072" in why
+    assert autotune.aot_unlaunchable(ta.OP_NAME, ta.config_key("bwd", 64, 128, torch.float32), 90) is None
+    assert autotune.aot_unlaunchable(ta.OP_NAME, ta.config_key("bwd", 64, 128, torch.bfloat16), 86) is None
+    case = make_case(3, 10, 2, 32, torch.float32, bias=True, causal=True, mask="random")
+    kernel = with_triton(case)
+    monkeypatch.setattr(ta, "backward_unlaunchable", lambda q: "it needs more shared memory than this GPU has")
+    ta._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="the PyTorch reference computes this backward"):
+        fallback = with_triton(case)
+    check_against_float64(case, fallback)
+    for name in kernel:
+        torch.testing.assert_close(fallback[name], kernel[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "mutate, complaint",
     [
