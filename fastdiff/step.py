@@ -64,6 +64,14 @@ def check_mode(cfg: Config, device: torch.device, optimizer: str) -> None:
                             f"{device}); run.step=device runs the same sync-free step without a graph")
 
 
+def step_optimizer(cfg: Config, name: str, params) -> torch.optim.Optimizer:
+    """The step's optimizer: capturable when the step is captured in a CUDA graph (torch's AdamW refuses capture
+    otherwise: its step count would live on the host)."""
+    o = cfg.optim
+    return build_optimizer(name, params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                           capturable=cfg.run.step == "graph")
+
+
 class OnlineStep:
     """The online step of one process (see the module docstring)."""
 
@@ -80,9 +88,7 @@ class OnlineStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = list(self.ema.parameters())
         self.optimizer_name = optimizer_name
-        self.optimizer = build_optimizer(optimizer_name, model.parameters(), lr=cfg.optim.lr,
-                                         betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                         weight_decay=cfg.optim.weight_decay, capturable=self.mode == "graph")
+        self.optimizer = step_optimizer(cfg, optimizer_name, model.parameters())
         self.schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, device)
         train_model = torch.compile(model, fullgraph=True) if cfg.run.compile else model
         self.train_model = world.wrap(model, train_model, cfg.run.compile) if world is not None else train_model

@@ -92,3 +92,15 @@ def test_conversion_refuses_a_different_parameter_count():
 def test_unknown_optimizer_name_is_refused():
     with pytest.raises(ValueError, match="adamw8bit-fused"):
         build_optimizer("sgd", _model().parameters(), lr=1e-3, weight_decay=0.0)
+
+
+def test_torch_adamw_is_fused_and_capturable_for_a_captured_step():
+    """A captured step needs torch's AdamW built capturable (its step count on the device), or its step() refuses
+    graph capture: the graph mode builds it so, the other modes as plain fused."""
+    from fastdiff.config import build_config
+    from fastdiff.step import step_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(10))]
+    for mode in ("eager", "device", "graph"):
+        opt = step_optimizer(build_config("tiny", None, {"run.step": mode, "optim.name": "adamw"}), "adamw", params)
+        assert opt.defaults["fused"] and opt.defaults["capturable"] is (mode == "graph"), mode
