@@ -115,7 +115,9 @@ class RunConfig:
     sample_every: int = 1000  # frames; 0 disables periodic samples
     sample_frames: int = 30
     log_every: int = 50
-    milestone_every: int = 0  # frames; >0 keeps the EMA weights every so often (milestones/) for eval curves
+    milestone_every: int = 0  # frames; >0 keeps the EMA weights every so often (milestones/) for eval curves, and
+    # (balls streams) scores them on a few fixed held-out clips: loss, minADE, two-ball rate -> metrics.jsonl
+    milestone_clips: int = 2  # held-out clips scored at each milestone (0: none)
     compile: bool = False  # torch.compile(fullgraph=True) of the model
     async_ingest: bool = True  # read and encode the stream ahead on a thread / side stream (fastdiff/ingest.py)
     step: str = "eager"  # eager (reference), device (no host sync), graph (device step in one CUDA graph)
@@ -352,6 +354,7 @@ def validate(cfg: Config) -> None:
         "autoencoder.fit_steps": cfg.autoencoder.fit_steps, "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip, "diffusion.ddim_eta": cfg.diffusion.ddim_eta,
         "run.milestone_every": cfg.run.milestone_every, "replay.distill_weight": cfg.replay.distill_weight,
+        "run.milestone_clips": cfg.run.milestone_clips,
         "optim.warmup": cfg.optim.warmup, "run.threads": cfg.run.threads,
     }
     for dotted, value in non_negative.items():

@@ -15,6 +15,7 @@ that shows forgetting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -69,8 +70,12 @@ class HeldoutClips:
         return HeldoutClips(self.frames[idx], self.starts[idx], self.horizon, pick(self.centres), pick(self.colours))
 
 
+def is_balls_stream(run_cfg) -> bool:
+    return run_cfg.stream.split(":")[0] in ("balls-o", "balls-c")
+
+
 def is_balls(run: LoadedRun) -> bool:
-    return run.cfg.run.stream.split(":")[0] in ("balls-o", "balls-c")
+    return is_balls_stream(run.cfg.run)
 
 
 def evaluation_clips(run: LoadedRun, count: int, length: int) -> HeldoutClips:
@@ -138,8 +143,7 @@ def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.
     """uint8 (N, samples, length, H, W, 3): each clip's first `observed` frames, then generated ones."""
     context = encode_frames(run.autoencoder, clips.frames[:, : opts.observed], run.device)
     context = context.repeat_interleave(opts.samples, dim=0)
-    if opts.sample_steps:
-        run.cfg.diffusion.sample_steps = opts.sample_steps
+    diffusion = dataclasses.replace(run.cfg.diffusion, sample_steps=opts.sample_steps or run.cfg.diffusion.sample_steps)
     gen = torch.Generator(device=run.device).manual_seed(opts.seed + 1)
     clip_x0 = 1.0 if run.cfg.autoencoder.latent == "none" else None
     out = []
@@ -150,7 +154,7 @@ def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.
         for i in range(0, len(context), opts.batch):
             batch = context[i:i + opts.batch]
             count = len(batch)
-            video = rollout(run.model, batch, opts.length, run.window, run.schedule, run.cfg.diffusion,
+            video = rollout(run.model, batch, opts.length, run.window, run.schedule, diffusion,
                             generator=gen, clip_x0=clip_x0, on_frames=lambda n: bar.update(n * count))  # noqa: B023
             n, t = video.shape[:2]
             out.append(run.autoencoder.decode(video.flatten(0, 1)).view(n, t, *run.frame_shape).cpu().numpy())

@@ -257,6 +257,7 @@ class OnlineTrainer:
                 continue  # not a full live window yet
             if cfg.milestone_every and self.frames_seen % cfg.milestone_every == 0:
                 self.save_milestone()
+                self._score_milestone(metrics)
             if self.frames_seen % cfg.log_every == 0:
                 last = self.step.result()
                 now = time.perf_counter()
@@ -391,6 +392,39 @@ class OnlineTrainer:
             self.log(f"milestone at frame {self.frames_seen} not written ({err})")
             return None
         return path
+
+    def _score_milestone(self, metrics_file) -> None:
+        """The EMA model on a few fixed held-out clips (balls streams): held-out loss, minADE, ColorKL, the two-ball
+        rate of 45 generated frames, into metrics.jsonl (a row with "milestone") and TensorBoard. One sample per
+        clip, 10 DDIM steps, 4 noise levels: a few seconds, so that learning shows while it happens."""
+        from fastdiff import evaluate
+
+        if not self.cfg.run.milestone_clips or not self.world.is_main or not evaluate.is_balls_stream(self.cfg.run):
+            return
+        started = time.perf_counter()
+        run = self.as_loaded_run()
+        opts = evaluate.EvalOptions(clips=self.cfg.run.milestone_clips, samples=1, sample_steps=10, levels=4,
+                                    seed=self.cfg.run.seed)
+        if getattr(self, "_milestone_clips", None) is None:  # the same clips at every milestone
+            self._milestone_clips = evaluate.evaluation_clips(run, opts.clips, opts.length)
+        scores = evaluate.evaluate(run, self._milestone_clips, opts, floors=False)
+        keys = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
+        row = {"frame": self.frames_seen, "step": self.steps, **{f"heldout_{k}": scores.get(k) for k in keys},
+               "milestone_seconds": round(time.perf_counter() - started, 2), "time": time.time()}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if self._tb:
+            for key in keys:
+                value = row[f"heldout_{key}"]
+                if value is not None and value == value:  # NaN (no colour change seen): nothing to plot
+                    self._tb.add_scalar(f"heldout/{key}", value, self.frames_seen)
+
+    def as_loaded_run(self):
+        """This run as fastdiff.sampling's LoadedRun (the EMA model), for evaluation while it trains."""
+        from fastdiff.sampling import LoadedRun
+
+        return LoadedRun(self.cfg, self.run_dir, self.device, self.autoencoder, self.step.ema, self.step.schedule,
+                         self.window, self.frame_shape, self.stream.info.fps or 10.0, self.frames_seen)
 
     # --- samples -------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -118,3 +118,18 @@ def test_replay_buffer_is_sized_as_the_paper_did():
     assert plan(1000, 10, (32, 32), **{"replay.strategy": "full"})[0] == 991
     assert plan(1000, 10, (32, 32), **{"replay.storage": "pixel"})[1:] == ((10, 32, 32, 3), torch.uint8)
     assert plan(1000, 10, (32, 32), **{"replay.strategy": "none"}) is None
+
+
+def test_milestones_score_the_model_on_fixed_heldout_clips(tmp_path):
+    """Learning is visible while it happens: every milestone writes the EMA model's held-out loss, minADE and
+    two-ball rate on the same few clips to metrics.jsonl."""
+    cfg = _cfg(tmp_path, run__frames=30, run__milestone_every=10, run__milestone_clips=1)
+    trainer = OnlineTrainer(cfg, tmp_path / "run", log=lambda *_: None)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "heldout_loss" in r]
+    assert [r["frame"] for r in scored] == [10, 20, 30]
+    for r in scored:
+        assert r["heldout_loss"] > 0 and r["heldout_minADE"] >= 0 and 0 <= r["heldout_ball_count_ok"] <= 1
+    assert scored[0]["heldout_loss"] != scored[-1]["heldout_loss"]  # the model changed between milestones
+    assert len(list((tmp_path / "run" / "milestones").glob("frame*.pt"))) == 3
