@@ -57,7 +57,7 @@ SMOKE_MODEL = {"model.width": "64", "model.depth": "1", "model.heads": "2", "aut
 
 def make_trainer(preset: str, device: torch.device, overrides: dict, run_dir: Path) -> OnlineTrainer:
     settings = {
-        "run.device": str(device), "run.progress": "false", "run.sample_every": "0",
+        "run.device": str(device), "run.progress": "false", "run.sample_every": "0", "run.final_clips": "0",
         "autoencoder.warmup_frames": "64", "autoencoder.fit_steps": "10", "run.frames": "100000",
         **PAPER_BATCH, **overrides,
     }

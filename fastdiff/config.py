@@ -41,6 +41,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     checkpoint_activations: bool = False  # recompute blocks in backward to save memory
     pos_embed: str = "learned"  # learned, or sincos (DiT's fixed 2-D sine-cosine table)
+    context_skip: bool = False  # x0 = last observed frame + network output (needs diffusion.prediction=x0)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class AutoencoderConfig:
 class DiffusionConfig:
     schedule: str = "linear"  # linear (the paper's, 1000 steps) or cosine
     timesteps: int = 1000
-    prediction: str = "eps"  # eps or v
+    prediction: str = "eps"  # eps, v or x0
     loss_weight: str = "uniform"  # uniform or min-snr
     min_snr_gamma: float = 5.0
     paper_pattern_prob: float = 0.5  # share of windows with first K/2 observed; the rest per-frame levels
@@ -118,6 +119,8 @@ class RunConfig:
     milestone_every: int = 0  # frames; >0 keeps the EMA weights every so often (milestones/) for eval curves, and
     # (balls streams) scores them on a few fixed held-out clips: loss, minADE, two-ball rate -> metrics.jsonl
     milestone_clips: int = 2  # held-out clips scored at each milestone (0: none)
+    final_clips: int = 8  # balls: the final sample continues this many held-out clips (3 samples each) and is
+    # scored with the floors into summary.json; 0: the final sample continues the live window, unscored
     compile: bool = False  # torch.compile(fullgraph=True) of the model
     async_ingest: bool = True  # read and encode the stream ahead on a thread / side stream (fastdiff/ingest.py)
     step: str = "eager"  # eager (reference), device (no host sync), graph (device step in one CUDA graph)
@@ -190,7 +193,7 @@ CHOICES = {
     "autoencoder.latent": ("ae", "none"),
     "model.pos_embed": ("learned", "sincos"),
     "diffusion.schedule": ("linear", "cosine"),
-    "diffusion.prediction": ("eps", "v"),
+    "diffusion.prediction": ("eps", "v", "x0"),
     "diffusion.loss_weight": ("uniform", "min-snr"),
     "diffusion.sampler": ("ddim", "heun"),
     "replay.strategy": STRATEGIES,
@@ -354,7 +357,7 @@ def validate(cfg: Config) -> None:
         "autoencoder.fit_steps": cfg.autoencoder.fit_steps, "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip, "diffusion.ddim_eta": cfg.diffusion.ddim_eta,
         "run.milestone_every": cfg.run.milestone_every, "replay.distill_weight": cfg.replay.distill_weight,
-        "run.milestone_clips": cfg.run.milestone_clips,
+        "run.milestone_clips": cfg.run.milestone_clips, "run.final_clips": cfg.run.final_clips,
         "optim.warmup": cfg.optim.warmup, "run.threads": cfg.run.threads,
     }
     for dotted, value in non_negative.items():
@@ -385,6 +388,10 @@ def validate(cfg: Config) -> None:
             f"diffusion.sample_steps: {cfg.diffusion.sample_steps} exceeds diffusion.timesteps="
             f"{cfg.diffusion.timesteps}"
         )
+    if cfg.model.context_skip and cfg.diffusion.prediction != "x0":
+        raise ConfigError(f"model.context_skip with diffusion.prediction={cfg.diffusion.prediction} not supported "
+                          "because the skip adds the last observed frame to a prediction of the clean frame; "
+                          "set diffusion.prediction=x0")
     if cfg.run.window == 1:
         raise ConfigError("run.window: a window needs at least 2 frames (observed + generated)")
     _check_step_mode(cfg)

@@ -119,11 +119,26 @@ def loss_at_levels(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCo
 
 
 def predict_x0_eps(model_out, x_t, a, s, prediction: str):
+    """(x0, eps) implied by the model's output in its parameterisation, at x_t = a x0 + s eps."""
     if prediction == "eps":
         return (x_t - s * model_out) / a, model_out
     if prediction == "v":
         return a * x_t - s * model_out, s * x_t + a * model_out
+    if prediction == "x0":
+        return model_out, (x_t - a * model_out) / s
     raise ValueError(prediction)
+
+
+def clamp_prediction(model_out, x_t, a, s, prediction: str, limit: float):
+    """The model output re-derived from its x0 prediction clamped to [-limit, limit] (pixel space: the sampler
+    stays in range)."""
+    x0, _ = predict_x0_eps(model_out, x_t, a, s, prediction)
+    x0 = x0.clamp(-limit, limit)
+    if prediction == "eps":
+        return (x_t - a * x0) / s
+    if prediction == "v":
+        return (a * x_t - x0) / s
+    return x0
 
 
 @torch.no_grad()
@@ -142,9 +157,7 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         out = model(x, t.float(), observed)
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]
-            x0, eps = predict_x0_eps(out.float(), x, a, s, prediction)
-            x0 = x0.clamp(-clip_x0, clip_x0)
-            out = (x - a * x0) / s if prediction == "eps" else (a * x - x0) / s
+            out = clamp_prediction(out.float(), x, a, s, prediction, clip_x0)
         noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
         x = ops.ddim_step(x, out.float(), t, t_prev, schedule.alpha, schedule.sigma, eta=eta, noise=noise,
                           prediction=prediction)

@@ -141,13 +141,11 @@ class FifoSampler:
 
     def _clip(self, out: torch.Tensor) -> torch.Tensor:
         """Pixel space: keep the x0 prediction in range by re-deriving the model output from it."""
-        from fastdiff.diffusion import predict_x0_eps
+        from fastdiff.diffusion import clamp_prediction
 
         a = self.schedule.alpha[self.levels][..., None, None, None]
         s = self.schedule.sigma[self.levels][..., None, None, None]
-        x0, _ = predict_x0_eps(out, self.queue, a, s, self.cfg.prediction)
-        x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-        return (self.queue - a * x0) / s if self.cfg.prediction == "eps" else (a * self.queue - x0) / s
+        return clamp_prediction(out, self.queue, a, s, self.cfg.prediction, self.clip_x0)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ TINY = {
     "model.width": "64", "model.depth": "1", "model.heads": "2",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "3", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "1", "replay.windows": "8", "run.window": "4",
-    "run.checkpoint_every": "10", "run.sample_every": "0", "run.sample_frames": "4",
+    "run.checkpoint_every": "10", "run.sample_every": "0", "run.final_clips": "0", "run.sample_frames": "4",
     "run.log_every": "5", "run.progress": "false", "optim.name": "adamw", "diffusion.sample_steps": "2",
 }
 

@@ -6,6 +6,7 @@ import torch
 from fastdiff.config import DiffusionConfig
 from fastdiff.diffusion import (
     Schedule,
+    clamp_prediction,
     ddim_sample,
     heun_sample,
     predict_x0_eps,
@@ -44,6 +45,20 @@ def test_v_and_eps_parameterisations_agree():
     torch.testing.assert_close(eps_hat, eps)
     x0_hat, _ = predict_x0_eps(eps, x_t, a, s, "eps")
     torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=0)
+    x0_hat, eps_hat = predict_x0_eps(x0, x_t, a, s, "x0")
+    torch.testing.assert_close(eps_hat, eps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_clamp_prediction_keeps_x0_in_range(prediction):
+    torch.manual_seed(0)
+    x0, eps = 2.0 * torch.randn(1000), torch.randn(1000)
+    a, s = 0.6, 0.8
+    x_t = a * x0 + s * eps
+    out = {"eps": eps, "v": a * eps - s * x0, "x0": x0}[prediction]
+    torch.testing.assert_close(clamp_prediction(out, x_t, a, s, prediction, 100.0), out, atol=1e-5, rtol=0)
+    x0_clamped, _ = predict_x0_eps(clamp_prediction(out, x_t, a, s, prediction, 1.0), x_t, a, s, prediction)
+    torch.testing.assert_close(x0_clamped, x0.clamp(-1, 1), atol=1e-5, rtol=0)
 
 
 def test_training_levels_patterns():
@@ -59,13 +74,13 @@ def test_training_levels_patterns():
     assert (obs.sum(1) == 0).any()  # sometimes nothing is observed (pure FIFO queues)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_observed_frames_never_contribute(prediction):
     """d loss / d noise is exactly zero on observed frames, and not on the others."""
     from fastdiff import ops
 
     torch.manual_seed(0)
-    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1)
+    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1, context_skip=prediction == "x0")
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     s = Schedule.make("linear", 1000)
@@ -79,8 +94,8 @@ def test_observed_frames_never_contribute(prediction):
     assert torch.all(noise.grad[~observed].abs().flatten(1).sum(1) > 0)
 
 
-def _gaussian_denoiser(schedule, mu, std):
-    """Exact eps-prediction for data x0 ~ N(mu, std^2); accepts fractional t."""
+def _gaussian_denoiser(schedule, mu, std, prediction="eps"):
+    """Exact eps- (or x0-) prediction for data x0 ~ N(mu, std^2); accepts fractional t."""
 
     def model(x, t, observed):
         lo = t.floor().long().clamp(0, schedule.timesteps - 1)
@@ -88,23 +103,24 @@ def _gaussian_denoiser(schedule, mu, std):
         frac = (t - lo.float())[..., None, None, None]
         a = schedule.alpha[lo][..., None, None, None] * (1 - frac) + schedule.alpha[hi][..., None, None, None] * frac
         s = (1 - a**2).sqrt()
-        return s * (x - a * mu) / (a**2 * std**2 + s**2)
+        eps = s * (x - a * mu) / (a**2 * std**2 + s**2)
+        return eps if prediction == "eps" else (x - s * eps) / a
 
     return model
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "heun"])
-def test_sampler_recovers_toy_distribution(sampler):
+@pytest.mark.parametrize("sampler,prediction", [("ddim", "eps"), ("heun", "eps"), ("ddim", "x0"), ("heun", "x0")])
+def test_sampler_recovers_toy_distribution(sampler, prediction):
     schedule = Schedule.make("linear", 1000)
     mu, std = 0.7, 0.3
-    model = _gaussian_denoiser(schedule, mu, std)
+    model = _gaussian_denoiser(schedule, mu, std, prediction)
     clip = torch.zeros(400, 4, 1, 2, 2)
     observed = torch.zeros(400, 4, dtype=torch.bool)
     g = torch.Generator().manual_seed(0)
     if sampler == "ddim":
-        x = ddim_sample(model, clip, observed, schedule, steps=50, generator=g)
+        x = ddim_sample(model, clip, observed, schedule, steps=50, generator=g, prediction=prediction)
     else:
-        x = heun_sample(model, clip, observed, schedule, steps=30, generator=g, s_churn=10.0)
+        x = heun_sample(model, clip, observed, schedule, steps=30, generator=g, s_churn=10.0, prediction=prediction)
     assert abs(float(x.mean()) - mu) < 0.03
     assert abs(float(x.std()) - std) < 0.03
 
@@ -148,3 +164,17 @@ def test_training_loss_is_finite_and_learns():
         losses.append(float(loss))
     assert math.isfinite(losses[-1])
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
+
+
+def test_untrained_context_skip_model_holds_the_last_observed_frame():
+    """With the context skip, an x0 model whose network outputs zero (as at initialisation) continues any video
+    by repeating its last observed frame, through the DDIM rollout: the floor it starts from."""
+    schedule = Schedule.make("linear", 1000)
+    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1, context_skip=True).eval()
+    cfg = DiffusionConfig(prediction="x0", sample_steps=5)
+    context = torch.randn(2, 4, 3, 4, 4)
+    video = rollout(model, context, 13, 6, schedule, cfg, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(video[:, 4:], context[:, -1:].expand(-1, 9, -1, -1, -1), atol=1e-5, rtol=0)
+    plain = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1).eval()  # without the skip: no such floor
+    video = rollout(plain, context, 13, 6, schedule, cfg, generator=torch.Generator().manual_seed(0))
+    assert (video[:, 4:] - context[:, -1:]).abs().max() > 0.1

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, unit_to_pixels
-from fastdiff.models.dit import TemporalAttention, VideoDiT, count_parameters
+from fastdiff.models.dit import TemporalAttention, VideoDiT, count_parameters, last_observed
 
 
 @pytest.mark.parametrize("patch, hw", [(1, (8, 8)), (2, (8, 12))])
@@ -118,3 +118,29 @@ def test_autoencoder_reconstructs_balls_with_the_default_settings():
     unit = pixels_to_unit(torch.from_numpy(frames))
     mean_frame_mse = float((unit - unit.mean(dim=0)).pow(2).mean())
     assert mse < 0.6 * mean_frame_mse, (mse, mean_frame_mse)
+
+
+def test_last_observed_against_a_loop():
+    """Any observed pattern, not only prefixes: each frame gets the latest observed frame at or before it, or
+    zeros before the first one."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, 2, 3, 3, generator=g)
+    observed = torch.rand(5, 7, generator=g) < 0.4
+    observed[0] = False  # a row with nothing observed
+    expected = torch.zeros_like(x)
+    for b in range(5):
+        latest = None
+        for k in range(7):
+            if observed[b, k]:
+                latest = x[b, k]
+            if latest is not None:
+                expected[b, k] = latest
+    assert torch.equal(last_observed(x, observed), expected)
+
+
+def test_context_skip_needs_x0_prediction():
+    from fastdiff.config import ConfigError, build_config
+
+    build_config("tiny", None, {"model.context_skip": "true", "diffusion.prediction": "x0"})
+    with pytest.raises(ConfigError, match="diffusion.prediction=x0"):
+        build_config("tiny", None, {"model.context_skip": "true", "diffusion.prediction": "eps"})

@@ -21,7 +21,7 @@ TINY = {
     "model.width": "32", "model.depth": "1", "model.heads": "1",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "10", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "8", "replay.replayed": "1", "replay.windows": "8",
-    "run.checkpoint_every": "1000", "run.sample_every": "0", "run.sample_frames": "12",
+    "run.checkpoint_every": "1000", "run.sample_every": "0", "run.final_clips": "0", "run.sample_frames": "12",
     "run.log_every": "50", "run.progress": "false", "optim.name": "adamw", "optim.lr": "1e-3",
     "run.frames": "200", "diffusion.sample_steps": "8",
 }

@@ -15,7 +15,7 @@ TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "5", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "2", "replay.windows": "8",
-    "run.checkpoint_every": "10", "run.sample_every": "0", "run.sample_frames": "12",
+    "run.checkpoint_every": "10", "run.sample_every": "0", "run.final_clips": "0", "run.sample_frames": "12",
     "run.log_every": "5", "run.progress": "false", "optim.name": "adamw",
 }
 
@@ -133,3 +133,24 @@ def test_milestones_score_the_model_on_fixed_heldout_clips(tmp_path):
         assert r["heldout_loss"] > 0 and r["heldout_minADE"] >= 0 and 0 <= r["heldout_ball_count_ok"] <= 1
     assert scored[0]["heldout_loss"] != scored[-1]["heldout_loss"]  # the model changed between milestones
     assert len(list((tmp_path / "run" / "milestones").glob("frame*.pt"))) == 3
+
+
+def test_final_sample_is_scored_against_the_floors(tmp_path):
+    """A balls run ends with its EMA model continuing held-out clips, scored next to the floors on the same clips,
+    into summary.json and the log, with the sample written where the summary says."""
+    cfg = _cfg(tmp_path, run__frames=20, run__final_clips=2, diffusion__sample_steps=2)
+    lines = []
+    summary = OnlineTrainer(cfg, tmp_path / "run", log=lambda *a: lines.append(" ".join(map(str, a)))).train()
+    final = summary["final_sample"]
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())["final_sample"]
+    assert json.dumps(written, sort_keys=True) == json.dumps(final, sort_keys=True)  # (NaN: no colour change seen)
+    assert final["clips"] >= 1 and final["generated"] == 45 and final["samples_per_clip"] == 3
+    assert set(final["floors"]) == {"ground truth", "repeat last frame", "constant velocity"}
+    truth = final["floors"]["ground truth"]
+    assert truth["minADE"] < 1.0 and truth["ball_count_ok"] > 0.9  # the detector finds the real balls
+    assert final["floors"]["repeat last frame"]["minADE"] > truth["minADE"]
+    for scores in (final["model"], *final["floors"].values()):
+        assert 0 <= scores["ball_count_ok"] <= 1 and scores["minADE"] >= 0
+    assert (tmp_path / "run" / "samples" / "final-frame00000020.png").exists()
+    printed = "\n".join(lines)
+    assert "repeat last frame" in printed and final["sample"] in printed

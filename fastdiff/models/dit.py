@@ -107,13 +107,14 @@ class DiTBlock(nn.Module):
 class VideoDiT(nn.Module):
     def __init__(self, channels: int, height: int, width_px: int, max_frames: int, *, width: int = 64,
                  depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
-                 checkpoint_activations: bool = False, pos_embed: str = "learned"):
+                 checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
         self.channels, self.patch, self.max_frames = channels, patch, max_frames
         self.grid = (height // patch, width_px // patch)
         self.checkpoint_activations = checkpoint_activations
+        self.context_skip = context_skip
         patch_dim = (channels + 1) * patch * patch  # +1: the observed-frame indicator channel
         self.embed = nn.Linear(patch_dim, width)
         if pos_embed == "sincos":  # fixed: where every token sits is known from the first step
@@ -161,7 +162,21 @@ class VideoDiT(nn.Module):
             else:
                 tokens = block(tokens, cond)
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
-        return self.unpatchify(self.out(ops.adaln_modulate(tokens, shift, scale, self.final_norm.eps)))
+        out = self.unpatchify(self.out(ops.adaln_modulate(tokens, shift, scale, self.final_norm.eps)))
+        return out + last_observed(x, observed) if self.context_skip else out
+
+
+def last_observed(x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """For every frame of x (B, K, C, H, W), the latest observed frame at or before it (zeros where none is).
+
+    The context skip of an x0-predicting model: its output is this frame plus what the network adds, so an
+    untrained model already continues the video by holding its last observed frame, and training learns only
+    what changes (the motion), not how to redraw the scene from noise."""
+    b, k = observed.shape
+    index = torch.arange(k, device=x.device).expand(b, k)
+    latest = torch.where(observed, index, -1).cummax(dim=1).values  # (B, K), -1 before the first observed frame
+    picked = torch.gather(x, 1, latest.clamp_min(0)[:, :, None, None, None].expand_as(x))
+    return picked * (latest >= 0)[:, :, None, None, None].to(x.dtype)
 
 
 def count_parameters(model: nn.Module) -> int:
