@@ -33,7 +33,8 @@ TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
     "autoencoder.warmup_frames": "24", "autoencoder.fit_steps": "5", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "2", "replay.windows": "3",
-    "diffusion.paper_pattern_prob": "1.0", "diffusion.sample_steps": "2", "run.sample_every": "0", "run.final_clips": "0",
+    "diffusion.paper_pattern_prob": "1.0", "diffusion.sample_steps": "2", "run.sample_every": "0",
+    "run.final_clips": "0",
     "run.sample_frames": "12", "run.checkpoint_every": "1000", "run.log_every": "5", "run.progress": "false",
     "run.device": "cpu", "optim.name": "adamw", "optim.lr": "1e-3",
 }

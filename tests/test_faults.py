@@ -16,7 +16,8 @@ TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "5", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "1", "replay.windows": "8",
-    "run.checkpoint_every": "5", "run.sample_every": "0", "run.final_clips": "0", "run.log_every": "1", "run.progress": "false",
+    "run.checkpoint_every": "5", "run.sample_every": "0",
+    "run.final_clips": "0", "run.log_every": "1", "run.progress": "false",
     "optim.name": "adamw",
 }
 

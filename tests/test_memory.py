@@ -77,7 +77,7 @@ def test_gpu_preset_holds_its_budget(tmp_path, preset):
     torch.cuda.reset_peak_memory_stats()
     try:
         cfg = build_config(preset, None, {"run.stream": "maze", "run.frames": "60", "run.stream_frames": "1000000",
-                                          "run.out": str(tmp_path), "run.progress": "false", "run.sample_every": "0", "run.final_clips": "0",
+                                          "run.out": str(tmp_path), "run.progress": "false", "run.sample_every": "0",
                                           "autoencoder.fit_steps": "20", "run.checkpoint_every": "1000"})
         OnlineTrainer(cfg, tmp_path / preset, log=lambda *_: None).train()
         peak = torch.cuda.max_memory_allocated()
