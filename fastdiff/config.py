@@ -67,6 +67,7 @@ class DiffusionConfig:
     sampler: str = "ddim"  # ddim or heun (EDM stochastic Heun, as the paper sampled)
     sample_steps: int = 50
     ddim_eta: float = 0.0
+    sample_start: float = 1.0  # DDIM starts at this share of T from the last observed frame noised (1: pure noise)
 
 
 @dataclass
@@ -374,6 +375,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"autoencoder.factor: must be 1, 2, 4 or 8, got {cfg.autoencoder.factor}")
     if not 0.0 < cfg.replay.fraction <= 1.0:
         raise ConfigError(f"replay.fraction: must be in (0, 1], got {cfg.replay.fraction}")
+    if not 0.0 < cfg.diffusion.sample_start <= 1.0:
+        raise ConfigError(f"diffusion.sample_start: must be in (0, 1], got {cfg.diffusion.sample_start}")
     if not 0.0 <= cfg.diffusion.paper_pattern_prob <= 1.0:
         raise ConfigError(f"diffusion.paper_pattern_prob: must be in [0, 1], got {cfg.diffusion.paper_pattern_prob}")
     if not 0.0 < cfg.optim.lr < 1.0:

@@ -144,12 +144,23 @@ def clamp_prediction(model_out, x_t, a, s, prediction: str, limit: float):
 @torch.no_grad()
 def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, *, steps: int,
                 eta: float = 0.0, prediction: str = "eps", generator: torch.Generator | None = None,
-                clip_x0: float | None = None) -> torch.Tensor:
-    """Generate the non-observed frames of `clip` (their content is ignored) with DDIM."""
+                clip_x0: float | None = None, start: float = 1.0) -> torch.Tensor:
+    """Generate the non-observed frames of `clip` (their content is ignored) with DDIM.
+
+    `start` < 1 begins at level start * T from the latest observed frame noised to that level (as FIFO's queue
+    begins), instead of from pure noise at T: the sample keeps that frame's structure where the model does not
+    move it."""
     b, k = clip.shape[:2]
     obs5 = observed[:, :, None, None, None]
-    x = torch.where(obs5, clip, torch.randn(clip.shape, generator=generator, device=clip.device))
-    levels = torch.linspace(schedule.timesteps - 1, 0, steps, device=clip.device).round().long()
+    noise = torch.randn(clip.shape, generator=generator, device=clip.device)
+    top = schedule.timesteps - 1 if start >= 1.0 else max(int(round(start * (schedule.timesteps - 1))), 0)
+    if start >= 1.0:
+        x = torch.where(obs5, clip, noise)
+    else:
+        from fastdiff.models.dit import last_observed
+
+        x = torch.where(obs5, clip, schedule.alpha[top] * last_observed(clip, observed) + schedule.sigma[top] * noise)
+    levels = torch.linspace(top, 0, steps, device=clip.device).round().long()
     for i, level in enumerate(levels):
         t = torch.full((b, k), int(level), device=clip.device, dtype=torch.long).masked_fill(observed, 0)
         prev = int(levels[i + 1]) if i + 1 < steps else -1
@@ -223,7 +234,7 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
         return heun_sample(model, clip, observed, schedule, steps=cfg.sample_steps, prediction=cfg.prediction,
                            generator=generator)
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
-                       prediction=cfg.prediction, generator=generator, clip_x0=clip_x0)
+                       prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start)
 
 
 @torch.no_grad()

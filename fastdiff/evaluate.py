@@ -266,6 +266,43 @@ def evaluate(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions, *, sample: 
     return result
 
 
+def final_sample(run: LoadedRun, clip_count: int, out_dir: Path, tag: str, *, seed: int = 0) -> dict:
+    """A run's final sample: the EMA model continues `clip_count` held-out clips (5 real frames, 45 generated, 3
+    samples each), scored like `fastdiff eval` next to the floors on the same clips; the first sample of every
+    clip is written to out_dir/tag.png and .gif, one row of frames per clip."""
+    from fastdiff import media
+
+    started = time.perf_counter()
+    opts = EvalOptions(clips=clip_count, samples=3, seed=seed)
+    clips = evaluation_clips(run, opts.clips, opts.length)
+    videos = continuations(run, clips, opts)
+    scores = balls_scores(videos, clips, opts.observed)
+    floors = floor_scores(run, clips, opts.observed)
+    keys = ("minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = np.concatenate(list(videos[:, 0]), axis=1)  # (T, clips * H, W, 3): the clips stacked top to bottom
+    scale = max(1, 128 // run.frame_shape[0])
+    media.save_png_strip(frames, out_dir / f"{tag}.png", scale=scale)
+    media.save_gif(frames, out_dir / f"{tag}.gif", fps=run.fps, scale=scale)
+    return {"sample": str(out_dir / f"{tag}.png"), "clips": len(clips.frames), "samples_per_clip": opts.samples,
+            "observed": opts.observed, "generated": opts.length - opts.observed,
+            "sample_steps": run.cfg.diffusion.sample_steps, "model": {k: scores[k] for k in keys},
+            "floors": {name: {k: f[k] for k in keys} for name, f in floors.items()},
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def describe_final_sample(final: dict) -> str:
+    """The final sample's scores next to the floors, as the trainer prints them."""
+    rows = [("model (EMA)", final["model"])] + list(final["floors"].items())
+    lines = [f"final sample: {final['clips']} held-out clips, {final['observed']} real + {final['generated']} "
+             f"generated frames, best of {final['samples_per_clip']} ({final['sample']})",
+             f"  {'':<19}{'minADE px':>10}{'ColorKL':>9}{'colour acc':>11}{'two-ball frames':>16}"]
+    for name, score in rows:
+        lines.append(f"  {name:<19}{score['minADE']:>10.2f}{score['ColorKL']:>9.3f}{score['colour_accuracy']:>11.2f}"
+                     f"{score['ball_count_ok']:>15.0%}")
+    return "\n".join(lines)
+
+
 # --- the sampling modes' noise patterns (bench/bench_sampling.py compares the modes) --------------------
 def heldout_windows(run: LoadedRun, count: int, start: int = 0) -> torch.Tensor:
     """`count` non-overlapping K-frame windows of the held-out stream as latents (count, K, C, h, w)."""

@@ -238,11 +238,13 @@ class OnlineTrainer:
                    "stream_wait_seconds": self.feed.wait_seconds,
                    "last_loss": last.loss if self.step.calls else None, "interrupted": self.interrupted}
         if not self.interrupted:  # an extended run keeps the earlier final samples: the tag names the frame
+            from fastdiff import evaluate
+
             tag = f"final-frame{self.frames_seen:08d}"
             final = self.final_heldout_sample(tag)
             if final is not None:
                 summary["final_sample"] = final
-                self.log(describe_final_sample(final))
+                self.log(evaluate.describe_final_sample(final))
             else:
                 path = self.write_samples(tag)
                 if path is not None:
@@ -428,35 +430,15 @@ class OnlineTrainer:
                     self._tb.add_scalar(f"heldout/{key}", value, self.frames_seen)
 
     def final_heldout_sample(self, tag: str) -> dict | None:
-        """Balls streams: the final EMA model continues `run.final_clips` held-out clips (5 real frames, 45
-        generated, 3 samples each), scored like `fastdiff eval` next to the floors (ground truth, repeat the last
-        frame, constant velocity) on the same clips; the first sample of every clip is written as the final
-        sample (one row per clip). None where there is nothing to score (another stream, final_clips = 0)."""
-        from fastdiff import evaluate, media
+        """Balls streams: the final EMA model's sample of held-out clips scored next to the floors
+        (fastdiff.evaluate.final_sample). None where there is nothing to score (another stream, final_clips 0)."""
+        from fastdiff import evaluate
 
         if not self.cfg.run.final_clips or not self.world.is_main or not evaluate.is_balls_stream(self.cfg.run) \
                 or self.steps == 0:
             return None
-        started = time.perf_counter()
-        run = self.as_loaded_run()
-        opts = evaluate.EvalOptions(clips=self.cfg.run.final_clips, samples=3, seed=self.cfg.run.seed)
-        clips = evaluate.evaluation_clips(run, opts.clips, opts.length)
-        videos = evaluate.continuations(run, clips, opts)
-        scores = evaluate.balls_scores(videos, clips, opts.observed)
-        floors = evaluate.floor_scores(run, clips, opts.observed)
-        keys = ("minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
-        out = self.run_dir / "samples"
-        out.mkdir(parents=True, exist_ok=True)
-        first = videos[:, 0]  # (clips, T, H, W, 3) -> one frame per time step, the clips stacked top to bottom
-        frames = np.concatenate(list(first), axis=1)
-        scale = max(1, 128 // self.frame_shape[0])
-        media.save_png_strip(frames, out / f"{tag}.png", scale=scale)
-        media.save_gif(frames, out / f"{tag}.gif", fps=self.stream.info.fps or 10, scale=scale)
-        return {"sample": str(out / f"{tag}.png"), "clips": len(clips.frames), "samples_per_clip": opts.samples,
-                "observed": opts.observed, "generated": opts.length - opts.observed,
-                "sample_steps": self.cfg.diffusion.sample_steps, "model": {k: scores[k] for k in keys},
-                "floors": {name: {k: f[k] for k in keys} for name, f in floors.items()},
-                "seconds": round(time.perf_counter() - started, 1)}
+        return evaluate.final_sample(self.as_loaded_run(), self.cfg.run.final_clips, self.run_dir / "samples", tag,
+                                     seed=self.cfg.run.seed)
 
     def as_loaded_run(self):
         """This run as fastdiff.sampling's LoadedRun (the EMA model), for evaluation while it trains."""
@@ -494,18 +476,6 @@ class OnlineTrainer:
         except Exception as err:  # ffmpeg missing is not worth losing a run over
             self.log(f"mp4 not written ({err})")
         return out / f"{tag}.png"
-
-
-def describe_final_sample(final: dict) -> str:
-    """The final sample's scores next to the floors, as the trainer prints them."""
-    rows = [("model (EMA)", final["model"])] + list(final["floors"].items())
-    lines = [f"final sample: {final['clips']} held-out clips, {final['observed']} real + {final['generated']} "
-             f"generated frames, best of {final['samples_per_clip']} ({final['sample']})",
-             f"  {'':<19}{'minADE px':>10}{'ColorKL':>9}{'colour acc':>11}{'two-ball frames':>16}"]
-    for name, score in rows:
-        lines.append(f"  {name:<19}{score['minADE']:>10.2f}{score['ColorKL']:>9.3f}{score['colour_accuracy']:>11.2f}"
-                     f"{score['ball_count_ok']:>15.0%}")
-    return "\n".join(lines)
 
 
 class StopOnSignal:

@@ -178,3 +178,25 @@ def test_untrained_context_skip_model_holds_the_last_observed_frame():
     plain = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1).eval()  # without the skip: no such floor
     video = rollout(plain, context, 13, 6, schedule, cfg, generator=torch.Generator().manual_seed(0))
     assert (video[:, 4:] - context[:, -1:]).abs().max() > 0.1
+
+
+def test_ddim_start_begins_from_the_noised_last_observed_frame():
+    """sample_start < 1: DDIM starts low, from the latest observed frame noised to that level, so a model that
+    predicts zero noise returns (nearly) that frame; from pure noise (start 1) it returns something else."""
+    schedule = Schedule.make("linear", 1000)
+    clip = torch.randn(3, 6, 1, 4, 4)
+    observed = (torch.arange(6) < 2).expand(3, 6)
+
+    def no_noise(x, t, observed):
+        return torch.zeros_like(x)
+
+    low = ddim_sample(no_noise, clip, observed, schedule, steps=4, generator=torch.Generator().manual_seed(0),
+                      start=0.01)
+    torch.testing.assert_close(low[:, 2:], clip[:, 1:2].expand(-1, 4, -1, -1, -1), atol=0.2, rtol=0)
+    full = ddim_sample(no_noise, clip, observed, schedule, steps=4, generator=torch.Generator().manual_seed(0))
+    assert (full[:, 2:] - clip[:, 1:2]).abs().max() > 1.0
+    from fastdiff.config import ConfigError, build_config
+
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="sample_start"):
+            build_config("tiny", None, {"diffusion.sample_start": bad})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fastdiff.streams import StreamError, make_stream
-from fastdiff.streams.maze import _distances, generate_maze, is_open
+from fastdiff.streams.maze import generate_maze, is_open, maze_distances
 
 
 def run_with_events(stream, n):
@@ -30,7 +30,7 @@ def test_maze_generation_is_a_perfect_maze():
     rng = np.random.default_rng(0)
     v, h = generate_maze(rng, 7)
     assert v[:, 0].all() and v[:, -1].all() and h[0].all() and h[-1].all()  # closed outside
-    dist = _distances(v, h, (0, 0))
+    dist = maze_distances(v, h, (0, 0))
     assert (dist >= 0).all()  # every cell reachable
     openings = sum(is_open(v, h, x, y, d) for x in range(7) for y in range(7) for d in range(4)) // 2
     assert openings == 7 * 7 - 1  # a tree: no loops

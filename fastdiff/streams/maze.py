@@ -143,7 +143,7 @@ def is_open(vwall: np.ndarray, hwall: np.ndarray, x: int, y: int, heading: int) 
     return not hwall[y + (dy > 0), x]
 
 
-def _distances(vwall, hwall, start) -> np.ndarray:
+def maze_distances(vwall, hwall, start) -> np.ndarray:
     n = vwall.shape[0]
     dist = np.full((n, n), -1)
     dist[start[1], start[0]] = 0
@@ -360,7 +360,7 @@ class MazeStream(FrameStream):
         s, n = self.state, self.cells
         s["vwall"], s["hwall"] = generate_maze(rng, n)
         start = (int(rng.integers(n)), int(rng.integers(n)))
-        dist = _distances(s["vwall"], s["hwall"], start)
+        dist = maze_distances(s["vwall"], s["hwall"], start)
         far = np.argwhere(dist >= max(1, int(np.percentile(dist, 75))))  # (y, x) rows
         ey, ex = far[int(rng.integers(len(far)))]
         s["exit"] = (int(ex), int(ey))
