@@ -150,7 +150,7 @@ def _adaln_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _block_d(d: int) -> int:
+def block_d_for(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
@@ -239,7 +239,7 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -264,7 +264,7 @@ def fwd_launch(x, shift, scale, y, mean, rstd, eps: float, cfg: dict) -> autotun
     tiles = triton.cdiv(s, block_s)
     args = (x, shift, scale, y, mean, rstd, k, s, d, tiles, eps,
             *x.stride(), *_frame_strides(shift), *_frame_strides(scale))
-    constexprs = dict(ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=_block_d(d))
+    constexprs = dict(ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=block_d_for(d))
     return autotune.Launch(_adaln_fwd_kernel, (b * k * tiles,), args, constexprs, cfg["num_warps"])
 
 
@@ -276,7 +276,7 @@ def bwd_launch(dy, x, scale, mean, rstd, dx, dshift_part, dscale_part, cfg: dict
     splits = triton.cdiv(s, rows)
     args = (x, dy, scale, mean, rstd, dx, dshift_part, dscale_part, k, s, d, rows, splits,
             *x.stride(), *dy.stride(), *_frame_strides(scale))
-    constexprs = dict(ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=_block_d(d))
+    constexprs = dict(ACC=_acc_dtype(x.dtype), BLOCK_S=block_s, BLOCK_D=block_d_for(d))
     return autotune.Launch(_adaln_bwd_kernel, (b * k * splits,), args, constexprs, cfg["num_warps"])
 
 
@@ -286,10 +286,10 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y (B, K, S, D) in x's dtype, mean (B*K*S,), rstd (B*K*S,)) with fp32 statistics."""
     b, k, s, d = x.shape
-    cfg, _ = select_config("fwd", _block_d(d), x.dtype, x.device)
+    cfg, _ = select_config("fwd", block_d_for(d), x.dtype, x.device)
     y = _empty((b, k, s, d), dtype=x.dtype, device=x.device)
-    mean = _empty((b * k * s,), dtype=_stats_dtype(x.dtype), device=x.device)
-    rstd = _empty((b * k * s,), dtype=_stats_dtype(x.dtype), device=x.device)
+    mean = _empty((b * k * s,), dtype=stats_dtype(x.dtype), device=x.device)
+    rstd = _empty((b * k * s,), dtype=stats_dtype(x.dtype), device=x.device)
     fwd_launch(x, shift, scale, y, mean, rstd, eps, cfg)()
     return y, mean, rstd
 
@@ -300,10 +300,10 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx in x's dtype, dshift, dscale as fp32 (B, K, 1, D) sums over S)."""
     b, k, s, d = x.shape
-    cfg, _ = select_config("bwd", _block_d(d), x.dtype, x.device)
+    cfg, _ = select_config("bwd", block_d_for(d), x.dtype, x.device)
     programs = target_programs(x.device)
     splits = backward_splits(cfg, b * k, s, programs)
-    acc = _stats_dtype(x.dtype)
+    acc = stats_dtype(x.dtype)
     dx = _empty((b, k, s, d), dtype=x.dtype, device=x.device)
     dshift_part = _empty((b, k, splits, d), dtype=acc, device=x.device)
     dscale_part = _empty((b, k, splits, d), dtype=acc, device=x.device)
@@ -315,13 +315,13 @@ def _bwd_op(
 
 def _fwd_fake(x, shift, scale, eps):
     n = x.shape[0] * x.shape[1] * x.shape[2]
-    stats = _stats_dtype(x.dtype)
+    stats = stats_dtype(x.dtype)
     return x.new_empty(x.shape), x.new_empty((n,), dtype=stats), x.new_empty((n,), dtype=stats)
 
 
 def _bwd_fake(dy, x, scale, mean, rstd):
     b, k, _, d = x.shape
-    stats = _stats_dtype(x.dtype)
+    stats = stats_dtype(x.dtype)
     return x.new_empty(x.shape), x.new_empty((b, k, 1, d), dtype=stats), x.new_empty((b, k, 1, d), dtype=stats)
 
 
@@ -422,7 +422,7 @@ def tune(device=None, *, widths=(256, 384, 512, 1024), dtypes=(torch.bfloat16, t
     arch = autotune.device_arch(device)
     results = {}
     for d in widths:
-        block_d = _block_d(d)
+        block_d = block_d_for(d)
         for dtype in dtypes:
             x = torch.randn(frames, 1, tokens, d, device=device, dtype=dtype)
             mods = torch.randn(frames, 1, 1, 2 * d, device=device, dtype=dtype) * 0.1

@@ -89,7 +89,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 BLOCKSIZE = 256
 MIN_8BIT_SIZE = 4096
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-_NCOL = 6  # columns of the per-tensor table, see the module docstring
+TABLE_COLUMNS = 6  # columns of the per-tensor table, see the module docstring
 _NHYPER = 5  # lr, beta1, beta2, eps, weight_decay
 # Blocks per program: one block per row of a [ROWS, 256] tile. Small on a GPU (many programs, each a
 # few KB of traffic); large under the interpreter, whose cost is per program, not per element.
@@ -360,7 +360,7 @@ class _Bucket:
         counts = [-(-p.numel() // BLOCKSIZE) for p in self.params]
         owner = torch.repeat_interleave(torch.arange(len(self.params), dtype=torch.int32), torch.tensor(counts))
         self.blk_tensor = owner.to(device)
-        self.table = torch.zeros(len(self.params), _NCOL, dtype=torch.int64, device=device)
+        self.table = torch.zeros(len(self.params), TABLE_COLUMNS, dtype=torch.int64, device=device)
         n = self.n_blocks * BLOCKSIZE
         state_dtype = torch.uint8 if self.eight_bit else torch.float32
         # Zero codes decode to code[0] = -0.99 * absmax, but absmax starts at 0, so the state is 0.
@@ -370,14 +370,14 @@ class _Bucket:
             self.absmax_m = torch.zeros(self.n_blocks, dtype=torch.float32, device=device)
             self.absmax_v = torch.zeros(self.n_blocks, dtype=torch.float32, device=device)
         if device.type == "cuda":
-            self.staging = torch.empty(len(self.params), _NCOL, dtype=torch.int64).pin_memory()
+            self.staging = torch.empty(len(self.params), TABLE_COLUMNS, dtype=torch.int64).pin_memory()
 
     def host_table(self, grad_addrs: list[int]) -> torch.Tensor:
         rows = [
             [p.data_ptr(), ga, p.numel(), fb, gr, si]
             for p, ga, fb, gr, si in zip(self.params, grad_addrs, self.first_block, self.group_rows, self.step_idx)
         ]
-        return torch.tensor(rows, dtype=torch.int64).view(len(self.params), _NCOL)
+        return torch.tensor(rows, dtype=torch.int64).view(len(self.params), TABLE_COLUMNS)
 
     def views(self, k: int) -> dict[str, torch.Tensor]:
         """Per-parameter views of the flat state (the layout in the module docstring)."""
@@ -520,7 +520,7 @@ def step_launch(blk_tensor, table, steps, hyper, m, v, absmax_m, absmax_v, codes
     code_m, code_v = codes
     args = (blk_tensor, table, steps, hyper, m, v, absmax_m, absmax_v, code_m, code_v, seed, skip, n_blocks, salt)
     constexprs = dict(P_DTYPE=_tl_dtype(p_dtype), EIGHT_BIT=eight_bit, STOCHASTIC=bool(stochastic and p_dtype == torch.bfloat16),
-                      ROWS=rows, BLOCK=BLOCKSIZE, NCOL=_NCOL, NHYPER=_NHYPER)
+                      ROWS=rows, BLOCK=BLOCKSIZE, NCOL=TABLE_COLUMNS, NHYPER=_NHYPER)
     return autotune.Launch(_adamw_blockwise_kernel, (triton.cdiv(n_blocks, rows),), args, constexprs,
                            1 if interpreted else GPU_NUM_WARPS)
 

@@ -157,7 +157,7 @@ def _attention_specs(kind: str):
         if kind == "fwd":
             return ta.fwd_launch(q, k, v, bias, mask, out, lse, True, d**-0.5, spec.config)
         grads = [_meta(n, t, h, d, dtype=dtype) for _ in range(4)]
-        partial = _meta(*ta.dbias_partial_shape(n, t, h, ta._launch_block_seq(spec.config, n)), dtype=torch.float32)
+        partial = _meta(*ta.dbias_partial_shape(n, t, h, ta.launch_block_seq(spec.config, n)), dtype=torch.float32)
         return ta.bwd_launch(grads[0], q, k, v, out, lse, bias, mask, *grads[1:], partial, True, d**-0.5,
                              spec.config)
 
@@ -186,7 +186,7 @@ def _adaln_specs(kind: str):
         out = []
         for arch in archs:
             for d, dtype_name in shapes:
-                block_d = am._block_d(d)
+                block_d = am.block_d_for(d)
                 dtype = getattr(torch, dtype_name)
                 key = am.config_key(kind, block_d, dtype)
                 dtype_name = str(dtype).removeprefix("torch.")
@@ -205,7 +205,7 @@ def _adaln_specs(kind: str):
 
         b, k, s, d = (spec.shape[x] for x in ("B", "K", "S", "D"))
         dtype = _torch_dtype(spec.dtype)
-        stats = am._stats_dtype(dtype)
+        stats = am.stats_dtype(dtype)
         x = _meta(b, k, s, d, dtype=dtype)
         shift, scale = _meta(b, k, 1, 2 * d, dtype=dtype).chunk(2, dim=-1)  # chunks of the ada projection
         if kind == "fwd":
@@ -244,7 +244,7 @@ def _noise_specs(name: str):
         for arch in archs:
             for n in sizes:
                 for dtype in dtypes:
-                    block = ns._block_for(n)
+                    block = ns.block_for(n)
                     if name == "frame_loss_finalize":  # one program, fixed tile: its only config
                         out.append(Spec(kernel=f"noise_schedule.{name}", op="", key="", shape={"CHW": n},
                                         config={"BLOCK_F": 64, "num_warps": 4}, dtype=dtype, arch=arch,
@@ -254,7 +254,7 @@ def _noise_specs(name: str):
                     key = ns.config_key(name, block, _torch_dtype(dtype))
                     common = dict(kernel=f"noise_schedule.{name}", op=ns.OP_NAME, key=key, shape={"CHW": n},
                                   dtype=dtype, arch=arch)
-                    heuristic = {"num_warps": ns._warps(block)}
+                    heuristic = {"num_warps": ns.default_warps(block)}
                     default = autotune.aot_default(ns.OP_NAME, key, arch) or heuristic
                     out.append(Spec(config=default, roles=("default",), **common))
                     if subset == "all":
@@ -290,7 +290,7 @@ def _noise_specs(name: str):
             return ns.add_noise_launch(clip(), frames_i64, observed, table, table, None, one_i64, one_i64, 1,
                                        True, _meta(b * k, n, dtype=dtype), _meta(b * k, n, dtype=dtype))
         if name == "frame_sqerr" or name == "frame_loss_finalize":
-            partial = _meta(b * k, math.ceil(n / ns._block_for(n)), dtype=torch.float32)
+            partial = _meta(b * k, math.ceil(n / ns.block_for(n)), dtype=torch.float32)
             launches = ns.frame_mse_loss_launches(clip(), clip(), per_frame, observed, partial,
                                                   _meta(b * k, dtype=torch.float32), _meta((), dtype=torch.float32),
                                                   _meta((), dtype=torch.float32))
@@ -342,7 +342,7 @@ def _adamw_build(spec: Spec):
     f32 = lambda *s: _meta(*s, dtype=torch.float32)  # noqa: E731
     m, v = _meta(nb * aw.BLOCKSIZE, dtype=state), _meta(nb * aw.BLOCKSIZE, dtype=state)
     absmax = (f32(nb), f32(nb)) if eight_bit else (m, v)
-    return aw.step_launch(_meta(nb, dtype=torch.int32), _meta(4, aw._NCOL, dtype=torch.int64), f32(4), f32(1, 5), m, v,
+    return aw.step_launch(_meta(nb, dtype=torch.int32), _meta(4, aw.TABLE_COLUMNS, dtype=torch.int64), f32(4), f32(1, 5), m, v,
                           *absmax, (f32(256), f32(256)), _meta(1, dtype=torch.int64), f32(1), nb, 0,
                           _torch_dtype(spec.dtype), eight_bit, spec.shape["stochastic"])
 

@@ -78,9 +78,14 @@ def load(op: str, gpu_name: str, root: Path | str | None = None) -> dict:
     return configs
 
 
+def forced_config(op: str, key: str) -> dict | None:
+    """The config :func:`forced` currently imposes on ``op``'s ``key`` (the AOT sweep, tests), or None."""
+    return _forced.get((op, key))
+
+
 def lookup(op: str, key: str, device, root: Path | str | None = None) -> dict | None:
     """The tuned config of ``op`` for ``key`` on ``device``'s GPU, or None (caller uses its heuristic)."""
-    forced = _forced.get((op, key))
+    forced = forced_config(op, key)
     if forced is not None:
         return forced
     return load(op, device_name(device), root).get(key)

@@ -276,7 +276,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _block_for(n: int) -> int:
+def block_for(n: int) -> int:
     return max(16, min(triton.next_power_of_2(n), _MAX_BLOCK))
 
 
@@ -284,7 +284,7 @@ def _grid(frames: int, n: int, block: int) -> tuple[int, int]:
     return (frames, triton.cdiv(n, block))
 
 
-def _warps(block: int) -> int:
+def default_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
@@ -299,7 +299,7 @@ def config_key(kernel: str, block: int, dtype: torch.dtype) -> str:
 
 def warp_candidates(block: int) -> list[dict]:
     """The AOT sweep's alternatives to the heuristic warp count: half and double it."""
-    w = _warps(block)
+    w = default_warps(block)
     return [{"num_warps": x} for x in (w // 2, w, 2 * w)]
 
 
@@ -307,15 +307,15 @@ def _config(kernel: str, block: int, dtype: torch.dtype, device) -> dict:
     """Warps for a streaming kernel: a forced config (the AOT sweep), else the AOT table's replacement for
     this GPU arch and Triton version (where the heuristic spills there), else the heuristic."""
     key = config_key(kernel, block, dtype)
-    return (autotune._forced.get((OP_NAME, key)) or autotune.aot_default(OP_NAME, key, autotune.device_arch(device))
-            or {"num_warps": _warps(block)})
+    return (autotune.forced_config(OP_NAME, key) or autotune.aot_default(OP_NAME, key, autotune.device_arch(device))
+            or {"num_warps": default_warps(block)})
 
 
 def _streaming_launch(name: str, kernel, clip: torch.Tensor, args: tuple, **constexprs) -> autotune.Launch:
     """A per-frame streaming kernel's launch over ``clip`` (B, K, ...): BLOCK from the frame size, warps
     from BLOCK (see _config; the clip's dtype and device select the config)."""
     frames, n = clip.shape[0] * clip.shape[1], math.prod(clip.shape[2:])
-    block = _block_for(n)
+    block = block_for(n)
     cfg = _config(name, block, clip.dtype, clip.device)
     return autotune.Launch(kernel, _grid(frames, n, block), args, {**constexprs, "BLOCK": block}, cfg["num_warps"])
 
@@ -582,7 +582,7 @@ def _frame_mse_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, per-frame mean squared error (B*K,), count of non-observed frames), fp32."""
     frames, n = pred.shape[0] * pred.shape[1], pred[0, 0].numel()
-    partial = _empty(_grid(frames, n, _block_for(n)), torch.float32, pred.device)
+    partial = _empty(_grid(frames, n, block_for(n)), torch.float32, pred.device)
     frame_mse = _empty(frames, torch.float32, pred.device)
     loss = _empty((), torch.float32, pred.device)
     count = _empty((), torch.float32, pred.device)

@@ -295,7 +295,7 @@ def select_config(kind: str, t_pad: int, d: int, dtype: torch.dtype, device: tor
     return arch_default(kind, t_pad, d, dtype, autotune.device_arch(device)), "default"
 
 
-def _launch_block_seq(cfg: dict, n: int) -> int:
+def launch_block_seq(cfg: dict, n: int) -> int:
     # Never pack more sequences than exist (tiny N): keeps masked-off work small.
     return max(1, min(cfg["BLOCK_SEQ"], triton.next_power_of_2(n)))
 
@@ -342,7 +342,7 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
 def fwd_launch(q, k, v, bias, mask, out, lse, causal: bool, scale: float, cfg: dict) -> autotune.Launch:
     """The forward kernel's launch for a config (mask: the uint8 view of key_mask, or None)."""
     n, t, h, d = q.shape
-    block_seq = _launch_block_seq(cfg, n)
+    block_seq = launch_block_seq(cfg, n)
     n_blocks = triton.cdiv(n, block_seq)
     args = (q, k, v, q if bias is None else bias, q if mask is None else mask, out, lse, n, t, n_blocks, scale,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_bias_strides(bias), *_mask_strides(mask))
@@ -357,7 +357,7 @@ def bwd_launch(dout, q, k, v, out, lse, bias, mask, dq, dk, dv, partial, causal:
     """The backward kernel's launch for a config; ``partial`` None: no dbias, else the buffer of
     :func:`dbias_partial_shape`."""
     n, t, h, d = q.shape
-    block_seq = _launch_block_seq(cfg, n)
+    block_seq = launch_block_seq(cfg, n)
     n_blocks = triton.cdiv(n, block_seq)
     need_dbias = partial is not None
     per_head = _dbias_programs_per_head(h, n_blocks) if need_dbias else n_blocks
@@ -403,7 +403,7 @@ def _bwd_op(
     need_dbias = need_dbias and bias is not None
     partial = None
     if need_dbias:
-        partial = _empty(dbias_partial_shape(n, t, h, _launch_block_seq(cfg, n)), dtype=torch.float32,
+        partial = _empty(dbias_partial_shape(n, t, h, launch_block_seq(cfg, n)), dtype=torch.float32,
                          device=q.device)
     bwd_launch(dout, q, k, v, out, lse, bias, _mask_as_bytes(key_mask), dq, dk, dv, partial, causal, scale, cfg)()
     if need_dbias:

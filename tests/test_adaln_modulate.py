@@ -145,7 +145,7 @@ def test_launch_configs_and_deterministic_split_reduction(cfg, poisoned):
     """Any tuned config gives the same answer, and the split reduction is bit-reproducible."""
     shape = (1, 3, 7, 48)
     x, shift, scale, dy = make_inputs(shape, seed=8)
-    block_d = am._block_d(shape[-1])
+    block_d = am.block_d_for(shape[-1])
     with autotune.forced(am.OP_NAME, am.config_key("fwd", block_d, x.dtype), cfg), \
             autotune.forced(am.OP_NAME, am.config_key("bwd", block_d, x.dtype), cfg):
         first = compare_all(shape, torch.float32, x, shift, scale, dy)
@@ -167,7 +167,7 @@ def test_grids_stay_within_cuda_axis_limits_for_long_frames():
     x = _meta(b, k, s, d)
     shift, scale = _meta(b, k, 1, 2 * d).chunk(2, dim=-1)
     stats = _meta(b * k * s, dtype=torch.float32)
-    fwd_cfg = am.default_config("fwd", am._block_d(d), x.dtype)
+    fwd_cfg = am.default_config("fwd", am.block_d_for(d), x.dtype)
     assert fwd_cfg["BLOCK_S"] == 1
     fwd = am.fwd_launch(x, shift, scale, _meta(b, k, s, d), stats, stats, am.DEFAULT_EPS, fwd_cfg)
     assert fwd.grid == (b * k * s,)

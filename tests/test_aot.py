@@ -138,10 +138,10 @@ def candidates_for(record, version):
         fields = ta.CONFIG_FIELDS
     elif record["op"] == am.OP_NAME:
         kind = record["key"].split("|")[0]
-        configs = am.tune_candidates(kind, am._block_d(record["shape"]["D"]), getattr(torch, record["dtype"]))
+        configs = am.tune_candidates(kind, am.block_d_for(record["shape"]["D"]), getattr(torch, record["dtype"]))
         fields = am.config_fields(kind)
     else:
-        configs = ns.warp_candidates(ns._block_for(record["shape"]["CHW"]))
+        configs = ns.warp_candidates(ns.block_for(record["shape"]["CHW"]))
         fields = ns.CONFIG_FIELDS
     return autotune.aot_allowed(record["op"], record["key"], configs, record["arch"], fields, version), fields
 
