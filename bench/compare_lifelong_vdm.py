@@ -71,7 +71,7 @@ REQUIRED = ("improved_diffusion/__init__.py", "improved_diffusion/script_util.py
             "improved_diffusion/gaussian_diffusion.py", "improved_diffusion/unet.py", "improved_diffusion/resample.py",
             "improved_diffusion/dist_util.py", "improved_diffusion/logger.py")
 OURS = {"fastdiff small (pixel, patch 4)": ("small", {"autoencoder.latent": "none", "model.patch": "4"}),
-        "fastdiff tiny (latent)": ("tiny", {})}
+        "fastdiff tiny (latent)": ("tiny", {"autoencoder.latent": "ae", "model.patch": "1"})}
 FP32_ADAMW = {"run.precision": "fp32", "optim.name": "adamw"}
 
 

@@ -297,9 +297,12 @@ def describe_final_sample(final: dict) -> str:
     lines = [f"final sample: {final['clips']} held-out clips, {final['observed']} real + {final['generated']} "
              f"generated frames, best of {final['samples_per_clip']} ({final['sample']})",
              f"  {'':<19}{'minADE px':>10}{'ColorKL':>9}{'colour acc':>11}{'two-ball frames':>16}"]
+    def number(value: float, spec: str, width: int) -> str:  # a score a floor does not have (NaN) prints as '-'
+        return f"{'-':>{width}}" if value != value else f"{value:>{width}{spec}}"
+
     for name, score in rows:
-        lines.append(f"  {name:<19}{score['minADE']:>10.2f}{score['ColorKL']:>9.3f}{score['colour_accuracy']:>11.2f}"
-                     f"{score['ball_count_ok']:>15.0%}")
+        lines.append(f"  {name:<19}{number(score['minADE'], '.2f', 10)}{number(score['ColorKL'], '.3f', 9)}"
+                     f"{number(score['colour_accuracy'], '.2f', 11)}{number(score['ball_count_ok'], '.0%', 15)}")
     return "\n".join(lines)
 
 

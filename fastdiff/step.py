@@ -329,6 +329,9 @@ class OnlineStep:
             log(f"converting optimizer state {saved_opt} -> {self.optimizer_name}")
             opt_state = convert_state_dict(opt_state, saved_opt, self.optimizer_name, list(self.model.parameters()))
         self.optimizer.load_state_dict(opt_state)
+        if self.lr is not None:  # loading replaced each group's lr with the saved value: re-bind the warm-up's tensor
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
         if self.buffer is not None and state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])
         if self.distill is not None and state.get("distill") is not None:

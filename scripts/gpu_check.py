@@ -110,7 +110,8 @@ from fastdiff.train import OnlineTrainer
 from fastdiff import checkpoint as ckpt
 work, out, gpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 small = {"model.width": "64", "model.depth": "2", "model.heads": "2", "autoencoder.fit_steps": "5",
-         "autoencoder.warmup_frames": "32", "replay.windows": "8", "run.sample_every": "0", "run.final_clips": "0", "run.progress": "false",
+         "autoencoder.latent": "ae", "model.patch": "1", "autoencoder.warmup_frames": "32", "replay.windows": "8",
+         "run.sample_every": "0", "run.final_clips": "0", "run.progress": "false",
          "run.checkpoint_every": "10", "optim.name": "adamw8bit-fused", "run.sample_frames": "6",
          "diffusion.sample_steps": "4"}
 cfg = lambda device, frames: build_config("tiny", None, {**small, "run.device": device, "run.frames": str(frames)})

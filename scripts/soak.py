@@ -39,7 +39,8 @@ from pathlib import Path
 # A model small enough that 100k frames take minutes, not hours, on 2 CPU cores.
 SMALL = {
     "model.width": "32", "model.heads": "1", "model.depth": "1", "model.mlp_ratio": "2.0",
-    "replay.replayed": "1", "autoencoder.warmup_frames": "256", "autoencoder.fit_steps": "20",
+    "replay.replayed": "1", "autoencoder.latent": "ae", "model.patch": "1",
+    "autoencoder.warmup_frames": "256", "autoencoder.fit_steps": "20",
     "autoencoder.fit_batch": "16", "autoencoder.hidden": "16", "diffusion.sample_steps": "10",
     "run.sample_every": "0", "run.final_clips": "0", "run.sample_frames": "12", "run.checkpoint_every": "5000",
     "run.log_every": "500", "run.progress": "false",

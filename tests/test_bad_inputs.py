@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Small enough for a few seconds on 2 cores: 16x32 frames (4x8 latents), windows of 4 frames.
 TINY = {
     "model.width": "64", "model.depth": "1", "model.heads": "2",
+    "autoencoder.latent": "ae", "model.patch": "1",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "3", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "1", "replay.windows": "8", "run.window": "4",
     "run.checkpoint_every": "10", "run.sample_every": "0", "run.final_clips": "0", "run.sample_frames": "4",

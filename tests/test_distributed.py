@@ -28,9 +28,11 @@ from fastdiff.train import OnlineTrainer, rank_view
 # Tiny and quick: 2 blocks of 64, a 5-step autoencoder fit, 2-step sampling. paper_pattern_prob=1: every
 # window has its first K/2 frames observed, so each rank's loss averages the same number of frames and
 # "mean of the per-rank losses" (what DDP's gradient averaging optimises) is exactly the mean over the
-# concatenated batch (the single-process loss).
+# concatenated batch (the single-process loss). Learned positions (a parameter the resume test watches move)
+# and no learning-rate warm-up (the single-process reference steps at a constant lr).
 TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
+    "autoencoder.latent": "ae", "model.patch": "1", "model.pos_embed": "learned", "optim.warmup": "0",
     "autoencoder.warmup_frames": "24", "autoencoder.fit_steps": "5", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "2", "replay.windows": "3",
     "diffusion.paper_pattern_prob": "1.0", "diffusion.sample_steps": "2", "run.sample_every": "0",

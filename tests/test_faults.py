@@ -14,6 +14,7 @@ from fastdiff.train import OnlineTrainer
 
 TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
+    "autoencoder.latent": "ae", "model.patch": "1",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "5", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "1", "replay.windows": "8",
     "run.checkpoint_every": "5", "run.sample_every": "0",

@@ -25,7 +25,8 @@ from fastdiff import checkpoint as ckpt
 FRAMES, EVERY, TRIALS = 200, 5, 20
 PATIENCE = 600.0  # seconds without the awaited progress before the test gives up and fails (never passes)
 SETTINGS = [
-    "model.width=64", "model.depth=2", "model.heads=2", "autoencoder.warmup_frames=32", "autoencoder.fit_steps=5",
+    "autoencoder.latent=ae", "model.patch=1", "model.width=64", "model.depth=2", "model.heads=2",
+    "autoencoder.warmup_frames=32", "autoencoder.fit_steps=5",
     "autoencoder.fit_batch=8", "autoencoder.hidden=16", "replay.replayed=1", "replay.windows=8",
     f"run.checkpoint_every={EVERY}", "run.keep_checkpoints=3", "run.sample_every=0",
     "run.final_clips=0", "run.sample_frames=6",

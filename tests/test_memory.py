@@ -12,11 +12,13 @@ from fastdiff.models.dit import VideoDiT, count_parameters
 STREAMS = {"balls": ((32, 32), 10), "maze": ((64, 64), 20)}
 
 
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
 @pytest.mark.parametrize("patch,channels,hw,window", [(1, 4, 8, 10), (4, 3, 32, 10), (2, 4, 16, 20)])
-def test_parameter_count_is_exact(patch, channels, hw, window):
-    cfg = build_config("tiny", None, {"model.patch": str(patch)})
+def test_parameter_count_is_exact(patch, channels, hw, window, pos_embed):
+    cfg = build_config("tiny", None, {"model.patch": str(patch), "model.pos_embed": pos_embed})
     m = cfg.model
-    model = VideoDiT(channels, hw, hw, window, width=m.width, depth=m.depth, heads=m.heads, patch=patch)
+    model = VideoDiT(channels, hw, hw, window, width=m.width, depth=m.depth, heads=m.heads, patch=patch,
+                     pos_embed=pos_embed)
     assert dit_parameters(cfg, channels, (hw // patch) ** 2, window) == count_parameters(model)
 
 

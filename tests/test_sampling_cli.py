@@ -1,6 +1,8 @@
 """`fastdiff sample` on a tiny trained run: FIFO and autoregressive videos, fast learning, bad input,
 and the measuring helpers (balls metric, held-out loss under a mode's noise pattern)."""
 
+import re
+
 import imageio_ffmpeg
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from fastdiff.train import OnlineTrainer, write_config
 # A run small enough to train in seconds on 2 cores; sampling uses 8 DDIM steps.
 TINY = {
     "model.width": "32", "model.depth": "1", "model.heads": "1",
+    "autoencoder.latent": "ae", "model.patch": "1",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "10", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "8", "replay.replayed": "1", "replay.windows": "8",
     "run.checkpoint_every": "1000", "run.sample_every": "0", "run.final_clips": "0", "run.sample_frames": "12",
@@ -125,3 +128,40 @@ def test_pattern_loss_of_each_mode(run_dir):
     zero = lambda x, t, observed: torch.zeros_like(x)
     assert pattern_loss(zero, clips, run.schedule, cfg, autoregressive_pattern(run)) == pytest.approx(1.0, abs=0.1)
     assert losses["autoregressive"] < 0.9
+
+
+class _Terminal:
+    """A stderr that says it is a terminal: progress bars draw only on one (a log file gets none)."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text.append(s)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("mode, desc", [("autoregressive", "sample (autoregressive)"), ("fifo", "sample (fifo)")])
+def test_sampling_shows_a_progress_bar_with_an_eta(run_dir, tmp_path, monkeypatch, mode, desc):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    out = tmp_path / "video.mp4"
+    assert main(["sample", str(run_dir), "--frames", "16", "--out", str(out), "--device", "cpu", "--mode", mode]) == 0
+    drawn = "".join(terminal.text)
+    assert desc in drawn and "frame" in drawn
+    assert re.search(r"\d\d:\d\d<(\d\d:\d\d|\?)", drawn), drawn[-300:]  # elapsed<remaining: the ETA field
+
+
+def test_the_autoencoder_fit_shows_a_progress_bar(tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    cfg = build_config("tiny", None, {**TINY, "run.out": str(tmp_path), "run.frames": "40", "run.progress": "true"})
+    (tmp_path / "r").mkdir()
+    OnlineTrainer(cfg, tmp_path / "r", log=lambda *_: None).train()
+    drawn = "".join(terminal.text)
+    assert "autoencoder fit" in drawn and re.search(r"\d\d:\d\d<(\d\d:\d\d|\?)", drawn)

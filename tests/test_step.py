@@ -94,8 +94,10 @@ def test_device_step_reports_skips_in_the_run_summary(tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 2 and summary["steps"] == 16 - 2
 
 
-def test_device_step_resumes_bit_identically(tmp_path):
-    extra = {"optim__name": "adamw8bit-fused", "run__step": "device"}
+@pytest.mark.parametrize("warmup", [0, 200])
+def test_device_step_resumes_bit_identically(tmp_path, warmup):
+    # warmup 200: the learning rate is a device tensor the optimizer's groups must still share after a resume
+    extra = {"optim__name": "adamw8bit-fused", "run__step": "device", "optim__warmup": warmup}
     straight, _, _ = _run(tmp_path, "a", run__frames=30, **extra)
     _run(tmp_path, "b", run__frames=20, **extra)
     resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30, run__log_every=1, **extra), tmp_path / "b", resume=True,

@@ -103,3 +103,37 @@ def test_media_writers(tmp_path):
     assert mp4.stat().st_size > 0
     with pytest.raises(ValueError, match="uint8"):
         media.save_gif(frames.astype(np.float32), tmp_path / "b.gif")
+
+
+def test_cli_sets_sleeping_openmp_waits_before_torch_loads():
+    """OMP_WAIT_POLICY only counts if it is set before torch's OpenMP runtime starts: the CLI sets PASSIVE (unless
+    the user chose) while torch is still unloaded, and the command then runs with it."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, sys; from fastdiff import cli; cli.build_parser(); loaded = 'torch' in sys.modules; "
+             "cli.main(['streams', 'list']); print('POLICY', os.environ['OMP_WAIT_POLICY'], loaded)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "POLICY PASSIVE False" in out
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert "POLICY ACTIVE False" in out
+
+
+def test_cpu_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    """run.threads wins; else OMP_NUM_THREADS is left to decide; else the affinity (a taskset or container
+    limit), not the machine's core count, which would oversubscribe and spin."""
+    import os
+
+    from fastdiff import build
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert build.cpu_threads(0) == 1
+    assert build.cpu_threads(5) == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert build.cpu_threads(0) is None
+    assert build.cpu_threads(3) == 3

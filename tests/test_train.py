@@ -13,6 +13,7 @@ from fastdiff.train import OnlineTrainer
 # A trainer small enough for a few seconds on 2 cores: 64-wide DiT, 2 heads of 32, 16-frame AE fit.
 TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
+    "autoencoder.latent": "ae", "model.patch": "1",
     "autoencoder.warmup_frames": "32", "autoencoder.fit_steps": "5", "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "2", "replay.windows": "8",
     "run.checkpoint_every": "10", "run.sample_every": "0", "run.final_clips": "0", "run.sample_frames": "12",
