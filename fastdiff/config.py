@@ -68,6 +68,12 @@ class DiffusionConfig:
     sample_steps: int = 50
     ddim_eta: float = 0.0
     sample_start: float = 1.0  # DDIM starts at this share of T from the last observed frame noised (1: pure noise)
+    # Context noise (noise augmentation of the observed frames, as GameNGen and Diffusion Forcing train): each
+    # training window's observed frames are noised to one level drawn from [0, context_noise * T), which the model
+    # sees as those frames' timestep, so a rollout that conditions on its own imperfect frames is not out of
+    # distribution. DDIM rollouts then condition on observed frames noised to sample_context_noise * T.
+    context_noise: float = 0.0
+    sample_context_noise: float = 0.0
 
 
 @dataclass
@@ -382,6 +388,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"replay.fraction: must be in (0, 1], got {cfg.replay.fraction}")
     if not 0.0 < cfg.diffusion.sample_start <= 1.0:
         raise ConfigError(f"diffusion.sample_start: must be in (0, 1], got {cfg.diffusion.sample_start}")
+    for dotted, share in (("diffusion.context_noise", cfg.diffusion.context_noise),
+                          ("diffusion.sample_context_noise", cfg.diffusion.sample_context_noise)):
+        if not 0.0 <= share < 1.0:
+            raise ConfigError(f"{dotted}: must be in [0, 1), a share of diffusion.timesteps; got {share}")
+    if cfg.diffusion.sample_context_noise > 0 and cfg.diffusion.sampler != "ddim":
+        raise ConfigError(f"diffusion.sample_context_noise with diffusion.sampler={cfg.diffusion.sampler} not "
+                          "supported because the Heun sampler holds observed frames at sigma 0; use "
+                          "diffusion.sampler=ddim")
     if not 0.0 <= cfg.diffusion.paper_pattern_prob <= 1.0:
         raise ConfigError(f"diffusion.paper_pattern_prob: must be in [0, 1], got {cfg.diffusion.paper_pattern_prob}")
     if not 0.0 < cfg.optim.lr < 1.0:

@@ -83,12 +83,15 @@ def frame_weights(t: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig) -> 
 
 def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: torch.Tensor, schedule: Schedule,
                           prediction: str, generator: torch.Generator | None, *, weight: torch.Tensor | None = None,
-                          excluded: torch.Tensor | None = None, retarget=None) -> torch.Tensor:
+                          excluded: torch.Tensor | None = None, retarget=None,
+                          context_noised: bool = False) -> torch.Tensor:
     """The loss every caller trains or measures with: noise clean clips x0 (B, K, C, H, W) to per-frame levels t
     (B, K), observed frames kept clean, predict, and take the (weighted) MSE over the frames that are neither
     observed nor `excluded`. `retarget(x_t, target)` may replace the regression target (generative
-    distillation regresses onto its teacher)."""
-    x_t, target = ops.add_noise(x0, t, observed, schedule.alpha, schedule.sigma, generator=generator,
+    distillation regresses onto its teacher). With `context_noised`, observed frames whose level in t is above 0
+    are noised to it too (context noise); they stay out of the loss."""
+    clean = observed & (t == 0) if context_noised else observed
+    x_t, target = ops.add_noise(x0, t, clean, schedule.alpha, schedule.sigma, generator=generator,
                                 prediction=prediction)
     if retarget is not None:
         target = retarget(x_t, target)
@@ -101,8 +104,14 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
     """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels."""
     b, k = x0.shape[:2]
     t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device)
-    return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator,
-                                 weight=frame_weights(t, schedule, cfg))
+    weight = frame_weights(t, schedule, cfg)
+    noised = cfg.context_noise > 0
+    if noised:  # one context level per window, in [0, context_noise * T)
+        top = max(1, int(cfg.context_noise * schedule.timesteps))
+        level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
+        t = torch.where(observed, level, t)
+    return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
+                                 context_noised=noised)
 
 
 @torch.no_grad()
@@ -144,28 +153,37 @@ def clamp_prediction(model_out, x_t, a, s, prediction: str, limit: float):
 @torch.no_grad()
 def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, *, steps: int,
                 eta: float = 0.0, prediction: str = "eps", generator: torch.Generator | None = None,
-                clip_x0: float | None = None, start: float = 1.0) -> torch.Tensor:
+                clip_x0: float | None = None, start: float = 1.0, context_level: int = 0) -> torch.Tensor:
     """Generate the non-observed frames of `clip` (their content is ignored) with DDIM.
 
     `start` < 1 begins at level start * T from the latest observed frame noised to that level (as FIFO's queue
     begins), instead of from pure noise at T: the sample keeps that frame's structure where the model does not
-    move it."""
+    move it. `context_level` > 0 conditions on the observed frames noised once to that level (a model trained with
+    context noise); the returned observed frames are then the noised ones."""
     b, k = clip.shape[:2]
     obs5 = observed[:, :, None, None, None]
     noise = torch.randn(clip.shape, generator=generator, device=clip.device)
+    context_t = torch.zeros((b, k), dtype=torch.long, device=clip.device)
+    if context_level > 0:
+        context_t = context_t.masked_fill(observed, context_level)
+        clean = clip
+        clip = schedule.alpha[context_level] * clip + schedule.sigma[context_level] * torch.randn(
+            clip.shape, generator=generator, device=clip.device)
+    else:
+        clean = clip
     top = schedule.timesteps - 1 if start >= 1.0 else max(int(round(start * (schedule.timesteps - 1))), 0)
     if start >= 1.0:
         x = torch.where(obs5, clip, noise)
     else:
         from fastdiff.models.dit import last_observed
 
-        x = torch.where(obs5, clip, schedule.alpha[top] * last_observed(clip, observed) + schedule.sigma[top] * noise)
+        x = torch.where(obs5, clip, schedule.alpha[top] * last_observed(clean, observed) + schedule.sigma[top] * noise)
     levels = torch.linspace(top, 0, steps, device=clip.device).round().long()
     for i, level in enumerate(levels):
         t = torch.full((b, k), int(level), device=clip.device, dtype=torch.long).masked_fill(observed, 0)
         prev = int(levels[i + 1]) if i + 1 < steps else -1
         t_prev = torch.full((b, k), prev, device=clip.device, dtype=torch.long).masked_fill(observed, 0)
-        out = model(x, t.float(), observed)
+        out = model(x, (t + context_t).float(), observed)
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]
             out = clamp_prediction(out.float(), x, a, s, prediction, clip_x0)
@@ -231,10 +249,14 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
                   sampler: str | None = None) -> torch.Tensor:
     """Generate the frames of one window that are not observed, with the configured sampler."""
     if (sampler or cfg.sampler) == "heun":
+        if cfg.sample_context_noise > 0:
+            raise ValueError("diffusion.sample_context_noise with the Heun sampler not supported because it holds "
+                             "observed frames at sigma 0; sample with DDIM")
         return heun_sample(model, clip, observed, schedule, steps=cfg.sample_steps, prediction=cfg.prediction,
                            generator=generator)
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
-                       prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start)
+                       prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start,
+                       context_level=int(cfg.sample_context_noise * schedule.timesteps))
 
 
 @torch.no_grad()

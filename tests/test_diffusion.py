@@ -200,3 +200,76 @@ def test_ddim_start_begins_from_the_noised_last_observed_frame():
     for bad in ("0", "1.5"):
         with pytest.raises(ConfigError, match="sample_start"):
             build_config("tiny", None, {"diffusion.sample_start": bad})
+
+
+class _Spy(torch.nn.Module):
+    """Records what the model is given; predicts zeros."""
+
+    def forward(self, x, t, observed):
+        self.x, self.t, self.observed = x.detach().clone(), t.detach().clone(), observed.clone()
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("context_noise", [0.0, 0.2])
+def test_context_noise_noises_observed_frames_at_a_level_the_model_sees(context_noise):
+    """With diffusion.context_noise, a window's observed frames are noised to one level below context_noise * T,
+    the model is given that level as their timestep, and they stay out of the loss; without it, observed frames
+    reach the model clean at t = 0."""
+    schedule = Schedule.make("linear", 1000)
+    cfg = DiffusionConfig(prediction="x0", paper_pattern_prob=1.0, context_noise=context_noise)
+    x0 = torch.rand(64, 6, 1, 4, 4)
+    spy = _Spy()
+    training_loss(spy, x0, schedule, cfg, torch.Generator().manual_seed(3))
+    obs = spy.observed
+    assert obs.any()
+    t_obs = spy.t[obs]
+    differs = (spy.x - x0).flatten(2).abs().amax(2)[obs]  # per observed frame
+    if context_noise == 0:
+        assert torch.all(t_obs == 0) and torch.all(differs == 0)
+        return
+    assert t_obs.max() < context_noise * 1000 and t_obs.max() > 0.5 * context_noise * 1000
+    per_window = torch.where(obs, spy.t, -1).amax(1)
+    assert torch.all((spy.t == per_window[:, None]) | ~obs)  # one level per window
+    noised = t_obs > 10
+    assert torch.all(differs[noised] > 0)
+    # the observed frames stay out of the loss: a prediction that is wrong only there costs nothing
+    wrong_on_observed = lambda x, t, observed: torch.where(observed[..., None, None, None], 5.0, 0.0) + 0 * x  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    torch.testing.assert_close(training_loss(wrong_on_observed, x0, schedule, cfg, gen()),
+                               training_loss(lambda x, t, o: torch.zeros_like(x), x0, schedule, cfg, gen()))
+
+
+def test_ddim_conditions_on_context_noised_to_the_sampling_level():
+    """context_level > 0: every model call sees the observed frames noised once (the same noise in every call)
+    and their timestep at that level; the generated frames' levels are unchanged."""
+    schedule = Schedule.make("linear", 1000)
+    clip = torch.rand(2, 6, 1, 4, 4)
+    observed = (torch.arange(6) < 3).expand(2, 6)
+    seen = []
+
+    def model(x, t, observed):
+        seen.append((x.clone(), t.clone()))
+        return torch.zeros_like(x)
+
+    ddim_sample(model, clip, observed, schedule, steps=3, prediction="x0", generator=torch.Generator().manual_seed(0),
+                context_level=100)
+    first_x = seen[0][0][:, :3]
+    assert (first_x - clip[:, :3]).abs().max() > 0.05
+    for x, t in seen:
+        assert torch.equal(x[:, :3], first_x)
+        assert torch.all(t[:, :3] == 100)
+    assert [int(t[0, 3]) for _, t in seen] == [999, 500, 0]
+    seen.clear()
+    ddim_sample(model, clip, observed, schedule, steps=3, prediction="x0", generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x[:, :3], clip[:, :3]) and torch.all(t[:, :3] == 0) for x, t in seen)
+
+
+def test_context_noise_settings_are_checked():
+    from fastdiff.config import ConfigError, build_config
+
+    for field in ("diffusion.context_noise", "diffusion.sample_context_noise"):
+        for bad in ("-0.1", "1.0"):
+            with pytest.raises(ConfigError, match=field):
+                build_config("tiny", None, {field: bad})
+    with pytest.raises(ConfigError, match="not supported because the Heun sampler"):
+        build_config("tiny", None, {"diffusion.sample_context_noise": "0.1", "diffusion.sampler": "heun"})
