@@ -64,7 +64,8 @@ def environment(dry: bool, limit: float, work: Path) -> dict:
     packages = run([sys.executable, "-c", "import importlib.metadata as m, json; print(json.dumps({p: "
                     "(m.version(p) if any(d.metadata['Name'].lower() == p for d in m.distributions()) else None) "
                     "for p in ('bitsandbytes', 'xformers', 'decord')}))"], limit)
-    return {"ok": result["returncode"] == 0, "seconds": result["seconds"], **info, "nvidia_smi": smi["output_tail"].strip(),
+    return {"ok": result["returncode"] == 0, "seconds": result["seconds"], **info,
+            "nvidia_smi": smi["output_tail"].strip(),
             "packages": json.loads(packages["output_tail"].strip().splitlines()[-1]) if packages["returncode"] == 0
             else packages["output_tail"], "host": platform.node(), "probe": result}
 
