@@ -71,7 +71,8 @@ class DiffusionConfig:
     # Context noise (noise augmentation of the observed frames, as GameNGen and Diffusion Forcing train): each
     # training window's observed frames are noised to one level drawn from [0, context_noise * T), which the model
     # sees as those frames' timestep, so a rollout that conditions on its own imperfect frames is not out of
-    # distribution. DDIM rollouts then condition on observed frames noised to sample_context_noise * T.
+    # distribution. DDIM window rollouts (eval, sample's default mode) then condition on observed frames noised to
+    # sample_context_noise * T; FIFO gives its emitted frames clean, as the model also sees at low context levels.
     context_noise: float = 0.0
     sample_context_noise: float = 0.0
 

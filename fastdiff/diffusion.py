@@ -164,13 +164,11 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     obs5 = observed[:, :, None, None, None]
     noise = torch.randn(clip.shape, generator=generator, device=clip.device)
     context_t = torch.zeros((b, k), dtype=torch.long, device=clip.device)
+    clean = clip
     if context_level > 0:
         context_t = context_t.masked_fill(observed, context_level)
-        clean = clip
         clip = schedule.alpha[context_level] * clip + schedule.sigma[context_level] * torch.randn(
             clip.shape, generator=generator, device=clip.device)
-    else:
-        clean = clip
     top = schedule.timesteps - 1 if start >= 1.0 else max(int(round(start * (schedule.timesteps - 1))), 0)
     if start >= 1.0:
         x = torch.where(obs5, clip, noise)

@@ -103,9 +103,6 @@ class FifoSampler:
             raise ValueError(f"FIFO window {plan.window} exceeds the model's {model.max_frames} frames")
         if plan.timesteps != schedule.timesteps:
             raise ValueError(f"plan built for T={plan.timesteps}, schedule has T={schedule.timesteps}")
-        if cfg.sample_context_noise > 0:
-            raise ValueError("diffusion.sample_context_noise with FIFO not supported because FIFO's head gives the "
-                             "model its emitted frames clean; sample with --set diffusion.sample_context_noise=0")
         self.model, self.schedule, self.cfg, self.plan = model, schedule, cfg, plan
         self.generator, self.clip_x0, self.max_batch = generator, clip_x0, max_batch
         b, device = context.shape[0], context.device

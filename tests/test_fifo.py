@@ -1,8 +1,6 @@
 """FIFO diagonal denoising: the queue's levels and windows, one sampler launch per step, the order in which
 frames leave the queue, lookahead's observed history, bad input, and device memory constant in N."""
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
@@ -83,9 +81,6 @@ def test_sampler_refuses_bad_input():
         FifoSampler(model, torch.zeros(1, 0, 3, 4, 4), SCHEDULE, CFG, FifoPlan(4, 1, False))
     with pytest.raises(ValueError, match="T=1000"):
         FifoSampler(model, torch.zeros(1, 2, 3, 4, 4), SCHEDULE, CFG, FifoPlan(4, 1, False, timesteps=500))
-    with pytest.raises(ValueError, match="sample_context_noise with FIFO not supported"):
-        FifoSampler(model, torch.zeros(1, 2, 3, 4, 4), SCHEDULE, dataclasses.replace(CFG, sample_context_noise=0.1),
-                    FifoPlan(4, 1, False))
     with pytest.raises(ValueError, match="warmup"):
         next(fifo_frames(model, torch.zeros(1, 2, 3, 4, 4), SCHEDULE, CFG, FifoPlan(4, 1, False), warmup=-1))
 
