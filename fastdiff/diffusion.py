@@ -163,10 +163,8 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     b, k = clip.shape[:2]
     obs5 = observed[:, :, None, None, None]
     noise = torch.randn(clip.shape, generator=generator, device=clip.device)
-    context_t = torch.zeros((b, k), dtype=torch.long, device=clip.device)
     clean = clip
     if context_level > 0:
-        context_t = context_t.masked_fill(observed, context_level)
         clip = schedule.alpha[context_level] * clip + schedule.sigma[context_level] * torch.randn(
             clip.shape, generator=generator, device=clip.device)
     top = schedule.timesteps - 1 if start >= 1.0 else max(int(round(start * (schedule.timesteps - 1))), 0)
@@ -178,10 +176,11 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         x = torch.where(obs5, clip, schedule.alpha[top] * last_observed(clean, observed) + schedule.sigma[top] * noise)
     levels = torch.linspace(top, 0, steps, device=clip.device).round().long()
     for i, level in enumerate(levels):
-        t = torch.full((b, k), int(level), device=clip.device, dtype=torch.long).masked_fill(observed, 0)
+        # observed frames sit at context_level throughout (0: clean); their step is undone by the where below
+        t = torch.full((b, k), int(level), device=clip.device, dtype=torch.long).masked_fill(observed, context_level)
         prev = int(levels[i + 1]) if i + 1 < steps else -1
-        t_prev = torch.full((b, k), prev, device=clip.device, dtype=torch.long).masked_fill(observed, 0)
-        out = model(x, (t + context_t).float(), observed)
+        t_prev = torch.full((b, k), prev, device=clip.device, dtype=torch.long).masked_fill(observed, context_level)
+        out = model(x, t.float(), observed)
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]
             out = clamp_prediction(out.float(), x, a, s, prediction, clip_x0)
