@@ -56,6 +56,11 @@ class AutoencoderConfig:
     lr: float = 2e-3
 
 
+# Why the Heun sampler cannot condition on noised context; said by config validation and by sample_window (whose
+# `sampler` argument can pick Heun after validation).
+HEUN_REFUSES_CONTEXT_NOISE = "not supported because the Heun sampler holds observed frames at sigma 0"
+
+
 @dataclass
 class DiffusionConfig:
     schedule: str = "linear"  # linear (the paper's, 1000 steps) or cosine
@@ -394,9 +399,8 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= share < 1.0:
             raise ConfigError(f"{dotted}: must be in [0, 1), a share of diffusion.timesteps; got {share}")
     if cfg.diffusion.sample_context_noise > 0 and cfg.diffusion.sampler != "ddim":
-        raise ConfigError(f"diffusion.sample_context_noise with diffusion.sampler={cfg.diffusion.sampler} not "
-                          "supported because the Heun sampler holds observed frames at sigma 0; use "
-                          "diffusion.sampler=ddim")
+        raise ConfigError(f"diffusion.sample_context_noise with diffusion.sampler={cfg.diffusion.sampler} "
+                          f"{HEUN_REFUSES_CONTEXT_NOISE}; use diffusion.sampler=ddim")
     if not 0.0 <= cfg.diffusion.paper_pattern_prob <= 1.0:
         raise ConfigError(f"diffusion.paper_pattern_prob: must be in [0, 1], got {cfg.diffusion.paper_pattern_prob}")
     if not 0.0 < cfg.optim.lr < 1.0:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff import ops
-from fastdiff.config import DiffusionConfig
+from fastdiff.config import HEUN_REFUSES_CONTEXT_NOISE, DiffusionConfig
 
 
 @dataclass
@@ -247,8 +247,8 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
     """Generate the frames of one window that are not observed, with the configured sampler."""
     if (sampler or cfg.sampler) == "heun":
         if cfg.sample_context_noise > 0:
-            raise ValueError("diffusion.sample_context_noise with the Heun sampler not supported because it holds "
-                             "observed frames at sigma 0; sample with DDIM")
+            raise ValueError(f"diffusion.sample_context_noise with the Heun sampler {HEUN_REFUSES_CONTEXT_NOISE}; "
+                             "sample with DDIM")
         return heun_sample(model, clip, observed, schedule, steps=cfg.sample_steps, prediction=cfg.prediction,
                            generator=generator)
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,

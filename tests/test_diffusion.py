@@ -12,6 +12,7 @@ from fastdiff.diffusion import (
     predict_x0_eps,
     rollout,
     sample_training_levels,
+    sample_window,
     training_loss,
 )
 from fastdiff.models.dit import VideoDiT
@@ -273,3 +274,18 @@ def test_context_noise_settings_are_checked():
                 build_config("tiny", None, {field: bad})
     with pytest.raises(ConfigError, match="not supported because the Heun sampler"):
         build_config("tiny", None, {"diffusion.sample_context_noise": "0.1", "diffusion.sampler": "heun"})
+
+
+def test_sample_window_refuses_context_noise_when_the_caller_picks_heun():
+    """The `sampler` argument can pick Heun after config validation passed a DDIM config: sample_window refuses
+    context noise itself, and samples with Heun when there is none."""
+    schedule = Schedule.make("linear", 1000)
+    clip = torch.rand(1, 4, 1, 4, 4)
+    observed = (torch.arange(4) < 2).expand(1, 4)
+    model = lambda x, t, observed: torch.zeros_like(x)  # noqa: E731
+    noised = DiffusionConfig(sampler="ddim", sample_steps=2, sample_context_noise=0.1)
+    with pytest.raises(ValueError, match="not supported because the Heun sampler"):
+        sample_window(model, clip, observed, schedule, noised, sampler="heun")
+    out = sample_window(model, clip, observed, schedule, DiffusionConfig(sampler="ddim", sample_steps=2),
+                        generator=torch.Generator().manual_seed(0), sampler="heun")
+    assert out.shape == clip.shape and torch.equal(out[:, :2], clip[:, :2])
