@@ -99,6 +99,12 @@ def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: to
     return ops.frame_mse_loss(pred, target, weight, observed if excluded is None else observed | excluded)
 
 
+def context_level(share: float, timesteps: int) -> int:
+    """The noise level that a context-noise share of T names. Training draws each window's context level below it
+    (`diffusion.context_noise`); the DDIM rollouts condition at it (`diffusion.sample_context_noise`)."""
+    return int(share * timesteps)
+
+
 def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
                   generator: torch.Generator) -> torch.Tensor:
     """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels."""
@@ -107,7 +113,7 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
     weight = frame_weights(t, schedule, cfg)
     noised = cfg.context_noise > 0
     if noised:  # one context level per window, in [0, context_noise * T)
-        top = max(1, int(cfg.context_noise * schedule.timesteps))
+        top = max(1, context_level(cfg.context_noise, schedule.timesteps))
         level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
         t = torch.where(observed, level, t)
     return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
@@ -253,7 +259,7 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
                            generator=generator)
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
                        prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start,
-                       context_level=int(cfg.sample_context_noise * schedule.timesteps))
+                       context_level=context_level(cfg.sample_context_noise, schedule.timesteps))
 
 
 @torch.no_grad()

@@ -162,7 +162,7 @@ def test_training_loss_is_finite_and_learns():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert math.isfinite(losses[-1])
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
 
