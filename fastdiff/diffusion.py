@@ -170,16 +170,21 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     obs5 = observed[:, :, None, None, None]
     noise = torch.randn(clip.shape, generator=generator, device=clip.device)
     clean = clip
+    every_frame = torch.zeros_like(observed)  # q-sample every frame of what is passed (none held clean)
+
+    def q_sample(x: torch.Tensor, level: int, eps: torch.Tensor) -> torch.Tensor:
+        t = torch.full((b, k), level, device=x.device, dtype=torch.long)
+        return ops.add_noise(x, t, every_frame, schedule.alpha, schedule.sigma, noise=eps, prediction="x0")[0]
+
     if context_level > 0:
-        clip = schedule.alpha[context_level] * clip + schedule.sigma[context_level] * torch.randn(
-            clip.shape, generator=generator, device=clip.device)
+        clip = q_sample(clip, context_level, torch.randn(clip.shape, generator=generator, device=clip.device))
     top = schedule.timesteps - 1 if start >= 1.0 else max(int(round(start * (schedule.timesteps - 1))), 0)
     if start >= 1.0:
         x = torch.where(obs5, clip, noise)
     else:
         from fastdiff.models.dit import last_observed
 
-        x = torch.where(obs5, clip, schedule.alpha[top] * last_observed(clean, observed) + schedule.sigma[top] * noise)
+        x = torch.where(obs5, clip, q_sample(last_observed(clean, observed), top, noise))
     levels = torch.linspace(top, 0, steps, device=clip.device).round().long()
     for i, level in enumerate(levels):
         # observed frames sit at context_level throughout (0: clean); their step is undone by the where below
