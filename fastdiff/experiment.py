@@ -146,6 +146,11 @@ def write_report(out: Path, report: dict) -> Path:
         cells = [_cell([r["final"].get(key) for r in runs], fmt) for key, _, fmt in metric_cols]
         fps = _cell([r["summary"].get("frames_per_second") for r in runs], "{:.1f}")
         lines.append(f"| {STRATEGY_NAMES[strategy]} | " + " | ".join(cells) + f" | {fps} |")
+    # the floors and the ceiling, scored on the same clips (the clips depend on the stream, not the run)
+    floors = next((r["final"]["floors"] for runs in results.values() for r in runs if r["final"].get("floors")), {})
+    for name, scores in floors.items():
+        cells = [_cell([scores.get(key)], fmt) for key, _, fmt in metric_cols]
+        lines.append(f"| *{name}* | " + " | ".join(cells) + " | |")
     quarters = sorted({q for runs in results.values() for r in runs for q in r["final"]["loss_per_quarter"]})
     lines += [
         "",

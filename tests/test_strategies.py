@@ -137,7 +137,8 @@ def test_experiment_paper_writes_the_report_and_keeps_finished_runs(tmp_path, ca
             args += ["--set", f"{key}={value}"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
-    for needle in ("| ER (5%) |", "| No replay |", "Who forgets", "q1", "Table 6", "along_stream.png"):
+    for needle in ("| ER (5%) |", "| No replay |", "| *repeat last frame* |", "| *constant velocity* |",
+                   "Who forgets", "q1", "Table 6", "along_stream.png"):
         assert needle in report
     data = json.loads((out / "report.json").read_text())
     assert [r["summary"]["steps"] for r in data["results"]["er"]] == [91]
