@@ -159,8 +159,15 @@ def clamp_prediction(model_out, x_t, a, s, prediction: str, limit: float):
 @torch.no_grad()
 def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, *, steps: int,
                 eta: float = 0.0, prediction: str = "eps", generator: torch.Generator | None = None,
-                clip_x0: float | None = None, start: float = 1.0, context_level: int = 0) -> torch.Tensor:
+                clip_x0: float | None = None, start: float = 1.0, context_level: int = 0,
+                frame_delay: int = 0) -> torch.Tensor:
     """Generate the non-observed frames of `clip` (their content is ignored) with DDIM.
+
+    `frame_delay` > 0 staggers the generated frames (Diffusion Forcing's pyramid schedule): the j-th generated
+    frame begins its `steps` DDIM steps `j * frame_delay` model calls after the first, waiting at the start level
+    until then, so each frame is denoised beside nearer frames that are already cleaner. The model was trained
+    on independent per-frame levels (`sample_training_levels`), so these windows are in its distribution. It
+    costs `(G - 1) * frame_delay` more model calls for G generated frames; 0 is the paper's synchronous window.
 
     `start` < 1 begins at level start * T from the latest observed frame noised to that level (as FIFO's queue
     begins), instead of from pure noise at T: the sample keeps that frame's structure where the model does not
@@ -185,20 +192,28 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         from fastdiff.models.dit import last_observed
 
         x = torch.where(obs5, clip, q_sample(last_observed(clean, observed), top, noise))
-    levels = torch.linspace(top, 0, steps, device=clip.device).round().long()
-    for i, level in enumerate(levels):
-        # observed frames sit at context_level throughout (0: clean); their step is undone by the where below
-        t = torch.full((b, k), int(level), device=clip.device, dtype=torch.long).masked_fill(observed, context_level)
-        prev = int(levels[i + 1]) if i + 1 < steps else -1
-        t_prev = torch.full((b, k), prev, device=clip.device, dtype=torch.long).masked_fill(observed, context_level)
+    # ladder[p]: a frame's level after p of its steps; -1 is "clean" (ops.ddim_step's to-clean), held there
+    ladder = torch.cat([torch.linspace(top, 0, steps, device=clip.device).round().long(),
+                        torch.full((2,), -1, device=clip.device, dtype=torch.long)])
+    # order[b, k]: 0 for the first generated frame of row b, 1 for the next, ...; observed frames are not stepped
+    order = (torch.cumsum((~observed).long(), dim=1) - 1).clamp(min=0)
+    calls = steps + frame_delay * max(int((~observed).sum(1).max()) - 1, 0)
+    for i in range(calls):
+        progress = i - order * frame_delay  # steps this frame has taken (< 0: not begun, >= steps: clean)
+        # a frame that has not begun waits at `top`; a finished one is clean and goes in at level 0; observed
+        # frames sit at context_level throughout (0: clean), their step undone by the where below
+        t = ladder[progress.clamp(0, steps)].clamp(min=0).masked_fill(observed, context_level)
+        stepping = (progress >= 0) & (progress < steps) & ~observed
+        t_prev = torch.where(stepping, ladder[(progress + 1).clamp(0, steps)], t)
+        t_prev = t_prev.masked_fill(observed, context_level)
         out = model(x, t.float(), observed)
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]
             out = clamp_prediction(out.float(), x, a, s, prediction, clip_x0)
         noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
-        x = ops.ddim_step(x, out.float(), t, t_prev, schedule.alpha, schedule.sigma, eta=eta, noise=noise,
-                          prediction=prediction)
-        x = torch.where(obs5, clip, x)
+        stepped = ops.ddim_step(x, out.float(), t, t_prev, schedule.alpha, schedule.sigma, eta=eta, noise=noise,
+                                prediction=prediction)
+        x = torch.where(obs5, clip, torch.where(stepping[:, :, None, None, None], stepped, x))
     return x
 
 
@@ -264,7 +279,8 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
                            generator=generator)
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
                        prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start,
-                       context_level=context_level(cfg.sample_context_noise, schedule.timesteps))
+                       context_level=context_level(cfg.sample_context_noise, schedule.timesteps),
+                       frame_delay=cfg.sample_frame_delay)
 
 
 @torch.no_grad()
