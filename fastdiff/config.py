@@ -399,7 +399,8 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.diffusion.sample_start <= 1.0:
         raise ConfigError(f"diffusion.sample_start: must be in (0, 1], got {cfg.diffusion.sample_start}")
     if cfg.diffusion.sample_frame_delay < 0:
-        raise ConfigError(f"diffusion.sample_frame_delay: must be >= 0 model calls, got {cfg.diffusion.sample_frame_delay}")
+        raise ConfigError(f"diffusion.sample_frame_delay: must be >= 0 model calls, "
+                          f"got {cfg.diffusion.sample_frame_delay}")
     if cfg.diffusion.sample_frame_delay > 0 and cfg.diffusion.sampler != "ddim":
         raise ConfigError("diffusion.sample_frame_delay is not supported with the Heun sampler: its stochastic "
                           "churn steps every frame by one shared sigma schedule; sample with DDIM")
