@@ -73,10 +73,11 @@ class DiffusionConfig:
     sample_steps: int = 50
     ddim_eta: float = 0.0
     sample_start: float = 1.0  # DDIM starts at this share of T from the last observed frame noised (1: pure noise)
-    # DDIM window rollouts: model calls between the starts of successive generated frames (0: all frames of the
-    # window step together, as the paper samples). > 0 is the pyramid schedule of ddim_sample: far frames are
-    # denoised beside nearer ones that are already cleaner, at (G - 1) * delay more calls for G new frames.
-    sample_frame_delay: int = 0
+    # DDIM window rollouts: each generated frame begins its sample_steps this share of them after the frame before
+    # it (0: all frames of the window step together, as the paper samples). > 0 is the pyramid schedule of
+    # ddim_sample: far frames are denoised beside nearer ones that are already cleaner, at (G - 1) * share *
+    # sample_steps more model calls for G new frames. A share, not a count, so that it scales with sample_steps.
+    sample_frame_lag: float = 0.0
     # Context noise (noise augmentation of the observed frames, as GameNGen and Diffusion Forcing train): each
     # training window's observed frames are noised to one level drawn from [0, context_noise * T), which the model
     # sees as those frames' timestep, so a rollout that conditions on its own imperfect frames is not out of
@@ -398,11 +399,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"replay.fraction: must be in (0, 1], got {cfg.replay.fraction}")
     if not 0.0 < cfg.diffusion.sample_start <= 1.0:
         raise ConfigError(f"diffusion.sample_start: must be in (0, 1], got {cfg.diffusion.sample_start}")
-    if cfg.diffusion.sample_frame_delay < 0:
-        raise ConfigError(f"diffusion.sample_frame_delay: must be >= 0 model calls, "
-                          f"got {cfg.diffusion.sample_frame_delay}")
-    if cfg.diffusion.sample_frame_delay > 0 and cfg.diffusion.sampler != "ddim":
-        raise ConfigError("diffusion.sample_frame_delay is not supported with the Heun sampler: its stochastic "
+    if not 0.0 <= cfg.diffusion.sample_frame_lag <= 1.0:
+        raise ConfigError(f"diffusion.sample_frame_lag: must be in [0, 1], a share of diffusion.sample_steps; "
+                          f"got {cfg.diffusion.sample_frame_lag}")
+    if cfg.diffusion.sample_frame_lag > 0 and cfg.diffusion.sampler != "ddim":
+        raise ConfigError("diffusion.sample_frame_lag is not supported with the Heun sampler: its stochastic "
                           "churn steps every frame by one shared sigma schedule; sample with DDIM")
     for dotted, share in (("diffusion.context_noise", cfg.diffusion.context_noise),
                           ("diffusion.sample_context_noise", cfg.diffusion.sample_context_noise)):

@@ -267,6 +267,11 @@ def heun_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     return torch.where(obs5, clip, x)
 
 
+def frame_delay(cfg: DiffusionConfig) -> int:
+    """Model calls between the starts of successive generated frames: `sample_frame_lag` of `sample_steps`."""
+    return int(round(cfg.sample_frame_lag * cfg.sample_steps))
+
+
 def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig, *,
                   generator: torch.Generator | None = None, clip_x0: float | None = None,
                   sampler: str | None = None) -> torch.Tensor:
@@ -280,7 +285,7 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
                        prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start,
                        context_level=context_level(cfg.sample_context_noise, schedule.timesteps),
-                       frame_delay=cfg.sample_frame_delay)
+                       frame_delay=frame_delay(cfg))
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ clock but not the work it gets done (run one row per core, one thread each).
     python scripts/learning_study.py run NAME --budget 720 [--seed 0] [--set section.field=value ...]
     python scripts/learning_study.py queue ROWS.txt --jobs 2        # one row per line: NAME [run options]
     python scripts/learning_study.py table [--out profiles/learning]  # study.md + study.json from the results
-    python scripts/learning_study.py sampler NAME [--steps 10 20 50] [--sampler ddim heun]  # one model, samplers
+    python scripts/learning_study.py sampler NAME [--steps 10 20 50] [--sampler ddim heun] [--set diffusion.K=V]
 
 Results go to runs/learning/<NAME>/ (the run directory and result.json).
 """
@@ -107,11 +107,14 @@ def queue(path: Path, jobs: int) -> None:
         p.wait()
 
 
-def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dict) -> list[dict]:
-    """One trained model's rollouts under other samplers and step counts (the sampler lever)."""
+def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dict,
+                settings: list[str] | None = None) -> list[dict]:
+    """One trained model's rollouts under other samplers and step counts (the sampler lever); `settings`
+    (diffusion.field=value) change the sampling settings of the loaded run, e.g. diffusion.sample_frame_lag."""
     import torch
 
     torch.set_num_threads(1)
+    from fastdiff.config import parse_overrides, set_value, validate
     from fastdiff.evaluate import EvalOptions, evaluate, evaluation_clips
     from fastdiff.sampling import load_run
 
@@ -120,16 +123,20 @@ def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dic
         for n in steps:
             run = load_run(RUNS / name, device="cpu")
             run.cfg.diffusion.sampler = sampler
+            for key, value in parse_overrides(settings or []).items():
+                set_value(run.cfg, key, value)
+            validate(run.cfg)
             opts = EvalOptions(clips=eval_opts["clips"], samples=eval_opts["samples"], sample_steps=n)
             clips = evaluation_clips(run, opts.clips, opts.length)
             started = time.perf_counter()
             result = evaluate(run, clips, opts, floors=False)
             seconds = round(time.perf_counter() - started, 1)
-            rows.append({"model": name, "sampler": sampler, "steps": n, "seconds": seconds,
+            rows.append({"model": name, "sampler": sampler, "steps": n, "settings": settings or [], "seconds": seconds,
                          **{k: result.get(k) for k in METRICS}})
             print(rows[-1], flush=True)
     out = RUNS / name / "samplers.json"
-    out.write_text(json.dumps(rows, indent=2))
+    earlier = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(earlier + rows, indent=2))
     return rows
 
 
@@ -196,6 +203,7 @@ def main(argv=None) -> int:
     s.add_argument("name")
     s.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     s.add_argument("--sampler", nargs="+", default=["ddim", "heun"])
+    s.add_argument("--set", action="append", default=[], metavar="diffusion.KEY=VALUE")
     args = parser.parse_args(argv)
     if args.command == "run":
         run_row(args.name, args.budget, args.seed, args.set, EVAL, args.threads)
@@ -204,7 +212,7 @@ def main(argv=None) -> int:
     elif args.command == "table":
         table(args.out)
     else:
-        sampler_row(args.name, args.steps, args.sampler, EVAL)
+        sampler_row(args.name, args.steps, args.sampler, EVAL, args.set)
     return 0
 
 

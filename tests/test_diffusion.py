@@ -265,11 +265,12 @@ def test_ddim_conditions_on_context_noised_to_the_sampling_level():
     assert all(torch.equal(x[:, :3], clip[:, :3]) and torch.all(t[:, :3] == 0) for x, t in seen)
 
 
-@pytest.mark.parametrize("delay", [0, 1, 3])
-def test_ddim_frame_delay_staggers_the_generated_frames(delay):
-    """sample_frame_delay: the j-th generated frame waits at the start level, untouched, for j * delay calls, then
-    takes the same ladder of levels as every other frame, then goes in clean at level 0; observed frames stay at 0.
-    Delay 0 is the synchronous window. Reached through sample_window, so the config setting is what is tested."""
+@pytest.mark.parametrize("lag, delay", [(0.0, 0), (0.34, 1), (1.0, 3)])
+def test_ddim_frame_delay_staggers_the_generated_frames(lag, delay):
+    """sample_frame_lag, a share of the steps (here 3, so delay = round(lag * 3) calls): the j-th generated frame
+    waits at the start level, untouched, for j * delay calls, then takes the same ladder of levels as every other
+    frame, then goes in clean at level 0; observed frames stay at 0. Delay 0 is the synchronous window. Reached
+    through sample_window, so the config setting is what is tested."""
     schedule = Schedule.make("linear", 1000)
     clip = torch.rand(2, 7, 1, 4, 4)
     observed = (torch.arange(7) < 3).expand(2, 7)
@@ -279,7 +280,7 @@ def test_ddim_frame_delay_staggers_the_generated_frames(delay):
         seen.append((x.clone(), t.clone()))
         return torch.full_like(x, 0.5)
 
-    cfg = DiffusionConfig(prediction="x0", sample_steps=3, sample_frame_delay=delay)
+    cfg = DiffusionConfig(prediction="x0", sample_steps=3, sample_frame_lag=lag)
     out = sample_window(model, clip, observed, schedule, cfg, generator=torch.Generator().manual_seed(0))
     ladder = [999, 500, 0]
     assert len(seen) == 3 + 3 * delay  # 4 generated frames
@@ -293,10 +294,11 @@ def test_ddim_frame_delay_staggers_the_generated_frames(delay):
     torch.testing.assert_close(out[:, :3], clip[:, :3])
     from fastdiff.config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match="sample_frame_delay"):
-        build_config("tiny", None, {"diffusion.sample_frame_delay": "-1"})
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match="sample_frame_lag"):
+            build_config("tiny", None, {"diffusion.sample_frame_lag": bad})
     with pytest.raises(ConfigError, match="not supported with the Heun sampler"):
-        build_config("tiny", None, {"diffusion.sample_frame_delay": "2", "diffusion.sampler": "heun"})
+        build_config("tiny", None, {"diffusion.sample_frame_lag": "0.5", "diffusion.sampler": "heun"})
 
 
 def test_context_noise_settings_are_checked():
