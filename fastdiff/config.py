@@ -175,11 +175,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # space with 4x4 patches, x0 prediction, fixed sin-cos positions, lr 1e-3 after 200 warm-up steps and the
     # paper's 1 live + 1 replayed window beat the earlier latent, eps, 1 + 5 recipe on every held-out number
     # (minADE 8.1 vs 10.2 px, ColorKL 0.14 vs 0.78, 3x the steps, no autoencoder fit). A buffer of half the
-    # (short) stream's frames keeps early frames in replay.
+    # (short) stream's frames keeps early frames in replay. It samples with the pyramid schedule (each generated
+    # frame starts 10 of its 20 stochastic DDIM steps after the one before): on a 600 CPU s model, minADE 7.76 vs
+    # 8.13 px, ColorKL 0.16 vs 0.21 and 22% vs 15% two-ball frames against the synchronous window, at 3x its calls.
     "tiny": {
         "model": {"width": 96, "depth": 4, "heads": 3, "patch": 4, "pos_embed": "sincos"},
         "autoencoder": {"latent": "none", "warmup_frames": 1000, "fit_steps": 400},
-        "diffusion": {"prediction": "x0", "sample_steps": 20},
+        "diffusion": {"prediction": "x0", "sample_steps": 20, "sample_frame_lag": 0.5, "ddim_eta": 1.0},
         "optim": {"lr": 1e-3, "warmup": 200},
         "run": {"frames": 2500, "checkpoint_every": 500, "sample_every": 1250},
         "replay": {"live": 1, "replayed": 1, "fraction": 0.5},
