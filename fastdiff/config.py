@@ -77,6 +77,7 @@ class DiffusionConfig:
     # it (0: all frames of the window step together, as the paper samples). > 0 is the pyramid schedule of
     # ddim_sample: far frames are denoised beside nearer ones that are already cleaner, at (G - 1) * share *
     # sample_steps more model calls for G new frames. A share, not a count, so that it scales with sample_steps.
+    # DDIM only: the Heun sampler steps every frame by one shared sigma schedule, and FIFO has its own diagonal.
     sample_frame_lag: float = 0.0
     # Context noise (noise augmentation of the observed frames, as GameNGen and Diffusion Forcing train): each
     # training window's observed frames are noised to one level drawn from [0, context_noise * T), which the model
@@ -404,9 +405,6 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.diffusion.sample_frame_lag <= 1.0:
         raise ConfigError(f"diffusion.sample_frame_lag: must be in [0, 1], a share of diffusion.sample_steps; "
                           f"got {cfg.diffusion.sample_frame_lag}")
-    if cfg.diffusion.sample_frame_lag > 0 and cfg.diffusion.sampler != "ddim":
-        raise ConfigError("diffusion.sample_frame_lag is not supported with the Heun sampler: its stochastic "
-                          "churn steps every frame by one shared sigma schedule; sample with DDIM")
     for dotted, share in (("diffusion.context_noise", cfg.diffusion.context_noise),
                           ("diffusion.sample_context_noise", cfg.diffusion.sample_context_noise)):
         if not 0.0 <= share < 1.0:

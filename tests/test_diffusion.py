@@ -297,8 +297,6 @@ def test_ddim_frame_delay_staggers_the_generated_frames(lag, delay):
     for bad in ("-0.1", "1.5"):
         with pytest.raises(ConfigError, match="sample_frame_lag"):
             build_config("tiny", None, {"diffusion.sample_frame_lag": bad})
-    with pytest.raises(ConfigError, match="not supported with the Heun sampler"):
-        build_config("tiny", None, {"diffusion.sample_frame_lag": "0.5", "diffusion.sampler": "heun"})
 
 
 def test_context_noise_settings_are_checked():
