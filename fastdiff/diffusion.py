@@ -194,7 +194,7 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         x = torch.where(obs5, clip, q_sample(last_observed(clean, observed), top, noise))
     # ladder[p]: a frame's level after p of its steps; -1 is "clean" (ops.ddim_step's to-clean), held there
     ladder = torch.cat([torch.linspace(top, 0, steps, device=clip.device).round().long(),
-                        torch.full((2,), -1, device=clip.device, dtype=torch.long)])
+                        torch.full((1,), -1, device=clip.device, dtype=torch.long)])
     # order[b, k]: 0 for the first generated frame of row b, 1 for the next, ...; observed frames are not stepped
     order = (torch.cumsum((~observed).long(), dim=1) - 1).clamp(min=0)
     calls = steps + frame_delay * max(int((~observed).sum(1).max()) - 1, 0)
@@ -204,8 +204,7 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         # frames sit at context_level throughout (0: clean), their step undone by the where below
         t = ladder[progress.clamp(0, steps)].clamp(min=0).masked_fill(observed, context_level)
         stepping = (progress >= 0) & (progress < steps) & ~observed
-        t_prev = torch.where(stepping, ladder[(progress + 1).clamp(0, steps)], t)
-        t_prev = t_prev.masked_fill(observed, context_level)
+        t_prev = torch.where(stepping, ladder[(progress + 1).clamp(0, steps)], t)  # observed: t, context_level
         out = model(x, t.float(), observed)
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]

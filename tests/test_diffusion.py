@@ -240,18 +240,24 @@ def test_context_noise_noises_observed_frames_at_a_level_the_model_sees(context_
                                training_loss(lambda x, t, o: torch.zeros_like(x), x0, schedule, cfg, gen()))
 
 
+def _recording_model(fill: float):
+    """A model that predicts `fill` everywhere and records (x, t) of every call in the returned list."""
+    seen = []
+
+    def model(x, t, observed):
+        seen.append((x.clone(), t.clone()))
+        return torch.full_like(x, fill)
+
+    return model, seen
+
+
 def test_ddim_conditions_on_context_noised_to_the_sampling_level():
     """context_level > 0: every model call sees the observed frames noised once (the same noise in every call)
     and their timestep at that level; the generated frames' levels are unchanged."""
     schedule = Schedule.make("linear", 1000)
     clip = torch.rand(2, 6, 1, 4, 4)
     observed = (torch.arange(6) < 3).expand(2, 6)
-    seen = []
-
-    def model(x, t, observed):
-        seen.append((x.clone(), t.clone()))
-        return torch.zeros_like(x)
-
+    model, seen = _recording_model(0.0)
     ddim_sample(model, clip, observed, schedule, steps=3, prediction="x0", generator=torch.Generator().manual_seed(0),
                 context_level=100)
     first_x = seen[0][0][:, :3]
@@ -274,12 +280,7 @@ def test_ddim_frame_delay_staggers_the_generated_frames(lag, delay):
     schedule = Schedule.make("linear", 1000)
     clip = torch.rand(2, 7, 1, 4, 4)
     observed = (torch.arange(7) < 3).expand(2, 7)
-    seen = []
-
-    def model(x, t, observed):
-        seen.append((x.clone(), t.clone()))
-        return torch.full_like(x, 0.5)
-
+    model, seen = _recording_model(0.5)
     cfg = DiffusionConfig(prediction="x0", sample_steps=3, sample_frame_lag=lag)
     out = sample_window(model, clip, observed, schedule, cfg, generator=torch.Generator().manual_seed(0))
     ladder = [999, 500, 0]
