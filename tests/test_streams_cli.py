@@ -105,21 +105,41 @@ def test_media_writers(tmp_path):
         media.save_gif(frames.astype(np.float32), tmp_path / "b.gif")
 
 
-def test_cli_sets_sleeping_openmp_waits_before_torch_loads():
-    """OMP_WAIT_POLICY only counts if it is set before torch's OpenMP runtime starts: the CLI sets PASSIVE (unless
-    the user chose) while torch is still unloaded, and the command then runs with it."""
+def test_cli_sets_openmp_waits_before_torch_loads():
+    """OMP_WAIT_POLICY only counts if it is set before torch's OpenMP runtime starts: the CLI sets it (unless the
+    user chose) while torch is still unloaded, and the command then runs with it. The load is faked to be low:
+    the probe's own choice then must be ACTIVE."""
     import os
     import subprocess
     import sys
 
-    probe = ("import os, sys; from fastdiff import cli; cli.build_parser(); loaded = 'torch' in sys.modules; "
+    probe = ("import os, sys; os.getloadavg = lambda: (0.1, 0.1, 0.1); from fastdiff import cli; cli.build_parser(); "
+             "loaded = 'torch' in sys.modules; "
              "cli.main(['streams', 'list']); print('POLICY', os.environ['OMP_WAIT_POLICY'], loaded)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert "POLICY PASSIVE False" in out
-    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
-                         text=True, check=True).stdout
     assert "POLICY ACTIVE False" in out
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "PASSIVE"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert "POLICY PASSIVE False" in out  # the user's choice wins over a quiet machine
+
+
+def test_openmp_threads_spin_only_on_a_quiet_machine(monkeypatch):
+    """Spinning waits are 1.35x faster on an idle machine and much slower on a busy one: the choice follows the
+    1-minute load average, and falls back to sleeping waits where there is none."""
+    import os
+
+    from fastdiff import cli
+
+    for load, policy in ((0.0, "ACTIVE"), (0.4, "ACTIVE"), (0.6, "PASSIVE"), (3.0, "PASSIVE")):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert cli.openmp_wait_policy() == policy, load
+
+    def unavailable():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", unavailable)
+    assert cli.openmp_wait_policy() == "PASSIVE"
 
 
 def test_cpu_threads_follow_the_cores_this_process_may_use(monkeypatch):
