@@ -42,6 +42,7 @@ class ModelConfig:
     checkpoint_activations: bool = False  # recompute blocks in backward to save memory
     pos_embed: str = "learned"  # learned, or sincos (DiT's fixed 2-D sine-cosine table)
     context_skip: bool = False  # x0 = last observed frame + network output (needs diffusion.prediction=x0)
+    overlap: bool = False  # tokens read and draw half a patch beyond their own (strided conv in, transposed conv out)
 
 
 @dataclass

@@ -38,14 +38,16 @@ def dit_parameters(cfg: Config, channels: int, patches: int, window: int) -> int
     """Parameters of fastdiff.models.dit.VideoDiT for this config (without building it)."""
     m = cfg.model
     d, hidden = m.width, int(m.width * m.mlp_ratio)
-    patch_dim = (channels + 1) * m.patch * m.patch
+    side = m.patch + 2 * ((m.patch + 1) // 2) if m.overlap else m.patch  # pixels each token reads and draws across
+    patch_dim = (channels + 1) * side * side
     block = (2 * (3 * d * d + 3 * d + d * d + d)  # spatial and temporal qkv + proj
              + m.heads * (2 * window - 1)  # relative-position bias
              + d * hidden + hidden + hidden * d + d  # MLP
              + d * 9 * d + 9 * d)  # adaLN
     pos = patches * d if m.pos_embed == "learned" else 0  # a sincos table is a buffer, not a parameter
     stem = patch_dim * d + d + pos + 256 * d + d + d * d + d + 2 * d
-    head = d * 2 * d + 2 * d + d * channels * m.patch**2 + channels * m.patch**2
+    out_bias = channels if m.overlap else channels * m.patch**2  # a transposed conv has one bias per channel
+    head = d * 2 * d + 2 * d + d * channels * side**2 + out_bias
     return m.depth * block + stem + head
 
 

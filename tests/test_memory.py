@@ -12,13 +12,15 @@ from fastdiff.models.dit import VideoDiT, count_parameters
 STREAMS = {"balls": ((32, 32), 10), "maze": ((64, 64), 20)}
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
 @pytest.mark.parametrize("patch,channels,hw,window", [(1, 4, 8, 10), (4, 3, 32, 10), (2, 4, 16, 20)])
-def test_parameter_count_is_exact(patch, channels, hw, window, pos_embed):
-    cfg = build_config("tiny", None, {"model.patch": str(patch), "model.pos_embed": pos_embed})
+def test_parameter_count_is_exact(patch, channels, hw, window, pos_embed, overlap):
+    cfg = build_config("tiny", None, {"model.patch": str(patch), "model.pos_embed": pos_embed,
+                                      "model.overlap": str(overlap).lower()})
     m = cfg.model
     model = VideoDiT(channels, hw, hw, window, width=m.width, depth=m.depth, heads=m.heads, patch=patch,
-                     pos_embed=pos_embed)
+                     pos_embed=pos_embed, overlap=overlap)
     assert dit_parameters(cfg, channels, (hw // patch) ** 2, window) == count_parameters(model)
 
 

@@ -144,3 +144,37 @@ def test_context_skip_needs_x0_prediction():
     build_config("tiny", None, {"model.context_skip": "true", "diffusion.prediction": "x0"})
     with pytest.raises(ConfigError, match="diffusion.prediction=x0"):
         build_config("tiny", None, {"model.context_skip": "true", "diffusion.prediction": "eps"})
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_overlapping_patches_read_and_draw_across_patch_edges(patch):
+    """With model.overlap a token reads its patch and half a patch around it, and draws there: a pixel at the corner
+    of a patch reaches the tokens of the patches that meet at that corner (and only those), and one token's output
+    reaches into its neighbours' pixels. Without it, each token reads and draws its own patch alone."""
+    torch.manual_seed(0)
+    h, w = 4 * patch, 6 * patch  # not square: rows and columns must not be swapped
+    for overlap in (False, True):
+        model = VideoDiT(3, h, w, 2, width=64, depth=1, heads=2, patch=patch, overlap=overlap)
+        x = torch.randn(1, 2, 4, h, w)
+        moved = x.clone()
+        moved[0, 1, :, patch - 1, patch - 1] += 1.0  # the corner pixel shared by patches (0, 0), (0, 1), (1, 0), (1, 1)
+        changed = (model.to_tokens(moved) - model.to_tokens(x)).abs().sum(-1)[0]  # (K, S)
+        assert changed[0].sum() == 0  # the other frame is untouched
+        reached = set(map(tuple, torch.nonzero(changed[1].view(4, 6)).tolist()))
+        assert reached == ({(0, 0), (0, 1), (1, 0), (1, 1)} if overlap else {(0, 0)}), (overlap, reached)
+
+        torch.nn.init.normal_(model.out.weight)
+        tokens = torch.zeros(1, 2, 24, 64)
+        tokens[0, 1, 6 + 1] = 1.0  # the token of patch (1, 1)
+        drawn = model.to_frames(tokens) - model.to_frames(torch.zeros_like(tokens))
+        assert drawn[0, 0].abs().sum() == 0
+        rows, cols = torch.nonzero(drawn[0, 1].abs().sum(0)).unbind(1)
+        pad = (patch + 1) // 2 if overlap else 0
+        assert (rows.min(), rows.max(), cols.min(), cols.max()) == (patch - pad, 2 * patch - 1 + pad,
+                                                                    patch - pad, 2 * patch - 1 + pad)
+
+
+def test_overlapping_patches_start_at_zero():
+    model = VideoDiT(3, 8, 12, 4, width=64, depth=1, heads=2, patch=4, overlap=True)
+    out = model(torch.randn(2, 4, 3, 8, 12), torch.rand(2, 4) * 1000, torch.tensor([[True, True, False, False]] * 2))
+    assert out.shape == (2, 4, 3, 8, 12) and torch.count_nonzero(out) == 0

@@ -107,7 +107,8 @@ class DiTBlock(nn.Module):
 class VideoDiT(nn.Module):
     def __init__(self, channels: int, height: int, width_px: int, max_frames: int, *, width: int = 64,
                  depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
-                 checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False):
+                 checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False,
+                 overlap: bool = False):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
@@ -115,8 +116,15 @@ class VideoDiT(nn.Module):
         self.grid = (height // patch, width_px // patch)
         self.checkpoint_activations = checkpoint_activations
         self.context_skip = context_skip
-        patch_dim = (channels + 1) * patch * patch  # +1: the observed-frame indicator channel
-        self.embed = nn.Linear(patch_dim, width)
+        # overlap: each token reads, and draws, its patch and half a patch around it (a strided conv in, its transpose
+        # out), so a ball that straddles a patch edge is seen by the tokens on both sides and drawn by them together,
+        # not as blocks that each token fills alone and that need not meet.
+        self.overlap = overlap
+        if overlap:
+            pad = (patch + 1) // 2
+            self.embed = nn.Conv2d(channels + 1, width, patch + 2 * pad, stride=patch, padding=pad)
+        else:
+            self.embed = nn.Linear((channels + 1) * patch * patch, width)  # +1: the observed-frame indicator channel
         if pos_embed == "sincos":  # fixed: where every token sits is known from the first step
             self.register_buffer("pos", sincos_2d(self.grid, width), persistent=False)
         elif pos_embed == "learned":
@@ -128,7 +136,10 @@ class VideoDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.out = nn.Linear(width, channels * patch * patch)
+        if overlap:
+            self.out = nn.ConvTranspose2d(width, channels, patch + 2 * pad, stride=patch, padding=pad)
+        else:
+            self.out = nn.Linear(width, channels * patch * patch)
         for layer in (self.final_ada[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -145,6 +156,19 @@ class VideoDiT(nn.Module):
         x = x.reshape(b, k, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, k, c, gh * p, gw * p)
 
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, C+1, H, W) -> (B, K, S, D)
+        if not self.overlap:
+            return self.embed(self.patchify(x))
+        b, k = x.shape[:2]
+        return self.embed(x.flatten(0, 1)).flatten(2).transpose(1, 2).reshape(b, k, -1, self.embed.out_channels)
+
+    def to_frames(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, K, S, D) -> (B, K, C, H, W)
+        if not self.overlap:
+            return self.unpatchify(self.out(tokens))
+        b, k, _, d = tokens.shape
+        out = self.out(tokens.reshape(b * k, *self.grid, d).permute(0, 3, 1, 2))
+        return out.view(b, k, *out.shape[1:])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         b, k, c, h, w = x.shape
         if c != self.channels or (h // self.patch, w // self.patch) != self.grid:
@@ -154,7 +178,7 @@ class VideoDiT(nn.Module):
             raise ValueError(f"timesteps and observed mask must be (B, K)=({b}, {k}); "
                              f"got {tuple(t.shape)} and {tuple(observed.shape)}")
         indicator = observed.to(x.dtype)[:, :, None, None, None].expand(b, k, 1, h, w)
-        tokens = self.embed(self.patchify(torch.cat([x, indicator], dim=2))) + self.pos
+        tokens = self.to_tokens(torch.cat([x, indicator], dim=2)) + self.pos
         cond = self.time_mlp(timestep_embedding(t, 256)) + self.observed_embed(observed.long())
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
@@ -162,7 +186,7 @@ class VideoDiT(nn.Module):
             else:
                 tokens = block(tokens, cond)
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
-        out = self.unpatchify(self.out(ops.adaln_modulate(tokens, shift, scale, self.final_norm.eps)))
+        out = self.to_frames(ops.adaln_modulate(tokens, shift, scale, self.final_norm.eps))
         return out + last_observed(x, observed) if self.context_skip else out
 
 
