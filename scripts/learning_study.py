@@ -156,7 +156,7 @@ def table(out: Path) -> None:
     floors_by_seed = {r["seed"]: r.get("floors", {}) for r in reversed(results)}
     lines = ["# Learning-efficiency study (balls-o, tiny preset, CPU)", "",
              f"Each row: trained online for a fixed budget of process CPU seconds (set-up and autoencoder fit "
-             f"included), one thread; evaluated on the same {results[0]['eval']['clips']} held-out clips, "
+             f"included), one thread; evaluated on the same {results[0]['eval']['clips']} held-out clips per seed, "
              f"{results[0]['eval']['samples']} sampled continuations each (5 real frames, 45 generated, "
              f"{results[0]['eval']['sample_steps']} DDIM steps unless the row says otherwise). minADE in pixels "
              "(lower is better), two balls = share of generated frames showing exactly two balls.", "",
