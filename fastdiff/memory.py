@@ -28,6 +28,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff.config import Config, optimizer_name
+from fastdiff.models.dit import overlap_margin
 
 ACTIVATION_BYTES = {"fp32": 124.0, "bf16": 87.0}
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit-bnb": 2.03, "adamw8bit-fused": 2.03}
@@ -38,7 +39,7 @@ def dit_parameters(cfg: Config, channels: int, patches: int, window: int) -> int
     """Parameters of fastdiff.models.dit.VideoDiT for this config (without building it)."""
     m = cfg.model
     d, hidden = m.width, int(m.width * m.mlp_ratio)
-    side = m.patch + 2 * ((m.patch + 1) // 2) if m.overlap else m.patch  # pixels each token reads and draws across
+    side = m.patch + 2 * overlap_margin(m.patch) if m.overlap else m.patch  # pixels each token reads and draws across
     patch_dim = (channels + 1) * side * side
     block = (2 * (3 * d * d + 3 * d + d * d + d)  # spatial and temporal qkv + proj
              + m.heads * (2 * window - 1)  # relative-position bias

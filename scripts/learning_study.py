@@ -153,7 +153,7 @@ def table(out: Path) -> None:
         raise SystemExit(f"no results under {RUNS}")
     out.mkdir(parents=True, exist_ok=True)
     # The held-out clips come from the run's stream seed, so each seed's rows have floors of their own.
-    floors_by_seed = {r["seed"]: r.get("floors", {}) for r in reversed(results)}
+    floors_by_seed = {r["seed"]: r.get("floors", {}) for r in results}
     lines = ["# Learning-efficiency study (balls-o, tiny preset, CPU)", "",
              f"Each row: trained online for a fixed budget of process CPU seconds (set-up and autoencoder fit "
              f"included), one thread; evaluated on the same {results[0]['eval']['clips']} held-out clips per seed, "

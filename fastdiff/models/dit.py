@@ -31,6 +31,12 @@ def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:
     return torch.nn.functional.pad(table, (0, width - table.shape[1])).float()
 
 
+def overlap_margin(patch: int) -> int:
+    """Pixels beyond its own patch, on every side, that a token reads and draws with model.overlap: half a patch
+    (rounded up, so that patch 1 still reaches its neighbours)."""
+    return (patch + 1) // 2
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, any shape -> (..., dim)."""
     half = dim // 2
@@ -121,7 +127,7 @@ class VideoDiT(nn.Module):
         # not as blocks that each token fills alone and that need not meet.
         self.overlap = overlap
         if overlap:
-            pad = (patch + 1) // 2
+            pad = overlap_margin(patch)
             self.embed = nn.Conv2d(channels + 1, width, patch + 2 * pad, stride=patch, padding=pad)
         else:
             self.embed = nn.Linear((channels + 1) * patch * patch, width)  # +1: the observed-frame indicator channel
