@@ -286,7 +286,9 @@ def final_sample(run: LoadedRun, clip_count: int, out_dir: Path, tag: str, *, se
     media.save_gif(frames, out_dir / f"{tag}.gif", fps=run.fps, scale=scale)
     return {"sample": str(out_dir / f"{tag}.png"), "clips": len(clips.frames), "samples_per_clip": opts.samples,
             "observed": opts.observed, "generated": opts.length - opts.observed,
-            "sample_steps": run.cfg.diffusion.sample_steps, "model": {k: scores[k] for k in keys},
+            "sample_steps": run.cfg.diffusion.sample_steps,
+            # the colour transition counts too, so that ColorKL can be recomputed (metrics.rescore_colour_kl)
+            "model": {k: scores[k] for k in (*keys, "transitions")},
             "floors": {name: {k: f[k] for k in keys} for name, f in floors.items()},
             "seconds": round(time.perf_counter() - started, 1)}
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from fastdiff.config import STRATEGIES, build_config
 from fastdiff.evaluate import EvalOptions, evaluate_run, plot_curves
+from fastdiff.metrics import rescore_colour_kl
 
 STRATEGY_NAMES = {"offline": "Offline (i.i.d.)", "er": "ER (5%)", "none": "No replay", "full": "Full replay",
                   "gen-distill": "Generative distillation"}
@@ -124,7 +125,13 @@ def _mean_curve(runs: list[dict]) -> list[dict]:
 
 
 def write_report(out: Path, report: dict) -> Path:
+    """OUT/report.md and the plots from a report (run_experiment's, or a stored report.json: ColorKL is recomputed
+    from the stored transition counts, so an old report reads by the current definition)."""
     results, strategies = report["results"], report["strategies"]
+    for runs in results.values():
+        for r in runs:
+            for scores in (r["final"], *r["final"].get("floors", {}).values(), *r["curve"]):
+                rescore_colour_kl(scores)
     metric_cols = [m for m in TABLE_METRICS if any(m[0] in r["final"] for runs in results.values() for r in runs)]
     seeds = report["seeds"]
     lines = [

@@ -7,7 +7,8 @@
                                   A = 124 in fp32 (31 saved values of 4 B, measured on this DiT with
                                   TensorMemoryTracker), 87 under bf16 autocast (linear outputs in bf16, the
                                   residual stream and norms in fp32); plus, where attention has no fused
-                                  kernel (CPU), the S x S probabilities of spatial attention.
+                                  kernel (CPU), the S x S probabilities of spatial attention
+                                  ((K S) x (K S) with model.joint_attention).
                                   With activation checkpointing: each block's input (4 B per value) plus one
                                   block's activations, recomputed in backward.
     backward workspace            one more block's activations: a margin for the gradients flowing through
@@ -68,8 +69,9 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
     tokens = batch * window * patches
     width, depth, heads = cfg.model.width, cfg.model.depth, cfg.model.heads
     per_block = tokens * width * ACTIVATION_BYTES[precision]
-    if device_type != "cuda":  # math attention keeps the softmax probabilities
-        per_block += batch * window * heads * patches**2 * 4
+    if device_type != "cuda":  # math attention keeps the softmax probabilities (a joint one: over the whole clip)
+        per_block += batch * heads * (window * patches) ** 2 * 4 if cfg.model.joint_attention else \
+            batch * window * heads * patches**2 * 4
     if cfg.model.checkpoint_activations:
         activations = tokens * width * 4 * depth + per_block
     else:

@@ -181,17 +181,27 @@ def transition_counts(colour_tracks: np.ndarray, first_frame: int = 0, hold: int
 
 
 def colour_kl(counts: np.ndarray) -> tuple[float, int]:
-    """ColorKL from transition counts, and how many old colours it averaged over (NaN, 0 if none)."""
+    """ColorKL from transition counts (old colour, new colour), and how many old colours the samples left.
+
+    The mean over all three old colours, as the paper defines it. An old colour that the samples never left
+    scores as a model that knows nothing of its rule (the uniform prior of the pseudo-counts): leaving it out
+    would let a model that rarely changes colour average over the one rule it shows, and score near 0."""
     kls = []
     for old in (RED, YELLOW, GREEN):
         row = counts[old].astype(np.float64)
-        if row.sum() == 0:
-            continue
         p_model = (row + PSEUDO_COUNT) / (row.sum() + 3 * PSEUDO_COUNT)
         p_true = TRUE_TRANSITIONS[old]
         support = p_true > 0
         kls.append(float((p_true[support] * np.log(p_true[support] / p_model[support])).sum()))
-    return (float(np.mean(kls)) if kls else float("nan")), len(kls)
+    return float(np.mean(kls)), int((counts.sum(axis=1) > 0).sum())
+
+
+def rescore_colour_kl(scores: dict) -> dict:
+    """Recompute a score dict's ColorKL in place from its stored transition counts (when it has them), so that
+    results scored before colour_kl's definition changed read the same as new ones. Returns the dict."""
+    if "transitions" in scores:
+        scores["ColorKL"], scores["ColorKL_colours"] = colour_kl(np.array(scores["transitions"]))
+    return scores
 
 
 def colour_runs(colours: list[int], hold: int) -> list[tuple[int, int]]:

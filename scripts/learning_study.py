@@ -151,6 +151,11 @@ def table(out: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/result.json"))]
     if not results:
         raise SystemExit(f"no results under {RUNS}")
+    from fastdiff.metrics import rescore_colour_kl
+
+    for r in results:
+        for scores in (r, *r.get("floors", {}).values()):
+            rescore_colour_kl(scores)
     out.mkdir(parents=True, exist_ok=True)
     # The held-out clips come from the run's stream seed, so each seed's rows have floors of their own.
     floors_by_seed = {r["seed"]: r.get("floors", {}) for r in results}

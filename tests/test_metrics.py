@@ -84,11 +84,24 @@ def test_colour_kl_matches_the_formula():
     eps = metrics.PSEUDO_COUNT
     p_red = (counts[0] + eps) / (40 + 3 * eps)
     p_yellow = (counts[1] + eps) / (20 + 3 * eps)
-    expected = (0.5 * np.log(0.5 / p_red[1]) + 0.5 * np.log(0.5 / p_red[2]) + np.log(1 / p_yellow[0])) / 2
+    never_left_green = np.log(3.0)  # green -> red is certain; a model that shows no green change is uniform
+    expected = (0.5 * np.log(0.5 / p_red[1]) + 0.5 * np.log(0.5 / p_red[2]) + np.log(1 / p_yellow[0])
+                + never_left_green) / 3
     kl, support = metrics.colour_kl(counts)
     assert support == 2
     assert kl == pytest.approx(expected, rel=1e-12)
-    assert np.isnan(metrics.colour_kl(np.zeros((3, 3), dtype=np.int64))[0])
+
+
+def test_colour_kl_does_not_reward_a_model_that_shows_one_rule():
+    """A model that only ever turns yellow balls red is right about that one rule and silent on the others; it must
+    not score as well as one that shows all three rules right (the old mean over shown colours gave it ~0)."""
+    one_rule = np.zeros((3, 3), dtype=np.int64)
+    one_rule[1, 0] = 8
+    all_rules = np.array([[0, 20, 20], [20, 0, 0], [20, 0, 0]])
+    assert metrics.colour_kl(all_rules)[0] < 1e-3
+    assert metrics.colour_kl(one_rule)[0] > 0.4
+    assert metrics.colour_kl(np.zeros((3, 3), dtype=np.int64)) == pytest.approx(
+        ((np.log(1.5) + 2 * np.log(3.0)) / 3, 0))  # no change at all: knows nothing, not NaN
 
 
 def test_frechet_distance_matches_scipy():

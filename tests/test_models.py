@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, unit_to_pixels
-from fastdiff.models.dit import TemporalAttention, VideoDiT, count_parameters, last_observed
+from fastdiff.models.dit import SpatialAttention, TemporalAttention, VideoDiT, count_parameters, last_observed
 
 
 @pytest.mark.parametrize("patch, hw", [(1, (8, 8)), (2, (8, 12))])
@@ -39,6 +39,34 @@ def test_dit_uses_every_frame_condition():
     obs2 = obs.clone()
     obs2[0, 1] = True
     assert not torch.allclose(model(x, t, obs2), base)
+
+
+@pytest.mark.parametrize("frame_pos", [False, True])
+def test_frame_pos_tells_identical_frames_apart(frame_pos):
+    """Identical frames with identical conditions are indistinguishable to the model unless their tokens carry the
+    frame's index: only then does the output differ from frame to frame (and it depends on the order)."""
+    torch.manual_seed(0)
+    model = VideoDiT(3, 8, 8, 6, width=64, depth=1, heads=2, patch=2, frame_pos=frame_pos)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 1, 3, 8, 8).expand(1, 6, 3, 8, 8)
+    out = model(x, torch.full((1, 6), 300.0), torch.zeros(1, 6, dtype=torch.bool))
+    spread = (out - out[:, :1]).abs().amax()
+    if frame_pos:
+        assert spread > 1e-3
+    else:
+        assert spread < 1e-5
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_joint_attention_reaches_other_frames_in_one_hop(joint):
+    """Per-frame attention never mixes frames; the joint one lets frame 0's tokens read frame 1's."""
+    torch.manual_seed(0)
+    attn = SpatialAttention(32, 2, joint=joint)
+    x = torch.randn(2, 3, 5, 32, requires_grad=True)
+    attn(x)[:, 0].sum().backward()
+    reached = x.grad[:, 1:].abs().amax()
+    assert (reached > 1e-4) if joint else (reached == 0)
 
 
 def test_dit_rejects_bad_shapes():

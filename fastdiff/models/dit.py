@@ -19,16 +19,23 @@ from torch.utils.checkpoint import checkpoint
 from fastdiff import ops
 
 
+def sincos(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """The fixed sine-cosine embedding (Vaswani et al. 2017) of positions (N,): (N, width), the sines of the
+    width // 2 geometric frequencies then their cosines, zero-padded to width."""
+    half = width // 2
+    freqs = 1.0 / 10_000 ** (torch.arange(half, dtype=torch.float64) / half)
+    angles = positions.to(torch.float64).reshape(-1, 1) * freqs
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(table, (0, width - table.shape[1])).float()
+
+
 def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:
     """The fixed 2-D sine-cosine position embedding of DiT (Peebles & Xie 2023): half the channels encode the row,
     half the column, at geometric frequencies. (gh * gw, width)."""
-    quarter = width // 4
-    freqs = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
-                                indexing="ij")
-    parts = [f(axis.reshape(-1, 1) * freqs) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
-    table = torch.cat(parts, dim=1)
-    return torch.nn.functional.pad(table, (0, width - table.shape[1])).float()
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    axis = 2 * (width // 4)  # channels per axis: width // 4 frequencies, a sine and a cosine each
+    table = torch.cat([sincos(rows, axis), sincos(cols, axis)], dim=1)
+    return torch.nn.functional.pad(table, (0, width - table.shape[1]))
 
 
 def overlap_margin(patch: int) -> int:
@@ -46,16 +53,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class SpatialAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """Attention over the S tokens of every frame; with `joint`, over all K * S tokens of the clip at once, so that a
+    token reaches another frame's tokens at other places in one hop (a moving ball), at (K * S)^2 cost."""
+
+    def __init__(self, width: int, heads: int, joint: bool = False):
         super().__init__()
         self.heads = heads
+        self.joint = joint
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, D)
         b, k, s, d = x.shape
-        qkv = self.qkv(x).view(b * k, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B*K, H, S, Dh)
+        groups, length = (b, k * s) if self.joint else (b * k, s)
+        qkv = self.qkv(x).view(groups, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (groups, H, length, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, k, s, d))
 
 
@@ -88,10 +100,10 @@ class TemporalAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, max_frames: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, max_frames: int, mlp_ratio: float, joint: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.spatial = SpatialAttention(width, heads)
+        self.spatial = SpatialAttention(width, heads, joint)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.temporal = TemporalAttention(width, heads, max_frames)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -114,7 +126,7 @@ class VideoDiT(nn.Module):
     def __init__(self, channels: int, height: int, width_px: int, max_frames: int, *, width: int = 64,
                  depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
                  checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False,
-                 overlap: bool = False):
+                 overlap: bool = False, frame_pos: bool = False, joint_attention: bool = False):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
@@ -137,9 +149,18 @@ class VideoDiT(nn.Module):
             self.pos = nn.Parameter(torch.randn(self.grid[0] * self.grid[1], width) * 0.02)
         else:
             raise ValueError(f"pos_embed {pos_embed!r} is not one of learned, sincos")
+        # frame_pos: every token also carries its frame's index in the window, so that what temporal attention reads
+        # from a frame says which frame it came from (the relative-position bias only weighs frames, and starts flat):
+        # a ball's velocity is a difference between ordered frames.
+        if frame_pos:
+            table = sincos(torch.arange(max_frames), width)[:, None]  # (K, 1, D)
+            self.register_buffer("frame_pos", table, persistent=False)
+        else:
+            self.frame_pos = None
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.observed_embed = nn.Embedding(2, width)
-        self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio, joint_attention)
+                                    for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         if overlap:
@@ -185,6 +206,8 @@ class VideoDiT(nn.Module):
                              f"got {tuple(t.shape)} and {tuple(observed.shape)}")
         indicator = observed.to(x.dtype)[:, :, None, None, None].expand(b, k, 1, h, w)
         tokens = self.to_tokens(torch.cat([x, indicator], dim=2)) + self.pos
+        if self.frame_pos is not None:
+            tokens = tokens + self.frame_pos[:k]
         cond = self.time_mlp(timestep_embedding(t, 256)) + self.observed_embed(observed.long())
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
