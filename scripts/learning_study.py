@@ -179,11 +179,12 @@ def table(out: Path) -> None:
     samplers = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/samplers.json"))]
     if samplers:
         lines += ["", "## Samplers and step counts (one trained model each)", "",
-                  "| model | sampler | steps | seconds | minADE | ColorKL | colour acc. | two balls |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | sampler | steps | settings | seconds | minADE | ColorKL | colour acc. | two balls |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for rows in samplers:
             for s in rows:
-                lines.append(f"| {s['model']} | {s['sampler']} | {s['steps']} | {s['seconds']} | "
+                lines.append(f"| {s['model']} | {s['sampler']} | {s['steps']} | `{' '.join(s.get('settings', []))}` | "
+                             f"{s['seconds']} | "
                              f"{_fmt(s['minADE'], 2)} | {_fmt(s['ColorKL'])} | {_fmt(s['colour_accuracy'])} | "
                              f"{_fmt(s['ball_count_ok'])} |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
