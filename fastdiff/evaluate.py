@@ -278,7 +278,8 @@ def final_sample(run: LoadedRun, clip_count: int, out_dir: Path, tag: str, *, se
     videos = continuations(run, clips, opts)
     scores = balls_scores(videos, clips, opts.observed)
     floors = floor_scores(run, clips, opts.observed)
-    keys = ("minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
+    # the colour transition counts too, so that ColorKL can be recomputed (metrics.rescore_colour_kl)
+    keys = ("minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "transitions")
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = np.concatenate(list(videos[:, 0]), axis=1)  # (T, clips * H, W, 3): the clips stacked top to bottom
     scale = max(1, 128 // run.frame_shape[0])
@@ -286,9 +287,7 @@ def final_sample(run: LoadedRun, clip_count: int, out_dir: Path, tag: str, *, se
     media.save_gif(frames, out_dir / f"{tag}.gif", fps=run.fps, scale=scale)
     return {"sample": str(out_dir / f"{tag}.png"), "clips": len(clips.frames), "samples_per_clip": opts.samples,
             "observed": opts.observed, "generated": opts.length - opts.observed,
-            "sample_steps": run.cfg.diffusion.sample_steps,
-            # the colour transition counts too, so that ColorKL can be recomputed (metrics.rescore_colour_kl)
-            "model": {k: scores[k] for k in (*keys, "transitions")},
+            "sample_steps": run.cfg.diffusion.sample_steps, "model": {k: scores[k] for k in keys},
             "floors": {name: {k: f[k] for k in keys} for name, f in floors.items()},
             "seconds": round(time.perf_counter() - started, 1)}
 

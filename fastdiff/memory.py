@@ -69,9 +69,9 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
     tokens = batch * window * patches
     width, depth, heads = cfg.model.width, cfg.model.depth, cfg.model.heads
     per_block = tokens * width * ACTIVATION_BYTES[precision]
-    if device_type != "cuda":  # math attention keeps the softmax probabilities (a joint one: over the whole clip)
-        per_block += batch * heads * (window * patches) ** 2 * 4 if cfg.model.joint_attention else \
-            batch * window * heads * patches**2 * 4
+    if device_type != "cuda":  # math attention keeps the softmax probabilities: per frame, or over the whole clip
+        sequences, length = (batch, window * patches) if cfg.model.joint_attention else (batch * window, patches)
+        per_block += sequences * heads * length**2 * 4
     if cfg.model.checkpoint_activations:
         activations = tokens * width * 4 * depth + per_block
     else:
