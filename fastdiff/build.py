@@ -81,7 +81,8 @@ def model(cfg: ModelConfig, latent: tuple[int, int, int], window: int, device) -
     return VideoDiT(latent[0], latent[1], latent[2], window, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                     patch=cfg.patch, mlp_ratio=cfg.mlp_ratio, checkpoint_activations=cfg.checkpoint_activations,
                     pos_embed=cfg.pos_embed, context_skip=cfg.context_skip, overlap=cfg.overlap,
-                    frame_pos=cfg.frame_pos, joint_attention=cfg.joint_attention).to(device)
+                    frame_pos=cfg.frame_pos, joint_attention=cfg.joint_attention,
+                    local_mix=cfg.local_mix).to(device)
 
 
 # --- replay buffer and offline bank ------------------------------------------------------------------

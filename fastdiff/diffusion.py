@@ -56,20 +56,28 @@ class Schedule:
         return lo.float() + frac.clamp(0, 1)
 
 
+def observed_frames(cfg: DiffusionConfig, window: int) -> int:
+    """Frames a rollout window observes: `rollout_observed`, or K/2 (the paper's) when 0."""
+    return cfg.rollout_observed or window // 2
+
+
 def sample_training_levels(batch: int, frames: int, timesteps: int, paper_prob: float,
-                           generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+                           generator: torch.Generator, device, observed: int | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame timesteps (B, K) and observed mask (B, K) for training.
 
-    With probability `paper_prob` a window follows the paper: first K/2 frames observed, the rest share
-    one noise level. Otherwise every frame draws its own level and a random clean prefix of 0..K/2
-    frames is observed, so diagonal (FIFO) denoising sees nothing it was not trained on.
+    With probability `paper_prob` a window follows the rollout: its first `observed` frames (K/2 by default, the
+    paper's) clean, the rest sharing one noise level. Otherwise every frame draws its own level and a random clean
+    prefix of 0 .. max(K/2, observed) frames is observed, so diagonal (FIFO) and pyramid denoising see nothing
+    they were not trained on.
     """
+    n_obs = frames // 2 if observed is None else observed
     frame = torch.arange(frames, device=device)
     paper = torch.rand(batch, 1, generator=generator, device=device) < paper_prob
     t_shared = torch.randint(0, timesteps, (batch, 1), generator=generator, device=device).expand(batch, frames)
     t_free = torch.randint(0, timesteps, (batch, frames), generator=generator, device=device)
-    prefix = torch.randint(0, frames // 2 + 1, (batch, 1), generator=generator, device=device)
-    observed = torch.where(paper, frame < frames // 2, frame < prefix)
+    prefix = torch.randint(0, max(frames // 2, n_obs) + 1, (batch, 1), generator=generator, device=device)
+    observed = torch.where(paper, frame < n_obs, frame < prefix)
     t = torch.where(paper, t_shared, t_free).masked_fill(observed, 0)
     return t, observed
 
@@ -109,7 +117,8 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
                   generator: torch.Generator) -> torch.Tensor:
     """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels."""
     b, k = x0.shape[:2]
-    t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device)
+    t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device,
+                                         observed_frames(cfg, k))
     weight = frame_weights(t, schedule, cfg)
     noised = cfg.context_noise > 0
     if noised:  # one context level per window, in [0, context_noise * T)
@@ -291,11 +300,11 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
 def rollout_chunks(model, context: torch.Tensor, window: int, schedule: Schedule, cfg: DiffusionConfig, *,
                    n_observed: int | None = None, generator: torch.Generator | None = None,
                    clip_x0: float | None = None, sampler: str | None = None) -> Iterator[torch.Tensor]:
-    """The paper's autoregressive sliding rollout, endless: observe the last n frames (K/2 by default), generate
+    """The paper's autoregressive sliding rollout, endless: observe the last n frames (`observed_frames`), generate
     the rest of the window, slide. context (B, n0, C, H, W) clean frames; yields the new frames of each window
     (B, K - n, C, H, W). Only the observed frames are kept, so memory does not grow with the video."""
     b, n0 = context.shape[:2]
-    n_obs = window // 2 if n_observed is None else n_observed
+    n_obs = observed_frames(cfg, window) if n_observed is None else n_observed
     if not 0 < n_obs < window:
         raise ValueError(f"n_observed must be in [1, {window - 1}], got {n_obs}")
     if n0 < 1:

@@ -27,7 +27,7 @@ import torch
 
 from fastdiff import metrics
 from fastdiff.config import DiffusionConfig
-from fastdiff.diffusion import Schedule, loss_at_levels, masked_diffusion_loss, rollout
+from fastdiff.diffusion import Schedule, loss_at_levels, masked_diffusion_loss, observed_frames, rollout
 from fastdiff.models.autoencoder import encode_frames
 from fastdiff.sampling import LoadedRun
 
@@ -318,7 +318,7 @@ def heldout_windows(run: LoadedRun, count: int, start: int = 0) -> torch.Tensor:
 
 def autoregressive_pattern(run: LoadedRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (t, observed, kept) of every model call the autoregressive DDIM rollout makes per chunk."""
-    k, n_obs = run.window, run.window // 2
+    k, n_obs = run.window, observed_frames(run.cfg.diffusion, run.window)
     levels = torch.linspace(run.schedule.timesteps - 1, 0, run.cfg.diffusion.sample_steps).round().long()
     observed = (torch.arange(k) < n_obs).expand(len(levels), k)
     t = levels[:, None].expand(-1, k).masked_fill(observed, 0)

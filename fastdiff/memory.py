@@ -6,7 +6,8 @@
     activations                   A B per (token x width x block), tokens = batch x K x patches per frame:
                                   A = 124 in fp32 (31 saved values of 4 B, measured on this DiT with
                                   TensorMemoryTracker), 87 under bf16 autocast (linear outputs in bf16, the
-                                  residual stream and norms in fp32); plus, where attention has no fused
+                                  residual stream and norms in fp32), 4 more with model.local_mix; plus,
+                                  where attention has no fused
                                   kernel (CPU), the S x S probabilities of spatial attention
                                   ((K S) x (K S) with model.joint_attention).
                                   With activation checkpointing: each block's input (4 B per value) plus one
@@ -32,6 +33,9 @@ from fastdiff.config import Config, optimizer_name
 from fastdiff.models.dit import overlap_margin
 
 ACTIVATION_BYTES = {"fp32": 124.0, "bf16": 87.0}
+# model.local_mix: one more saved value per token and width (measured in fp32: the MLP's summed input); under bf16,
+# the bf16 copies of the conv's input and of that sum
+LOCAL_MIX_BYTES = {"fp32": 4.0, "bf16": 4.0}
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit-bnb": 2.03, "adamw8bit-fused": 2.03}
 MiB = 2**20
 
@@ -45,7 +49,8 @@ def dit_parameters(cfg: Config, channels: int, patches: int, window: int) -> int
     block = (2 * (3 * d * d + 3 * d + d * d + d)  # spatial and temporal qkv + proj
              + m.heads * (2 * window - 1)  # relative-position bias
              + d * hidden + hidden + hidden * d + d  # MLP
-             + d * 9 * d + 9 * d)  # adaLN
+             + d * 9 * d + 9 * d  # adaLN
+             + (27 * d + d if m.local_mix else 0))  # the local mix: a depthwise 3x3x3 conv
     pos = patches * d if m.pos_embed == "learned" else 0  # a sincos table is a buffer, not a parameter
     stem = patch_dim * d + d + pos + 256 * d + d + d * d + d + 2 * d
     out_bias = channels if m.overlap else channels * m.patch**2  # a transposed conv has one bias per channel
@@ -68,7 +73,8 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
     batch = cfg.replay.live + cfg.replay.replayed
     tokens = batch * window * patches
     width, depth, heads = cfg.model.width, cfg.model.depth, cfg.model.heads
-    per_block = tokens * width * ACTIVATION_BYTES[precision]
+    per_block = tokens * width * (ACTIVATION_BYTES[precision] + (LOCAL_MIX_BYTES[precision] if cfg.model.local_mix
+                                                                 else 0.0))
     if device_type != "cuda":  # math attention keeps the softmax probabilities: per frame, or over the whole clip
         sequences, length = (batch, window * patches) if cfg.model.joint_attention else (batch * window, patches)
         per_block += sequences * heads * length**2 * 4

@@ -23,7 +23,14 @@ import copy
 import numpy as np
 import torch
 
-from fastdiff.diffusion import ddim_sample, frame_weights, masked_diffusion_loss, sample_training_levels, training_loss
+from fastdiff.diffusion import (
+    ddim_sample,
+    frame_weights,
+    masked_diffusion_loss,
+    observed_frames,
+    sample_training_levels,
+    training_loss,
+)
 from fastdiff.models.autoencoder import encode_frames
 
 BANK_CHUNK = 1024  # frames encoded at once while building the offline bank
@@ -96,7 +103,8 @@ class GenerativeDistillation:
         generated = self.generate(replayed, live, schedule, cfg, generator)
         x0 = torch.cat([live, generated.to(live.dtype)])
         b, k = x0.shape[:2]
-        t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device)
+        t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device,
+                                             observed_frames(cfg, k))
         n_live = live.shape[0]
 
         def teacher_target(x_t, target):  # the replayed rows regress onto the teacher's prediction

@@ -71,6 +71,9 @@ class OnlineTrainer:
         self.window = cfg.run.window or info.window
         if self.total_frames < self.window:
             raise ValueError(f"run.frames={self.total_frames} is shorter than one window of {self.window} frames")
+        if cfg.diffusion.rollout_observed >= self.window:
+            raise ValueError(f"diffusion.rollout_observed={cfg.diffusion.rollout_observed} not supported because it "
+                             f"leaves no frame to generate in the stream's window of {self.window} frames")
         self.frame_shape = (info.height, info.width, 3)
         buffer_plan = self._buffer_plan(stream_frames, saved[0] if saved else None, resize_buffer)
         if buffer_plan is not None:  # an impossible buffer is refused before the autoencoder is fitted

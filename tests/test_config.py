@@ -38,6 +38,8 @@ def test_overrides_coerce_types():
         ({"run.frames": "-1"}, "run.frames"),
         ({"diffusion.sample_steps": "5000"}, "diffusion.sample_steps"),
         ({"run.compile": "maybe"}, "run.compile"),
+        ({"diffusion.rollout_observed": "-1"}, "diffusion.rollout_observed"),
+        ({"diffusion.rollout_observed": "10", "run.window": "10"}, "diffusion.rollout_observed"),
     ],
 )
 def test_invalid_configs_name_the_field(override, field):

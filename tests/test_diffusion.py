@@ -11,6 +11,7 @@ from fastdiff.diffusion import (
     heun_sample,
     predict_x0_eps,
     rollout,
+    rollout_chunks,
     sample_training_levels,
     sample_window,
     training_loss,
@@ -73,6 +74,34 @@ def test_training_levels_patterns():
     distinct = torch.tensor([len(set(row[~o].tolist())) for row, o in zip(t[free][:200], obs[free][:200])])
     assert distinct.float().mean() > 4  # independent levels per frame
     assert (obs.sum(1) == 0).any()  # sometimes nothing is observed (pure FIFO queues)
+
+
+def test_training_levels_follow_the_rollouts_observed_frames():
+    """With a rollout that observes 8 of 10 frames, the rollout's pattern keeps those 8 clean and the per-frame
+    pattern's clean prefix reaches 8 too (never 9: something is always left to learn); at K/2 it stops at 5."""
+    g = torch.Generator().manual_seed(0)
+    t, obs = sample_training_levels(4000, 10, 1000, 0.5, g, "cpu", observed=8)
+    assert torch.all(t[obs] == 0)
+    rollout_rows = obs[:, :8].all(1) & ~obs[:, 8:].any(1) & (t[:, 8:] == t[:, 8:9]).all(1)
+    assert 0.4 < rollout_rows.float().mean() < 0.65
+    prefix = obs.sum(1)
+    assert torch.equal(obs, torch.arange(10) < prefix[:, None])  # always a prefix
+    assert int(prefix.max()) == 8 and int(prefix.min()) == 0
+    t, obs = sample_training_levels(4000, 10, 1000, 0.5, g, "cpu")
+    assert int(obs.sum(1).max()) == 5
+
+
+@pytest.mark.parametrize("observed, new", [(0, 3), (5, 1), (2, 4)])
+def test_rollout_windows_observe_rollout_observed_frames(observed, new):
+    """Each rollout window observes diffusion.rollout_observed frames (0: K/2) and adds the other K - n; the first
+    window, with fewer real frames than that, observes what there is."""
+    schedule = Schedule.make("linear", 1000)
+    model = _gaussian_denoiser(schedule, 0.0, 1.0)
+    cfg = DiffusionConfig(sample_steps=2, rollout_observed=observed)
+    chunks = rollout_chunks(model, torch.randn(1, 2, 1, 2, 2), 6, schedule, cfg,
+                            generator=torch.Generator().manual_seed(0))
+    sizes = [next(chunks).shape[1] for _ in range(4)]
+    assert sizes[0] == 6 - 2 and sizes[1:] == [new] * 3
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])

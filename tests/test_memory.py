@@ -12,27 +12,28 @@ from fastdiff.models.dit import VideoDiT, count_parameters
 STREAMS = {"balls": ((32, 32), 10), "maze": ((64, 64), 20)}
 
 
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("overlap,local_mix", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
 @pytest.mark.parametrize("patch,channels,hw,window", [(1, 4, 8, 10), (4, 3, 32, 10), (2, 4, 16, 20)])
-def test_parameter_count_is_exact(patch, channels, hw, window, pos_embed, overlap):
+def test_parameter_count_is_exact(patch, channels, hw, window, pos_embed, overlap, local_mix):
     cfg = build_config("tiny", None, {"model.patch": str(patch), "model.pos_embed": pos_embed,
-                                      "model.overlap": str(overlap).lower()})
+                                      "model.overlap": str(overlap).lower(), "model.local_mix": str(local_mix).lower()})
     m = cfg.model
     model = VideoDiT(channels, hw, hw, window, width=m.width, depth=m.depth, heads=m.heads, patch=patch,
-                     pos_embed=pos_embed, overlap=overlap)
+                     pos_embed=pos_embed, overlap=overlap, local_mix=local_mix)
     assert dit_parameters(cfg, channels, (hw // patch) ** 2, window) == count_parameters(model)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_estimate_matches_a_measured_step(checkpointing):
+@pytest.mark.parametrize("checkpointing,local_mix", [(False, False), (True, False), (False, True)])
+def test_activation_estimate_matches_a_measured_step(checkpointing, local_mix):
     """Peak bytes of the tensors a training step creates (forward and backward) vs the activation estimate."""
     cfg = build_config("tiny", None, {"model.width": "64", "model.depth": "2", "model.heads": "2",
                                       "replay.replayed": "3", "run.precision": "fp32",
-                                      "model.checkpoint_activations": str(checkpointing).lower()})
+                                      "model.checkpoint_activations": str(checkpointing).lower(),
+                                      "model.local_mix": str(local_mix).lower()})
     m, batch, window = cfg.model, 4, 10
     model = VideoDiT(4, 8, 8, window, width=m.width, depth=m.depth, heads=m.heads,
-                     checkpoint_activations=checkpointing).train()
+                     checkpoint_activations=checkpointing, local_mix=local_mix).train()
     x = torch.randn(batch, window, 4, 8, 8)
     t = torch.randint(0, 1000, (batch, window)).float()
     observed = torch.rand(batch, window) < 0.3

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, unit_to_pixels
-from fastdiff.models.dit import SpatialAttention, TemporalAttention, VideoDiT, count_parameters, last_observed
+from fastdiff.models.dit import (
+    LocalMixMLP,
+    SpatialAttention,
+    TemporalAttention,
+    VideoDiT,
+    count_parameters,
+    last_observed,
+)
 
 
 @pytest.mark.parametrize("patch, hw", [(1, (8, 8)), (2, (8, 12))])
@@ -67,6 +74,26 @@ def test_joint_attention_reaches_other_frames_in_one_hop(joint):
     attn(x)[:, 0].sum().backward()
     reached = x.grad[:, 1:].abs().amax()
     assert (reached > 1e-4) if joint else (reached == 0)
+
+
+def test_local_mix_reads_neighbouring_tokens_and_frames_only():
+    """The local-mix MLP's output at (frame 2, row 1, column 1) depends on the tokens of frames 1..3 within one
+    row and column of it, and on nothing further; against a loop over the 3x3x3 neighbourhood."""
+    torch.manual_seed(0)
+    grid = (4, 5)
+    mlp = LocalMixMLP(8, 16, grid)
+    x = torch.randn(2, 5, grid[0] * grid[1], 8, requires_grad=True)
+    mlp(x)[:, 2, 1 * grid[1] + 1].sum().backward()
+    reached = x.grad.abs().amax(dim=(0, 3)).reshape(5, *grid) > 0
+    expected = torch.zeros(5, *grid, dtype=torch.bool)
+    for frame in (1, 2, 3):
+        for row in (0, 1, 2):
+            for column in (0, 1, 2):
+                expected[frame, row, column] = True
+    assert torch.equal(reached, expected)
+    # the model builds it in every block when asked, and the plain MLP otherwise
+    assert all(isinstance(b.mlp, LocalMixMLP) for b in VideoDiT(3, 8, 8, 4, width=32, heads=1, local_mix=True).blocks)
+    assert not any(isinstance(b.mlp, LocalMixMLP) for b in VideoDiT(3, 8, 8, 4, width=32, heads=1).blocks)
 
 
 def test_dit_rejects_bad_shapes():

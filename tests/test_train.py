@@ -102,6 +102,11 @@ def test_cli_refuses_bad_stream(tmp_path, capsys):
     assert "not supported" in capsys.readouterr().err
 
 
+def test_trainer_refuses_a_rollout_that_observes_the_whole_window(tmp_path):
+    with pytest.raises(ValueError, match="rollout_observed=10 not supported because it leaves no frame"):
+        OnlineTrainer(_cfg(tmp_path, diffusion__rollout_observed=10), tmp_path / "run", log=lambda *a, **k: None)
+
+
 def test_cli_resume_needs_a_run_directory(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -99,8 +99,33 @@ class TemporalAttention(nn.Module):
         return self.proj(out.reshape(b, s, k, d).transpose(1, 2))
 
 
+class LocalMixMLP(nn.Module):
+    """The block's MLP, reading its input plus a depthwise 3x3x3 convolution of it over (frame, row, column).
+
+    Why: a ball that moves from one patch to the next is read, in the factorised attention, by a spatial hop and a
+    temporal hop in turn; the convolution gives every token its neighbours in the frames before and after directly,
+    the locality a convolutional U-Net (the paper's model) has from the start. It runs on the block's width, not
+    the MLP's hidden width, and on the tokens' own memory layout (channels last), which costs a quarter as much on
+    a CPU."""
+
+    def __init__(self, width: int, hidden: int, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = grid
+        self.mix = nn.Conv3d(width, width, 3, padding=1, groups=width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, D)
+        b, k, s, d = x.shape
+        volume = x.reshape(b, k, *self.grid, d).permute(0, 4, 1, 2, 3)  # (B, D, K, rows, columns), a view
+        mixed = self.mix(volume).permute(0, 2, 3, 4, 1).reshape(b, k, s, d)
+        return self.fc2(self.act(self.fc1(x + mixed)))
+
+
 class DiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, max_frames: int, mlp_ratio: float, joint: bool = False):
+    def __init__(self, width: int, heads: int, max_frames: int, mlp_ratio: float, joint: bool = False,
+                 local_mix_grid: tuple[int, int] | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.spatial = SpatialAttention(width, heads, joint)
@@ -108,7 +133,10 @@ class DiTBlock(nn.Module):
         self.temporal = TemporalAttention(width, heads, max_frames)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        if local_mix_grid is None:
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        else:
+            self.mlp = LocalMixMLP(width, hidden, local_mix_grid)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
         nn.init.zeros_(self.ada[1].weight)  # adaLN-zero: every block starts as the identity
         nn.init.zeros_(self.ada[1].bias)
@@ -126,7 +154,8 @@ class VideoDiT(nn.Module):
     def __init__(self, channels: int, height: int, width_px: int, max_frames: int, *, width: int = 64,
                  depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
                  checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False,
-                 overlap: bool = False, frame_pos: bool = False, joint_attention: bool = False):
+                 overlap: bool = False, frame_pos: bool = False, joint_attention: bool = False,
+                 local_mix: bool = False):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
@@ -159,8 +188,8 @@ class VideoDiT(nn.Module):
             self.frame_pos = None
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.observed_embed = nn.Embedding(2, width)
-        self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio, joint_attention)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio, joint_attention,
+                                             self.grid if local_mix else None) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         if overlap:
