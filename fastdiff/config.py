@@ -45,7 +45,7 @@ class ModelConfig:
     frame_pos: bool = False  # add a fixed sin-cos embedding of each frame's index in the window to its tokens
     joint_attention: bool = False  # the first attention of each block spans the whole clip, not one frame
     overlap: bool = False  # tokens read and draw half a patch beyond their own (strided conv in, transposed conv out)
-    local_mix: bool = False  # each block's MLP mixes its hidden features over neighbouring tokens and frames (3x3x3)
+    local_mix: bool = False  # each block's MLP also reads a depthwise 3x3x3 conv of its input over (frame, row, col)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class DiffusionConfig:
     loss_weight: str = "uniform"  # uniform or min-snr
     min_snr_gamma: float = 5.0
     paper_pattern_prob: float = 0.5  # share of windows in the rollout's pattern (its observed frames clean, the rest
-    # at one shared level); the rest draw per-frame levels behind a clean prefix of 0 .. that many frames
+    # at one shared level); the others draw per-frame levels behind a clean prefix of 0 .. max(K/2, those) frames
     # Frames each autoregressive rollout window observes (0: K/2, as the paper samples); it generates the other
     # K - n and slides by that many. Fewer new frames per window keep each new frame near clean context, at more
     # windows per video. Training draws the same prefix (paper_pattern_prob), so the rollout's windows are in
