@@ -62,22 +62,20 @@ def observed_frames(cfg: DiffusionConfig, window: int) -> int:
 
 
 def sample_training_levels(batch: int, frames: int, timesteps: int, paper_prob: float,
-                           generator: torch.Generator, device, observed: int | None = None,
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           generator: torch.Generator, device, observed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame timesteps (B, K) and observed mask (B, K) for training.
 
-    With probability `paper_prob` a window follows the rollout: its first `observed` frames (K/2 by default, the
-    paper's) clean, the rest sharing one noise level. Otherwise every frame draws its own level and a random clean
-    prefix of 0 .. max(K/2, observed) frames is observed, so diagonal (FIFO) and pyramid denoising see nothing
-    they were not trained on.
+    With probability `paper_prob` a window follows the rollout: its first `observed` frames (`observed_frames`:
+    K/2 by default, the paper's) clean, the rest sharing one noise level. Otherwise every frame draws its own
+    level and a random clean prefix of 0 .. max(K/2, observed) frames is observed, so diagonal (FIFO) and pyramid
+    denoising see nothing they were not trained on.
     """
-    n_obs = frames // 2 if observed is None else observed
     frame = torch.arange(frames, device=device)
     paper = torch.rand(batch, 1, generator=generator, device=device) < paper_prob
     t_shared = torch.randint(0, timesteps, (batch, 1), generator=generator, device=device).expand(batch, frames)
     t_free = torch.randint(0, timesteps, (batch, frames), generator=generator, device=device)
-    prefix = torch.randint(0, max(frames // 2, n_obs) + 1, (batch, 1), generator=generator, device=device)
-    observed = torch.where(paper, frame < n_obs, frame < prefix)
+    prefix = torch.randint(0, max(frames // 2, observed) + 1, (batch, 1), generator=generator, device=device)
+    observed = torch.where(paper, frame < observed, frame < prefix)
     t = torch.where(paper, t_shared, t_free).masked_fill(observed, 0)
     return t, observed
 

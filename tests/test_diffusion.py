@@ -65,7 +65,7 @@ def test_clamp_prediction_keeps_x0_in_range(prediction):
 
 def test_training_levels_patterns():
     g = torch.Generator().manual_seed(0)
-    t, obs = sample_training_levels(2000, 10, 1000, 0.5, g, "cpu")
+    t, obs = sample_training_levels(2000, 10, 1000, 0.5, g, "cpu", observed=5)
     assert t.shape == obs.shape == (2000, 10)
     assert torch.all(t[obs] == 0)
     paper = obs[:, :5].all(1) & ~obs[:, 5:].any(1) & (t[:, 5:] == t[:, 5:6]).all(1)
@@ -87,7 +87,7 @@ def test_training_levels_follow_the_rollouts_observed_frames():
     prefix = obs.sum(1)
     assert torch.equal(obs, torch.arange(10) < prefix[:, None])  # always a prefix
     assert int(prefix.max()) == 8 and int(prefix.min()) == 0
-    t, obs = sample_training_levels(4000, 10, 1000, 0.5, g, "cpu")
+    t, obs = sample_training_levels(4000, 10, 1000, 0.5, g, "cpu", observed=5)
     assert int(obs.sum(1).max()) == 5
 
 
@@ -116,7 +116,7 @@ def test_observed_frames_never_contribute(prediction):
     s = Schedule.make("linear", 1000)
     x0 = torch.randn(2, 6, 3, 4, 4)
     noise = torch.randn_like(x0, requires_grad=True)
-    t, observed = sample_training_levels(2, 6, 1000, 1.0, torch.Generator().manual_seed(1), "cpu")
+    t, observed = sample_training_levels(2, 6, 1000, 1.0, torch.Generator().manual_seed(1), "cpu", observed=3)
     x_t, target = ops.add_noise(x0, t, observed, s.alpha, s.sigma, noise=noise, prediction=prediction)
     loss = ops.frame_mse_loss(model(x_t, t.float(), observed), target, torch.ones(2, 6), observed)
     loss.backward()
