@@ -89,6 +89,11 @@ class DiffusionConfig:
     # sample_steps more model calls for G new frames. A share, not a count, so that it scales with sample_steps.
     # DDIM only: the Heun sampler steps every frame by one shared sigma schedule, and FIFO has its own diagonal.
     sample_frame_lag: float = 0.0
+    # Training's rollout-pattern windows (paper_pattern_prob) stagger their generated frames' levels by
+    # sample_frame_lag, as the pyramid sampler steps them, at a random point of its schedule; off, they share one
+    # level (the paper's window) and the staggered windows are met only among the free per-frame draws. Measured
+    # on the tiny recipe, 2 seeds: worse loss and minADE in both (profiles/learning/README.md, X1), so off.
+    train_staggered: bool = False
     # Context noise (noise augmentation of the observed frames, as GameNGen and Diffusion Forcing train): each
     # training window's observed frames are noised to one level drawn from [0, context_noise * T), which the model
     # sees as those frames' timestep, so a rollout that conditions on its own imperfect frames is not out of
@@ -427,6 +432,10 @@ def validate(cfg: Config) -> None:
                           ("diffusion.sample_context_noise", cfg.diffusion.sample_context_noise)):
         if not 0.0 <= share < 1.0:
             raise ConfigError(f"{dotted}: must be in [0, 1), a share of diffusion.timesteps; got {share}")
+    if cfg.diffusion.train_staggered and (cfg.diffusion.sample_frame_lag == 0 or cfg.diffusion.sampler != "ddim"):
+        raise ConfigError("diffusion.train_staggered is not supported without the pyramid sampler, because it trains "
+                          "on the levels that sampler's frame lag gives; set diffusion.sampler=ddim and "
+                          "diffusion.sample_frame_lag > 0, or leave it off")
     if cfg.diffusion.sample_context_noise > 0 and cfg.diffusion.sampler != "ddim":
         raise ConfigError(f"diffusion.sample_context_noise with diffusion.sampler={cfg.diffusion.sampler} "
                           f"{HEUN_REFUSES_CONTEXT_NOISE}; use diffusion.sampler=ddim")

@@ -62,22 +62,40 @@ def observed_frames(cfg: DiffusionConfig, window: int) -> int:
 
 
 def sample_training_levels(batch: int, frames: int, timesteps: int, paper_prob: float,
-                           generator: torch.Generator, device, observed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           generator: torch.Generator, device, observed: int,
+                           stagger: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame timesteps (B, K) and observed mask (B, K) for training.
 
     With probability `paper_prob` a window follows the rollout: its first `observed` frames (`observed_frames`:
     K/2 by default, the paper's) clean, the rest sharing one noise level. Otherwise every frame draws its own
     level and a random clean prefix of 0 .. max(K/2, observed) frames is observed, so diagonal (FIFO) and pyramid
     denoising see nothing they were not trained on.
+
+    `stagger` > 0 (`training_stagger`) makes the rollout's windows those of the pyramid sampler instead: each
+    generated frame is `stagger` * (T - 1) levels noisier than the one before, clamped to [0, T - 1], at a random
+    point of the whole schedule (0 is the shared level above).
     """
     frame = torch.arange(frames, device=device)
     paper = torch.rand(batch, 1, generator=generator, device=device) < paper_prob
     t_shared = torch.randint(0, timesteps, (batch, 1), generator=generator, device=device).expand(batch, frames)
     t_free = torch.randint(0, timesteps, (batch, frames), generator=generator, device=device)
     prefix = torch.randint(0, max(frames // 2, observed) + 1, (batch, 1), generator=generator, device=device)
+    if stagger > 0:  # progress: the share of its own schedule each generated frame has done, in [0, 1]
+        point = torch.rand(batch, 1, generator=generator, device=device) * (1 + stagger * (frames - observed - 1))
+        progress = (point - (frame - observed).clamp(min=0) * stagger).clamp(0, 1)
+        t_shared = ((timesteps - 1) * (1 - progress)).round().long()
     observed = torch.where(paper, frame < observed, frame < prefix)
     t = torch.where(paper, t_shared, t_free).masked_fill(observed, 0)
     return t, observed
+
+
+def training_stagger(cfg: DiffusionConfig) -> float:
+    """The level gap between successive generated frames, as a share of T - 1, in training's rollout-pattern
+    windows: where `train_staggered` asks training to follow the pyramid sampler, the gap its frame delay leaves
+    (`ddim_sample` steps each frame down a ladder of sample_steps levels from T - 1 to 0), else 0."""
+    if not cfg.train_staggered:
+        return 0.0
+    return frame_delay(cfg) / max(cfg.sample_steps - 1, 1)
 
 
 def frame_weights(t: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig) -> torch.Tensor:
@@ -116,7 +134,7 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
     """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels."""
     b, k = x0.shape[:2]
     t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device,
-                                         observed_frames(cfg, k))
+                                         observed_frames(cfg, k), training_stagger(cfg))
     weight = frame_weights(t, schedule, cfg)
     noised = cfg.context_noise > 0
     if noised:  # one context level per window, in [0, context_noise * T)
@@ -173,7 +191,8 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     `frame_delay` > 0 staggers the generated frames (Diffusion Forcing's pyramid schedule): the j-th generated
     frame begins its `steps` DDIM steps `j * frame_delay` model calls after the first, waiting at the start level
     until then, so each frame is denoised beside nearer frames that are already cleaner. The model was trained
-    on independent per-frame levels (`sample_training_levels`), so these windows are in its distribution. It
+    on independent per-frame levels (`sample_training_levels`), so these windows are in its distribution (and
+    with `diffusion.train_staggered`, on exactly these patterns as well). It
     costs `(G - 1) * frame_delay` more model calls for G generated frames; 0 is the paper's synchronous window.
 
     `start` < 1 begins at level start * T from the latest observed frame noised to that level (as FIFO's queue

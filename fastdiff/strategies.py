@@ -30,6 +30,7 @@ from fastdiff.diffusion import (
     observed_frames,
     sample_training_levels,
     training_loss,
+    training_stagger,
 )
 from fastdiff.models.autoencoder import encode_frames
 
@@ -104,7 +105,7 @@ class GenerativeDistillation:
         x0 = torch.cat([live, generated.to(live.dtype)])
         b, k = x0.shape[:2]
         t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device,
-                                             observed_frames(cfg, k))
+                                             observed_frames(cfg, k), training_stagger(cfg))
         n_live = live.shape[0]
 
         def teacher_target(x_t, target):  # the replayed rows regress onto the teacher's prediction

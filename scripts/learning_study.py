@@ -39,7 +39,8 @@ BASE = {"run.progress": "false", "run.sample_every": "0", "run.final_clips": "0"
         "run.checkpoint_every": "100000000", "run.log_every": "100", "replay.windows": "500",
         "autoencoder.latent": "ae", "model.patch": "1", "model.pos_embed": "learned", "diffusion.prediction": "eps",
         "diffusion.sample_steps": "50", "optim.lr": "1e-4", "optim.warmup": "0", "replay.replayed": "5",
-        "model.frame_pos": "false", "model.local_mix": "false"}
+        "model.frame_pos": "false", "model.local_mix": "false",
+        "diffusion.train_staggered": "false"}
 EVAL = {"clips": 12, "samples": 3, "sample_steps": 20}
 METRICS = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
 

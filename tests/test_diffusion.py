@@ -329,6 +329,42 @@ def test_ddim_frame_delay_staggers_the_generated_frames(lag, delay):
             build_config("tiny", None, {"diffusion.sample_frame_lag": bad})
 
 
+@pytest.mark.parametrize("lag", [0.3, 0.5, 1.0])
+def test_staggered_training_windows_are_the_pyramid_samplers(lag):
+    """diffusion.train_staggered: every window the pyramid sampler shows the model (recorded through
+    sample_window) has a training draw within a few levels on every frame, and every staggered training window
+    lies on the sampler's ladder: neighbouring generated frames that are both mid-schedule sit the frame delay's
+    levels apart. The shared level of the paper's window (train_staggered off) covers almost none of them."""
+    from fastdiff.diffusion import observed_frames, training_stagger
+
+    schedule = Schedule.make("linear", 1000)
+    cfg = DiffusionConfig(prediction="x0", sample_steps=20, sample_frame_lag=lag, train_staggered=True)
+    k, n_obs = 10, observed_frames(cfg, 10)
+    model, seen = _recording_model(0.5)
+    observed = (torch.arange(k) < n_obs).expand(1, k)
+    sample_window(model, torch.rand(1, k, 1, 2, 2), observed, schedule, cfg, generator=torch.Generator().manual_seed(0))
+    sampler_levels = torch.stack([t[0, n_obs:] for _, t in seen]).long()  # (calls, generated)
+    assert len(sampler_levels) > 20  # staggered: more calls than one frame's steps
+
+    def nearest_gap(stagger: float) -> torch.Tensor:
+        t, obs = sample_training_levels(6000, k, 1000, 1.0, torch.Generator().manual_seed(1), "cpu", n_obs,
+                                        stagger)
+        assert torch.all(obs[:, :n_obs]) and not obs[:, n_obs:].any()
+        return (sampler_levels[:, None] - t[None, :, n_obs:]).abs().amax(2).amin(1), t
+
+    gap, t = nearest_gap(training_stagger(cfg))
+    assert int(gap.max()) <= 8, gap
+    mid = (t[:, n_obs:] > 0) & (t[:, n_obs:] < 999)
+    both = mid[:, 1:] & mid[:, :-1]
+    steps = (t[:, n_obs + 1:] - t[:, n_obs:-1])[both]
+    if training_stagger(cfg) < 1:
+        assert both.sum() > 100 and torch.all((steps - training_stagger(cfg) * 999).abs() <= 1)
+    else:  # a frame begins only once the one before is clean: one frame mid-schedule at a time
+        assert int(mid.sum(1).max()) == 1
+    off_gap, _ = nearest_gap(training_stagger(DiffusionConfig(sample_frame_lag=lag)))  # train_staggered off: 0
+    assert (off_gap > 100).float().mean() > 0.5
+
+
 def test_context_noise_settings_are_checked():
     from fastdiff.config import ConfigError, build_config
 
@@ -338,6 +374,9 @@ def test_context_noise_settings_are_checked():
                 build_config("tiny", None, {field: bad})
     with pytest.raises(ConfigError, match="not supported because the Heun sampler"):
         build_config("tiny", None, {"diffusion.sample_context_noise": "0.1", "diffusion.sampler": "heun"})
+    for bad in ({"diffusion.sample_frame_lag": "0"}, {"diffusion.sampler": "heun"}):
+        with pytest.raises(ConfigError, match="train_staggered is not supported without the pyramid sampler"):
+            build_config("tiny", None, {"diffusion.train_staggered": "true", **bad})
 
 
 def test_sample_window_refuses_context_noise_when_the_caller_picks_heun():

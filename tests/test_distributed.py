@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from fastdiff import distributed, ops
 from fastdiff.config import build_config
-from fastdiff.diffusion import frame_weights, observed_frames, sample_training_levels
+from fastdiff.diffusion import frame_weights, observed_frames, sample_training_levels, training_stagger
 from fastdiff.distributed import DistributedError, World
 from fastdiff.replay import ReplayBuffer, merge_shards
 from fastdiff.train import OnlineTrainer, rank_view
@@ -95,7 +95,8 @@ def _concat_batch_loss(model, parts, schedule, dcfg):
         g = torch.Generator().manual_seed(0)
         g.set_state(state)
         t, obs = sample_training_levels(x0.shape[0], x0.shape[1], schedule.timesteps, dcfg.paper_pattern_prob,
-                                        g, x0.device, observed_frames(dcfg, x0.shape[1]))
+                                        g, x0.device, observed_frames(dcfg, x0.shape[1]),
+                                        training_stagger(dcfg))
         x_t, target = ops.add_noise(x0, t, obs, schedule.alpha, schedule.sigma, generator=g,
                                     prediction=dcfg.prediction)
         xs.append(x_t), ts.append(t), observed.append(obs), targets.append(target)
