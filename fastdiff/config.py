@@ -432,10 +432,13 @@ def validate(cfg: Config) -> None:
                           ("diffusion.sample_context_noise", cfg.diffusion.sample_context_noise)):
         if not 0.0 <= share < 1.0:
             raise ConfigError(f"{dotted}: must be in [0, 1), a share of diffusion.timesteps; got {share}")
-    if cfg.diffusion.train_staggered and (cfg.diffusion.sample_frame_lag == 0 or cfg.diffusion.sampler != "ddim"):
-        raise ConfigError("diffusion.train_staggered is not supported without the pyramid sampler, because it trains "
-                          "on the levels that sampler's frame lag gives; set diffusion.sampler=ddim and "
-                          "diffusion.sample_frame_lag > 0, or leave it off")
+    pyramid_from_noise = (cfg.diffusion.sampler == "ddim" and cfg.diffusion.sample_frame_lag > 0
+                          and cfg.diffusion.sample_start == 1.0)
+    if cfg.diffusion.train_staggered and not pyramid_from_noise:
+        raise ConfigError("diffusion.train_staggered is not supported without the pyramid sampler starting from "
+                          "pure noise, because it trains on the levels that sampler's frame lag gives from T down; "
+                          "set diffusion.sampler=ddim, diffusion.sample_frame_lag > 0 and diffusion.sample_start=1, "
+                          "or leave it off")
     if cfg.diffusion.sample_context_noise > 0 and cfg.diffusion.sampler != "ddim":
         raise ConfigError(f"diffusion.sample_context_noise with diffusion.sampler={cfg.diffusion.sampler} "
                           f"{HEUN_REFUSES_CONTEXT_NOISE}; use diffusion.sampler=ddim")

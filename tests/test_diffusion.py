@@ -374,9 +374,10 @@ def test_context_noise_settings_are_checked():
                 build_config("tiny", None, {field: bad})
     with pytest.raises(ConfigError, match="not supported because the Heun sampler"):
         build_config("tiny", None, {"diffusion.sample_context_noise": "0.1", "diffusion.sampler": "heun"})
-    for bad in ({"diffusion.sample_frame_lag": "0"}, {"diffusion.sampler": "heun"}):
+    for bad in ({"diffusion.sample_frame_lag": "0"}, {"diffusion.sampler": "heun"}, {"diffusion.sample_start": "0.6"}):
         with pytest.raises(ConfigError, match="train_staggered is not supported without the pyramid sampler"):
             build_config("tiny", None, {"diffusion.train_staggered": "true", **bad})
+    assert build_config("tiny", None, {"diffusion.train_staggered": "true"}).diffusion.train_staggered  # tiny's pyramid
 
 
 def test_sample_window_refuses_context_noise_when_the_caller_picks_heun():
