@@ -78,7 +78,7 @@ class OnlineStep:
     def __init__(self, cfg: Config, model: torch.nn.Module, *, optimizer_name: str, window: int,
                  latent_shape: tuple[int, int, int], frame_shape: tuple[int, int, int], device: torch.device,
                  generator: torch.Generator, autocast: torch.dtype | None, buffer=None, bank=None, distill=None,
-                 autoencoder=None, world=None, log=print):
+                 autoencoder=None, world=None, total_frames: int | None = None, log=print):
         check_mode(cfg, device, optimizer_name)
         self.cfg, self.mode, self.log = cfg, cfg.run.step, log
         self.window, self.device, self.generator, self.autocast = window, device, generator, autocast
@@ -104,10 +104,13 @@ class OnlineStep:
         self.grad_norm = torch.zeros((), device=device)
         self.found_inf = torch.zeros((), device=device)
         self.ema_decay = torch.full((), cfg.optim.ema, device=device, dtype=torch.float64)
-        # The warm-up's learning rate: a device tensor the sync-free step sets from its step counter (a host float
-        # would be frozen into a captured graph); the eager step sets a host float, which every optimizer takes.
+        # The scheduled learning rate (warm-up, cool-down): a device tensor the sync-free step sets from its step
+        # counter (a host float would be frozen into a captured graph); the eager step sets a host float, which every
+        # optimizer takes. The cool-down ends at the run's last planned step, one per frame once the ring is full, of
+        # `total_frames` (the frames the trainer will read: run.frames, or fewer where the stream is shorter).
+        self.planned_steps = max((total_frames or cfg.run.frames) - live_frames + 1, 1)
         self.lr = None
-        if cfg.optim.warmup and self.mode != "eager":
+        if (cfg.optim.warmup or cfg.optim.cooldown) and self.mode != "eager":
             self.lr = torch.full((), cfg.optim.lr, device=device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
@@ -193,7 +196,7 @@ class OnlineStep:
         # captured graph needs and which spares the 8-bit optimizer re-uploading its pointer table every step.
         self.optimizer.zero_grad(set_to_none=self.mode == "eager")
         loss.backward()
-        self._warm_up_lr()
+        self._schedule_lr()
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         if self.mode == "eager":
@@ -211,16 +214,25 @@ class OnlineStep:
         self.grad_norm.copy_(grad_norm)
         self._insert_live()
 
-    def _warm_up_lr(self) -> None:
-        """lr = optim.lr * min(1, (steps + 1) / optim.warmup), steps taken before this one."""
-        warmup, base = self.cfg.optim.warmup, self.cfg.optim.lr
-        if not warmup:
+    def _schedule_lr(self) -> None:
+        """lr = optim.lr * min(1, (s + 1) / warmup) * min(1, (planned - s) / (cooldown * planned)), with s the steps
+        taken before this one and planned the run's steps: a linear warm-up from 0, then a linear cool-down to 0
+        over the last `cooldown` share of the run."""
+        o = self.cfg.optim
+        if not (o.warmup or o.cooldown):
             return
+        warmup, cool_steps = max(o.warmup, 1), max(o.cooldown * self.planned_steps, 1e-9)
         if self.lr is None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = base * min(1.0, (self.steps + 1) / warmup)
+            factor = min(1.0, (self.steps + 1) / warmup)
+            if o.cooldown:
+                factor = factor * min(1.0, max(self.planned_steps - self.steps, 0) / cool_steps)
+            for group in self.optimizer.param_groups:  # the sync-free step's arithmetic, in the same order
+                group["lr"] = o.lr * factor
         else:
-            self.lr.copy_(base * torch.clamp((self.device_steps + 1) / warmup, max=1.0))
+            factor = torch.clamp((self.device_steps + 1) / warmup, max=1.0)
+            if o.cooldown:
+                factor = factor * torch.clamp((self.planned_steps - self.device_steps) / cool_steps, min=0.0, max=1.0)
+            self.lr.copy_(o.lr * factor)
 
     def _host_check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """The eager step's decision: read loss and gradient norm on the host, step or skip. The loss is the mean
@@ -329,7 +341,7 @@ class OnlineStep:
             log(f"converting optimizer state {saved_opt} -> {self.optimizer_name}")
             opt_state = convert_state_dict(opt_state, saved_opt, self.optimizer_name, list(self.model.parameters()))
         self.optimizer.load_state_dict(opt_state)
-        if self.lr is not None:  # loading replaced each group's lr with the saved value: re-bind the warm-up's tensor
+        if self.lr is not None:  # loading replaced each group's lr with the saved value: re-bind the schedule's tensor
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
         if self.buffer is not None and state["buffer"] is not None:

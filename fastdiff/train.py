@@ -98,7 +98,8 @@ class OnlineTrainer:
             cfg, build.model(cfg.model, self.latent_shape, self.window, self.device),
             optimizer_name=config.optimizer_name(cfg, self.device.type),
             window=self.window, latent_shape=self.latent_shape, frame_shape=self.frame_shape, device=self.device,
-            generator=generator, autocast=build.autocast_dtype(cfg.run.precision, self.device),
+            total_frames=self.total_frames, generator=generator,
+            autocast=build.autocast_dtype(cfg.run.precision, self.device),
             buffer=self._replay_buffer(buffer_plan),
             bank=self._offline_bank(stream_spec, stream_seed, stream_frames) if cfg.replay.strategy == "offline"
             else None,

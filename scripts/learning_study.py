@@ -40,7 +40,7 @@ BASE = {"run.progress": "false", "run.sample_every": "0", "run.final_clips": "0"
         "autoencoder.latent": "ae", "model.patch": "1", "model.pos_embed": "learned", "diffusion.prediction": "eps",
         "diffusion.sample_steps": "50", "optim.lr": "1e-4", "optim.warmup": "0", "replay.replayed": "5",
         "model.frame_pos": "false", "model.local_mix": "false",
-        "diffusion.train_staggered": "false"}
+        "diffusion.train_staggered": "false", "optim.cooldown": "0"}
 EVAL = {"clips": 12, "samples": 3, "sample_steps": 20}
 METRICS = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
 
@@ -64,7 +64,8 @@ def run_row(name: str, budget: float, seed: int, settings: list[str], eval_opts:
     trainer = OnlineTrainer(cfg, run_dir, log=lambda *a, **k: print(*a, flush=True))
     setup_cpu = time.process_time() - cpu0
     curve = []
-    while time.process_time() - cpu0 < budget and trainer.advance():
+    # A row ends at its CPU budget, or at run.frames where a row sets it (a cool-down ends there).
+    while time.process_time() - cpu0 < budget and trainer.frames_seen < trainer.total_frames and trainer.advance():
         if trainer.step.ready and trainer.frames_seen % 100 == 0:
             curve.append({"frame": trainer.frames_seen, "loss": trainer.step.result().loss,
                           "cpu": round(time.process_time() - cpu0, 1)})

@@ -29,11 +29,12 @@ from fastdiff.train import OnlineTrainer, rank_view
 # window has its first K/2 frames observed, so each rank's loss averages the same number of frames and
 # "mean of the per-rank losses" (what DDP's gradient averaging optimises) is exactly the mean over the
 # concatenated batch (the single-process loss). Learned positions (a parameter the resume test watches move)
-# and no learning-rate warm-up (the single-process reference steps at a constant lr).
+# and no learning-rate warm-up or cool-down (the single-process reference steps at a constant lr).
 TINY = {
     "model.width": "64", "model.depth": "2", "model.heads": "2",
     "autoencoder.latent": "ae", "model.patch": "1", "model.pos_embed": "learned", "optim.warmup": "0",
-    "autoencoder.warmup_frames": "24", "autoencoder.fit_steps": "5", "autoencoder.fit_batch": "8",
+    "optim.cooldown": "0", "autoencoder.warmup_frames": "24", "autoencoder.fit_steps": "5",
+    "autoencoder.fit_batch": "8",
     "autoencoder.hidden": "16", "replay.replayed": "2", "replay.windows": "3",
     "diffusion.paper_pattern_prob": "1.0", "diffusion.sample_steps": "2", "run.sample_every": "0",
     "run.final_clips": "0",

@@ -24,18 +24,23 @@ def _run(tmp_path, name, **extra):
     return trainer, summary, losses
 
 
-@pytest.mark.parametrize("warmup", [0, 8])
-def test_device_step_is_bit_identical_to_eager_with_the_fused_8bit_optimizer(tmp_path, warmup):
+@pytest.mark.parametrize("warmup,cooldown", [(0, 0.0), (8, 0.0), (0, 0.5), (8, 0.5)])
+def test_device_step_is_bit_identical_to_eager_with_the_fused_8bit_optimizer(tmp_path, warmup, cooldown):
     """The same step, the sync-free way: same losses, weights, EMA and buffer, bit for bit; with a learning-rate
-    warm-up too (a host float in eager, a device tensor in the sync-free step)."""
-    eager, s_eager, l_eager = _run(tmp_path, "eager", run__frames=30, optim__name="adamw8bit-fused",
-                                   optim__warmup=warmup)
+    warm-up and cool-down too (a host float in eager, a device tensor in the sync-free step)."""
+    schedule = {"optim__warmup": warmup, "optim__cooldown": cooldown}
+    eager, s_eager, l_eager = _run(tmp_path, "eager", run__frames=30, optim__name="adamw8bit-fused", **schedule)
     fast, s_fast, l_fast = _run(tmp_path, "fast", run__frames=30, optim__name="adamw8bit-fused", run__step="device",
-                                optim__warmup=warmup)
+                                **schedule)
     assert l_eager == l_fast and len(l_fast) == 21
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
-    base = fast.cfg.optim.lr
-    assert lrs == pytest.approx([base * min(1.0, (i + 1) / warmup) for i in range(21)] if warmup else [base] * 21)
+    base, planned = fast.cfg.optim.lr, 21  # 30 frames, one step per frame once the 10-frame window is full
+    expected = [base * (min(1.0, (i + 1) / warmup) if warmup else 1.0)
+                * (min(1.0, (planned - i) / (cooldown * planned)) if cooldown else 1.0) for i in range(21)]
+    for run in ("eager", "fast"):
+        lrs = [json.loads(line)["lr"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert lrs == pytest.approx(expected, rel=1e-6)
+    if cooldown:  # falls to a small positive rate at the last planned step, not to 0 before it
+        assert 0 < lrs[-1] < 0.1 * base and lrs[10] == pytest.approx(base)
     assert s_fast["steps"] == s_eager["steps"] == 21
     a, b = _params(eager), _params(fast)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -97,7 +102,8 @@ def test_device_step_reports_skips_in_the_run_summary(tmp_path, monkeypatch):
 @pytest.mark.parametrize("warmup", [0, 200])
 def test_device_step_resumes_bit_identically(tmp_path, warmup):
     # warmup 200: the learning rate is a device tensor the optimizer's groups must still share after a resume
-    extra = {"optim__name": "adamw8bit-fused", "run__step": "device", "optim__warmup": warmup}
+    # No cool-down: a run of 20 frames cools to 0 at its end, so extending it is not the straight run (below).
+    extra = {"optim__name": "adamw8bit-fused", "run__step": "device", "optim__warmup": warmup, "optim__cooldown": 0}
     straight, _, _ = _run(tmp_path, "a", run__frames=30, **extra)
     _run(tmp_path, "b", run__frames=20, **extra)
     resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30, run__log_every=1, **extra), tmp_path / "b", resume=True,
@@ -105,6 +111,22 @@ def test_device_step_resumes_bit_identically(tmp_path, warmup):
     resumed.train()
     a, b = _params(straight), _params(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("step", ["eager", "device"])
+def test_an_extended_run_plans_its_cool_down_over_its_new_length(tmp_path, step):
+    """20 frames cool the rate down to base/11 at the last of 11 steps; extended to 30 frames, the cool-down is
+    planned over 21 steps, so the 12th step (the first after the resume) runs at base * (21 - 11) / 21."""
+    extra = {"optim__warmup": 0, "optim__cooldown": 1.0, "run__step": step, "optim__name": "adamw8bit-fused"}
+    _run(tmp_path, "run", run__frames=20, **extra)
+    resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30, run__log_every=1, **extra), tmp_path / "run", resume=True,
+                            log=QUIET)
+    resumed.train()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    base = resumed.cfg.optim.lr
+    assert len(lrs) == 21
+    assert lrs[:11] == pytest.approx([base * (11 - i) / 11 for i in range(11)], rel=1e-6)
+    assert lrs[11:] == pytest.approx([base * (21 - i) / 21 for i in range(11, 21)], rel=1e-6)
 
 
 def test_compiled_model_trains_like_eager(tmp_path):

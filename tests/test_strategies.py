@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train import TINY, _cfg, _params
+from test_train import TINY, _cfg, _params, _stop_at
 
 from fastdiff.cli import main
 from fastdiff.config import ConfigError, build_config
@@ -89,7 +89,7 @@ def test_strategy_resumes_bit_identically(tmp_path, strategy):
     extra = {"replay__strategy": strategy, "replay__teacher_every": 12, "run__stream_frames": 30}
     straight = OnlineTrainer(_cfg(tmp_path, run__frames=30, **extra), tmp_path / "a", log=QUIET)
     straight.train()
-    OnlineTrainer(_cfg(tmp_path, run__frames=20, **extra), tmp_path / "b", log=QUIET).train()
+    _stop_at(OnlineTrainer(_cfg(tmp_path, run__frames=30, **extra), tmp_path / "b", log=QUIET), 20)
     resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30, **extra), tmp_path / "b", resume=True, log=QUIET)
     resumed.train()
     a, b = _params(straight), _params(resumed)

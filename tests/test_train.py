@@ -48,13 +48,23 @@ def test_run_directory_holds_everything(tmp_path):
     assert (run_dir / "autoencoder.pt").exists()
 
 
+def _stop_at(trainer, frames):
+    """Train `frames` frames of the trainer's run and stop there as Ctrl-C does: rewind the stream, checkpoint.
+    (Not a shorter run extended: a run's learning-rate cool-down ends at its own last frame.)"""
+    while trainer.frames_seen < frames:
+        assert trainer.advance()
+    trainer.feed.close()
+    trainer.save_checkpoint()
+
+
 def test_stopped_run_resumes_bit_identically(tmp_path):
-    """30 frames in one go == 20 frames, stop, resume to 30: every parameter bit for bit."""
+    """30 frames in one go == 30 frames stopped at frame 20 and resumed: every parameter bit for bit, the
+    learning-rate cool-down of the preset included."""
+    assert _cfg(tmp_path).optim.cooldown > 0
     straight = OnlineTrainer(_cfg(tmp_path, run__frames=30), tmp_path / "a", log=lambda *_: None)
     straight.train()
 
-    first = OnlineTrainer(_cfg(tmp_path, run__frames=20), tmp_path / "b", log=lambda *_: None)
-    first.train()
+    _stop_at(OnlineTrainer(_cfg(tmp_path, run__frames=30), tmp_path / "b", log=lambda *_: None), 20)
     resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30), tmp_path / "b", resume=True, log=lambda *_: None)
     assert resumed.frames_seen == 20
     resumed.train()

@@ -14,7 +14,9 @@ examples:
 
 Extending a run (--resume DIR --frames N, N larger or smaller) keeps what the run was created with: the
 stream's nominal length and the replay buffer's capacity; --resize-buffer N changes the capacity explicitly
-(a shrink keeps a uniform subset of the reservoir). Ctrl-C (or SIGTERM) finishes the current step, writes a
+(a shrink keeps a uniform subset of the reservoir). Where the learning rate cools down to 0 at the run's last
+frame (optim.cooldown; 1.0 in tiny), an extended run plans the cool-down over its new length, so the rate rises
+again at once. Ctrl-C (or SIGTERM) finishes the current step, writes a
 checkpoint and prints how to resume; a second one stops at once.
 """
 
