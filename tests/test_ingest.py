@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_train import _cfg, _params
+from test_train import _cfg, _params, _stop_at
 
 import fastdiff.ingest as ingest_module
 from fastdiff.ingest import AsyncIngest, SyncIngest
@@ -120,7 +120,7 @@ def test_resume_inside_the_first_warmup_chunk_reads_the_right_frames(tmp_path, m
     extra = {"autoencoder__warmup_frames": 48, "run__checkpoint_every": 30}
     straight = OnlineTrainer(_cfg(tmp_path, run__frames=40, **extra), tmp_path / "a", log=QUIET)
     straight.train()
-    OnlineTrainer(_cfg(tmp_path, run__frames=30, **extra), tmp_path / "b", log=QUIET).train()
+    _stop_at(OnlineTrainer(_cfg(tmp_path, run__frames=40, **extra), tmp_path / "b", log=QUIET), 30)
     resumed = OnlineTrainer(_cfg(tmp_path, run__frames=40, **extra), tmp_path / "b", resume=True, log=QUIET)
     assert resumed.feed.position == 30 and len(resumed.feed.chunk) == 48
     resumed.train()
