@@ -128,7 +128,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
     warmup: int = 0  # steps of linear learning-rate warm-up from 0
     # Share of the run's steps (run.frames) at its end over which the learning rate falls linearly to 0. 0 keeps it
-    # constant, for a stream with no end; a run extended past its old end warms back up to optim.lr at once.
+    # constant, for a stream with no end; a run extended past its old end replans the cool-down over its new
+    # length, so its rate rises again at once.
     cooldown: float = 0.0
     ema: float = 0.9999
     ema_warmup: bool = True  # decay = min(ema, (1+step)/(10+step)) so short runs sample a useful EMA
