@@ -78,7 +78,7 @@ class OnlineStep:
     def __init__(self, cfg: Config, model: torch.nn.Module, *, optimizer_name: str, window: int,
                  latent_shape: tuple[int, int, int], frame_shape: tuple[int, int, int], device: torch.device,
                  generator: torch.Generator, autocast: torch.dtype | None, buffer=None, bank=None, distill=None,
-                 autoencoder=None, world=None, total_frames: int | None = None, log=print):
+                 autoencoder=None, world=None, total_frames: int, log=print):
         check_mode(cfg, device, optimizer_name)
         self.cfg, self.mode, self.log = cfg, cfg.run.step, log
         self.window, self.device, self.generator, self.autocast = window, device, generator, autocast
@@ -106,9 +106,9 @@ class OnlineStep:
         self.ema_decay = torch.full((), cfg.optim.ema, device=device, dtype=torch.float64)
         # The scheduled learning rate (warm-up, cool-down): a device tensor the sync-free step sets from its step
         # counter (a host float would be frozen into a captured graph); the eager step sets a host float, which every
-        # optimizer takes. The cool-down ends at the run's last planned step, one per frame once the ring is full, of
-        # `total_frames` (the frames the trainer will read: run.frames, or fewer where the stream is shorter).
-        self.planned_steps = max((total_frames or cfg.run.frames) - live_frames + 1, 1)
+        # optimizer takes. The cool-down ends at the run's last planned step: one per frame of `total_frames` (what
+        # the trainer will read: run.frames, or fewer where the stream is shorter) once the ring is full.
+        self.planned_steps = max(total_frames - live_frames + 1, 1)
         self.lr = None
         if (cfg.optim.warmup or cfg.optim.cooldown) and self.mode != "eager":
             self.lr = torch.full((), cfg.optim.lr, device=device)
@@ -221,7 +221,7 @@ class OnlineStep:
         o = self.cfg.optim
         if not (o.warmup or o.cooldown):
             return
-        warmup, cool_steps = max(o.warmup, 1), max(o.cooldown * self.planned_steps, 1e-9)
+        warmup, cool_steps = max(o.warmup, 1), o.cooldown * self.planned_steps  # cool_steps read only if cooldown
         if self.lr is None:
             factor = min(1.0, (self.steps + 1) / warmup)
             if o.cooldown:
