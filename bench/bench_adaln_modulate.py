@@ -113,7 +113,8 @@ def run_benchmark(device=None, sizes=None, out_path=None, *, dtypes=None, impls=
                         row = dict(op="adaln_modulate", impl=impl, size=f"F{size['frames']}-S{size['S']}-D{size['D']}",
                                    frames=size["frames"], S=size["S"], D=size["D"],
                                    dtype=str(dtype).removeprefix("torch."), **{"pass": pass_name},
-                                   **timed[impl].fields(), **{"GB/s": round(gbs, 2), "copy_GB/s": round(copy_gbs, 2)},
+                                   **timed[impl].fields(), **{"GB/s": utils.significant(gbs),
+                                                                   "copy_GB/s": utils.significant(copy_gbs)},
                                    share_of_copy_bw=round(gbs / copy_gbs, 3),
                                    speedup_vs_eager=round(timings["eager"] / ms, 3),
                                    device=name, date=date, smoke=not on_gpu)

@@ -50,6 +50,12 @@ def device_name(device) -> str:
     return autotune.device_name(torch.device(device))
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """`value` to `digits` significant digits, for rates in rows: a slow row stays positive (round(x, 2) gave a
+    CPU smoke row 0.0 GB/s on a busy machine)."""
+    return float(f"{value:.{digits}g}")
+
+
 def today() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

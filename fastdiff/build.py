@@ -114,7 +114,8 @@ def replay_buffer(cfg: ReplayConfig, plan: tuple[int, tuple, torch.dtype], devic
     """The reservoir (or `full` store); `shard=(rank, world)` keeps this rank's share of one global reservoir."""
     capacity, shape, dtype = plan
     mode = "full" if cfg.strategy == "full" else "reservoir"
-    return ReplayBuffer(capacity, shape, dtype=dtype, device=device, mode=mode, shard=shard, insert_seed=insert_seed)
+    return ReplayBuffer(capacity, shape, dtype=dtype, device=device, mode=mode, shard=shard, insert_seed=insert_seed,
+                        priority=cfg.priority)
 
 
 def bank_bytes(cfg: Config, frames: int, frame_shape: tuple[int, int, int], device) -> int:

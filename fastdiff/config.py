@@ -112,6 +112,9 @@ class ReplayConfig:
     storage: str = "latent"  # latent (bf16 on CUDA, fp32 on CPU) or pixel (uint8)
     live: int = 1  # live windows per batch
     replayed: int = 1  # replayed windows per batch (paper, balls: 1 live + 1 replay)
+    # Prioritised replay (er, full): replayed windows drawn with probability proportional to score^priority, a
+    # window's score its training loss smoothed over its replays (fastdiff/replay.py); 0: uniform, as the paper.
+    priority: float = 0.0
     teacher_every: int = 1000  # gen-distill: frames between teacher refreshes
     distill_steps: int = 2  # gen-distill: DDIM steps the teacher generates replay windows with (Masip et al.: 2)
     distill_weight: float = 1.0  # gen-distill: lambda on the distillation term
@@ -416,10 +419,10 @@ def validate(cfg: Config) -> None:
         "optim.grad_clip": cfg.optim.grad_clip, "diffusion.ddim_eta": cfg.diffusion.ddim_eta,
         "run.milestone_every": cfg.run.milestone_every, "replay.distill_weight": cfg.replay.distill_weight,
         "run.milestone_clips": cfg.run.milestone_clips, "run.final_clips": cfg.run.final_clips,
-        "optim.warmup": cfg.optim.warmup, "run.threads": cfg.run.threads,
+        "optim.warmup": cfg.optim.warmup, "run.threads": cfg.run.threads, "replay.priority": cfg.replay.priority,
     }
     for dotted, value in non_negative.items():
-        if value < 0:
+        if not value >= 0:  # NaN too
             raise ConfigError(f"{dotted}: must not be negative, got {value}")
     if cfg.model.width % cfg.model.heads:
         raise ConfigError(f"model.width: {cfg.model.width} is not divisible by model.heads={cfg.model.heads}")
@@ -430,6 +433,9 @@ def validate(cfg: Config) -> None:
         )
     if cfg.autoencoder.factor not in (1, 2, 4, 8):
         raise ConfigError(f"autoencoder.factor: must be 1, 2, 4 or 8, got {cfg.autoencoder.factor}")
+    if cfg.replay.priority and cfg.replay.strategy not in ("er", "full"):
+        raise ConfigError(f"replay.priority={cfg.replay.priority} with replay.strategy={cfg.replay.strategy} not "
+                          "supported because only er and full keep a buffer whose windows it could prioritise")
     if not 0.0 < cfg.replay.fraction <= 1.0:
         raise ConfigError(f"replay.fraction: must be in (0, 1], got {cfg.replay.fraction}")
     if not 0.0 < cfg.diffusion.sample_start <= 1.0:

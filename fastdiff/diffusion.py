@@ -108,19 +108,27 @@ def frame_weights(t: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig) -> 
 def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: torch.Tensor, schedule: Schedule,
                           prediction: str, generator: torch.Generator | None, *, weight: torch.Tensor | None = None,
                           excluded: torch.Tensor | None = None, retarget=None,
-                          context_noised: bool = False) -> torch.Tensor:
+                          context_noised: bool = False, per_window: bool = False):
     """The loss every caller trains or measures with: noise clean clips x0 (B, K, C, H, W) to per-frame levels t
     (B, K), observed frames kept clean, predict, and take the (weighted) MSE over the frames that are neither
     observed nor `excluded`. `retarget(x_t, target)` may replace the regression target (generative
     distillation regresses onto its teacher). With `context_noised`, observed frames whose level in t is above 0
-    are noised to it too (context noise); they stay out of the loss."""
+    are noised to it too (context noise); they stay out of the loss. With `per_window`, returns (loss, each
+    window's unweighted MSE over the same frames (B,), detached), the scores of prioritised replay."""
     clean = observed & (t == 0) if context_noised else observed
     x_t, target = ops.add_noise(x0, t, clean, schedule.alpha, schedule.sigma, generator=generator,
                                 prediction=prediction)
     if retarget is not None:
         target = retarget(x_t, target)
     pred = model(x_t, t.float(), observed)
-    return ops.frame_mse_loss(pred, target, weight, observed if excluded is None else observed | excluded)
+    masked = observed if excluded is None else observed | excluded
+    loss = ops.frame_mse_loss(pred, target, weight, masked)
+    if not per_window:
+        return loss
+    with torch.no_grad():
+        per_frame = (pred.float() - target.float()).pow(2).flatten(2).mean(-1)  # (B, K)
+        kept = (~masked).float()
+        return loss, (per_frame * kept).sum(1) / kept.sum(1).clamp(min=1.0)
 
 
 def context_level(share: float, timesteps: int) -> int:
@@ -130,8 +138,9 @@ def context_level(share: float, timesteps: int) -> int:
 
 
 def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
-                  generator: torch.Generator) -> torch.Tensor:
-    """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels."""
+                  generator: torch.Generator, *, per_window: bool = False):
+    """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels
+    (with `per_window`, also each window's loss: :func:`masked_diffusion_loss`)."""
     b, k = x0.shape[:2]
     t, observed = sample_training_levels(b, k, schedule.timesteps, cfg.paper_pattern_prob, generator, x0.device,
                                          observed_frames(cfg, k), training_stagger(cfg))
@@ -142,7 +151,7 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
         level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
         t = torch.where(observed, level, t)
     return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
-                                 context_noised=noised)
+                                 context_noised=noised, per_window=per_window)
 
 
 @torch.no_grad()

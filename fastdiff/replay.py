@@ -10,6 +10,15 @@ share of one global reservoir of `capacity` windows, global slot j living in loc
 j % world. Every rank draws the same global slot from an insert generator seeded alike on all ranks (no
 communication) and only the owner writes it, so the shards together are exactly a one-process reservoir of
 the stream, and a checkpoint holds that global reservoir (:func:`merge_shards`) whatever the number of ranks.
+
+Prioritised replay (``priority`` = alpha > 0, ``replay.priority``): which windows the buffer *holds* is still
+the uniform reservoir, but which it *replays* is drawn with probability proportional to score^alpha, a window's
+score being its training loss smoothed over its replays (:meth:`ReplayBuffer.update_scores`). Why: the events a
+stream shows rarely (two balls colliding) are the ones a short run learns last, and their windows' loss stays
+high; measured on the default job's model, held-out windows with a ball-ball contact have 1.6x the loss of the
+others. The live windows keep the stream's own distribution in every batch, so there is no importance weight. A
+new window starts at the mean score of the windows held (as likely as an average one) until its first replay.
+Sampling is an inverse-CDF search on the device (cumsum + searchsorted): no host synchronisation.
 """
 
 from __future__ import annotations
@@ -19,18 +28,21 @@ import torch
 
 class ReplayBuffer:
     def __init__(self, capacity: int, window_shape: tuple[int, ...], *, dtype: torch.dtype, device,
-                 mode: str = "reservoir", shard: tuple[int, int] = (0, 1), insert_seed: int | None = None):
+                 mode: str = "reservoir", shard: tuple[int, int] = (0, 1), insert_seed: int | None = None,
+                 priority: float = 0.0):
         if capacity <= 0:
             raise ValueError(f"replay capacity must be positive, got {capacity}")
         if mode not in ("reservoir", "full"):
             raise ValueError(f"unknown replay mode {mode!r}")
+        if not priority >= 0:
+            raise ValueError(f"replay priority (alpha) must be >= 0, got {priority}")
         rank, world = shard
         if world > 1 and insert_seed is None:
             raise ValueError("a sharded reservoir needs insert_seed, the same on every rank")
         if capacity < world:
             raise ValueError(f"the replay buffer holds {capacity} windows, fewer than the {world} ranks it is split "
                              "over; raise replay.windows or replay.fraction")
-        self.capacity, self.mode = capacity, mode  # capacity: of the global reservoir
+        self.capacity, self.mode, self.priority = capacity, mode, float(priority)  # capacity: of the global reservoir
         self.rank, self.world = rank, world
         self.window_shape, self.dtype = tuple(window_shape), dtype
         self.local_capacity = len(range(rank, capacity, world))
@@ -38,6 +50,9 @@ class ReplayBuffer:
         self.windows = torch.zeros((self.local_capacity + 1, *window_shape), dtype=dtype, device=device)
         self.starts = torch.full((self.local_capacity + 1,), -1, dtype=torch.long, device=device)
         self.seen = torch.zeros((), dtype=torch.long, device=device)
+        # Prioritised replay: each slot's smoothed loss, and the slots the last sample() drew (update_scores).
+        self.scores = torch.zeros(self.local_capacity + 1, dtype=torch.float32, device=device)
+        self.last_drawn = torch.zeros(0, dtype=torch.long, device=device)
         # Sharded: the slot draw must be the same on every rank, so it has its own generator.
         self.insert_generator = (torch.Generator(device=device).manual_seed(insert_seed)
                                  if insert_seed is not None else None)
@@ -73,26 +88,59 @@ class ReplayBuffer:
             mine = (j < cap) & (j % self.world == self.rank)
             slot = torch.where(mine, torch.div(j, self.world, rounding_mode="floor"), self.local_capacity)
         slot = slot.view(1)
+        if self.priority:
+            self.scores.index_copy_(0, slot, self._mean_score().view(1))
         self.windows.index_copy_(0, slot, window.to(self.dtype)[None])
         start_t = torch.as_tensor(start, device=self.device, dtype=torch.long).view(1)
         self.starts.index_copy_(0, slot, start_t)
         self.seen += 1
 
+    def _held(self) -> torch.Tensor:
+        """(local_capacity,) bool: the slots that hold a window."""
+        return torch.arange(self.local_capacity, device=self.device) < self.filled()
+
+    def _mean_score(self) -> torch.Tensor:
+        """The mean score of the windows held; 1 while none is (any positive prior does: only ratios matter)."""
+        held = self._held()
+        total = torch.where(held, self.scores[:-1], 0.0).sum()
+        count = held.sum()
+        return torch.where(count > 0, total / count.clamp(min=1), 1.0)
+
     def sample(self, count: int, generator: torch.Generator, fallback: torch.Tensor) -> torch.Tensor:
-        """`count` windows drawn uniformly from the filled slots; `fallback` (one window) while empty."""
+        """`count` windows drawn from the filled slots, uniformly or (priority > 0) by score^priority; `fallback`
+        (one window) while empty."""
         filled = self.filled()
         draw = torch.rand(count, generator=generator, device=self.device, dtype=torch.float64)
-        idx = (draw * filled.clamp(min=1).double()).long()
+        if self.priority:
+            weight = torch.where(self._held(), self.scores[:-1].double().clamp(min=0) ** self.priority, 0.0)
+            cumulative = weight.cumsum(0)
+            idx = torch.searchsorted(cumulative, draw * cumulative[-1], right=True)
+            idx = torch.minimum(idx, (filled - 1).clamp(min=0))  # draw * total rounding onto the last edge
+            self.last_drawn = idx
+        else:
+            idx = (draw * filled.clamp(min=1).double()).long()
         picked = self.windows[idx]
         empty = (filled == 0).view(1, *([1] * len(self.window_shape)))
         return torch.where(empty, fallback.to(self.dtype)[None], picked)
+
+    def update_scores(self, losses: torch.Tensor, smoothing: float = 0.5) -> None:
+        """Blend the training losses (count,) of the windows the last sample() drew into their scores:
+        score <- (1 - smoothing) score + smoothing loss. One loss is a noisy measure of a window (it depends on the
+        noise levels drawn), so a score averages over its replays. No-op without priorities. No host sync."""
+        if not self.priority or len(self.last_drawn) == 0:
+            return
+        if losses.shape != self.last_drawn.shape:
+            raise ValueError(f"update_scores: {tuple(losses.shape)} losses for {len(self.last_drawn)} drawn windows")
+        old = self.scores[self.last_drawn]
+        blended = torch.where(torch.isfinite(losses), old + smoothing * (losses.float() - old), old)
+        self.scores.index_copy_(0, self.last_drawn, blended)
 
     def state_dict(self) -> dict:
         """This rank's windows in local slot order; :func:`merge_shards` makes the global reservoir of them."""
         n = int(self.filled())  # checkpointing is off the hot path: a sync here is fine
         state = {"capacity": self.capacity, "mode": self.mode, "seen": self.seen.clone(),
                  "windows": self.windows[:n].clone(), "starts": self.starts[:n].clone(),
-                 "window_shape": self.window_shape, "dtype": str(self.dtype)}
+                 "scores": self.scores[:n].clone(), "window_shape": self.window_shape, "dtype": str(self.dtype)}
         if self.world > 1:
             state.update(shard=(self.rank, self.world), insert_generator=self.insert_generator.get_state())
         return state
@@ -109,6 +157,9 @@ class ReplayBuffer:
         n = windows.shape[0]
         self.windows[:n].copy_(windows)
         self.starts[:n].copy_(starts)
+        # A checkpoint from before prioritised replay has no scores: every window held starts equal.
+        scores = state.get("scores")
+        self.scores[:n].copy_(scores[self.rank :: self.world] if scores is not None else torch.ones(n))
         self.seen.copy_(state["seen"])
         if self.insert_generator is not None and state.get("insert_generator") is not None:
             self.insert_generator.set_state(state["insert_generator"].cpu())
@@ -124,10 +175,13 @@ def merge_shards(shards: list[dict]) -> dict:
     total = sum(s["windows"].shape[0] for s in shards)
     windows = first["windows"].new_empty((total, *first["windows"].shape[1:]))
     starts = first["starts"].new_empty((total,))
+    scores = torch.ones(total)
     for r, s in enumerate(shards):
         windows[r::world] = s["windows"]
         starts[r::world] = s["starts"]
-    return {**first, "windows": windows, "starts": starts, "shard": None}
+        if s.get("scores") is not None:
+            scores[r::world] = s["scores"].cpu()
+    return {**first, "windows": windows, "starts": starts, "scores": scores, "shard": None}
 
 
 def resize_reservoir(state: dict, capacity: int, generator: torch.Generator) -> dict:
@@ -146,5 +200,7 @@ def resize_reservoir(state: dict, capacity: int, generator: torch.Generator) -> 
     if capacity < n:  # shrink: a uniform subset, in slot order
         keep = torch.randperm(n, generator=generator, device=generator.device)[:capacity].sort().values
         keep = keep.to(state["windows"].device)
-        return {**state, "capacity": capacity, "windows": state["windows"][keep], "starts": state["starts"][keep]}
+        scores = state.get("scores")
+        return {**state, "capacity": capacity, "windows": state["windows"][keep], "starts": state["starts"][keep],
+                "scores": None if scores is None else scores[keep.to(scores.device)]}
     return {**state, "capacity": capacity, "seen": torch.as_tensor(min(seen, n)).to(state["seen"])}

@@ -185,7 +185,13 @@ class OnlineStep:
             if self.distill is not None:
                 return self.distill.loss(self.train_model, batch, cfg.replay.replayed, self.schedule, cfg.diffusion,
                                          self.generator)
-            return training_loss(self.train_model, batch, self.schedule, cfg.diffusion, self.generator)
+            if self.buffer is None or not self.buffer.priority:
+                return training_loss(self.train_model, batch, self.schedule, cfg.diffusion, self.generator)
+            # Prioritised replay: the replayed windows (the batch's last rows) score themselves by their loss.
+            loss, per_window = training_loss(self.train_model, batch, self.schedule, cfg.diffusion, self.generator,
+                                             per_window=True)
+            self.buffer.update_scores(per_window[batch.shape[0] - len(self.buffer.last_drawn):])
+            return loss
 
     def _body(self) -> None:
         """Batch -> loss -> backward -> clip -> optimizer -> EMA -> counters -> reservoir insert. Device work only,

@@ -50,6 +50,22 @@ def test_device_step_is_bit_identical_to_eager_with_the_fused_8bit_optimizer(tmp
     assert torch.equal(fast.step.buffer.starts, eager.step.buffer.starts)  # insert positions from the device counter
 
 
+def test_device_step_is_bit_identical_to_eager_with_prioritised_replay(tmp_path):
+    """Prioritised replay's draws and score updates are device work too: the same run either way, and the
+    replayed windows' scores moved from the mean they entered at to their own losses."""
+    extra = {"run__frames": 30, "optim__name": "adamw8bit-fused", "replay__priority": 1.0, "replay__windows": 4}
+    eager, _, l_eager = _run(tmp_path, "eager", **extra)
+    fast, _, l_fast = _run(tmp_path, "fast", run__step="device", **extra)
+    assert l_eager == l_fast
+    a, b = _params(eager), _params(fast)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    scores = fast.step.buffer.scores[:4]
+    assert torch.equal(scores, eager.step.buffer.scores[:4])
+    assert torch.all(scores > 0) and len(set(scores.tolist())) == 4
+    _, _, l_uniform = _run(tmp_path, "uniform", **{**extra, "replay__priority": 0.0})
+    assert l_uniform[:2] == l_eager[:2] and l_uniform != l_eager  # the same until the buffer holds 2 windows
+
+
 def test_device_step_matches_eager_with_fused_adamw(tmp_path):
     # torch's fused AdamW (the one that honours found_inf) rounds differently from the foreach one: close, not equal
     _, _, l_eager = _run(tmp_path, "eager", run__frames=25, optim__name="adamw")
