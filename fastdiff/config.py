@@ -114,6 +114,7 @@ class ReplayConfig:
     replayed: int = 1  # replayed windows per batch (paper, balls: 1 live + 1 replay)
     # Prioritised replay (er, full): replayed windows drawn with probability proportional to score^priority, a
     # window's score its training loss smoothed over its replays (fastdiff/replay.py); 0: uniform, as the paper.
+    # On balls at 1 it split two seeds (profiles/learning/README.md, Z rows), so tiny keeps 0.
     priority: float = 0.0
     teacher_every: int = 1000  # gen-distill: frames between teacher refreshes
     distill_steps: int = 2  # gen-distill: DDIM steps the teacher generates replay windows with (Masip et al.: 2)
