@@ -93,7 +93,7 @@ def run_benchmark(device=None, presets=("tiny", "small", "base"), out_path=None,
             gbs = step_traffic_bytes(params, impl) / (timed[impl].median * 1e-3) / 1e9
             per_param = state_bytes(opt) / row["parameters"]
             row.update(status="ok", **timed[impl].fields(), state_bytes_per_param=round(per_param, 3),
-                       **{"GB/s": round(gbs, 1), "copy_GB/s": round(copy_gbs, 1),
+                       **{"GB/s": utils.significant(gbs), "copy_GB/s": utils.significant(copy_gbs),
                           "share_of_copy_bw": round(gbs / copy_gbs, 3)})
         ours = by_impl.get("adamw8bit-fused")
         if ours:

@@ -161,7 +161,7 @@ def run_benchmark(device, sizes=None, out_path=None, *, impls=None, dtype=None, 
         for pass_name in PASSES:
             base = {"gpu": label, "date": date, "pass": pass_name, "sequences": case["sequences"], "T": case["T"],
                     "D": case["D"], "H": HEADS, "bias": bool(case.get("bias")), "causal": bool(case.get("causal")),
-                    "dtype": str(dtype).removeprefix("torch."), "copy_GB/s": round(copy_gbs, 2)}
+                    "dtype": str(dtype).removeprefix("torch."), "copy_GB/s": utils.significant(copy_gbs)}
             if not _memory_fits(case, device, dtype):
                 case_rows += [{**base, "impl": impl, "status": "skipped: does not fit in free device memory"}
                               for impl in impls]
@@ -179,7 +179,8 @@ def run_benchmark(device, sizes=None, out_path=None, *, impls=None, dtype=None, 
             nbytes, flops = traffic_and_flops(case, dtype, pass_name)
             for impl, timing in timings.items():
                 gbs = nbytes / (timing.median * 1e-3) / 1e9
-                case_rows.append({**base, "impl": impl, "status": "ok", **timing.fields(), "GB/s": round(gbs, 2),
+                case_rows.append({**base, "impl": impl, "status": "ok", **timing.fields(),
+                                  "GB/s": utils.significant(gbs),
                                   "TFLOP/s": round(flops / (timing.median * 1e-3) / 1e12, 4),
                                   "share_of_copy_bw": round(gbs / copy_gbs, 4)})
             if on_gpu:
