@@ -46,6 +46,7 @@ class ModelConfig:
     joint_attention: bool = False  # the first attention of each block spans the whole clip, not one frame
     overlap: bool = False  # tokens read and draw half a patch beyond their own (strided conv in, transposed conv out)
     local_mix: bool = False  # each block's MLP also reads a depthwise 3x3x3 conv of its input over (frame, row, col)
+    local_mix_kernel: int = 3  # the local mix's rows and columns (odd); it always spans 3 frames
 
 
 @dataclass
@@ -425,6 +426,9 @@ def validate(cfg: Config) -> None:
     for dotted, value in non_negative.items():
         if not value >= 0:  # NaN too
             raise ConfigError(f"{dotted}: must not be negative, got {value}")
+    if cfg.model.local_mix_kernel < 1 or cfg.model.local_mix_kernel % 2 == 0:
+        raise ConfigError(f"model.local_mix_kernel: must be odd and positive (a window centred on its token), got "
+                          f"{cfg.model.local_mix_kernel}")
     if cfg.model.width % cfg.model.heads:
         raise ConfigError(f"model.width: {cfg.model.width} is not divisible by model.heads={cfg.model.heads}")
     if cfg.model.width // cfg.model.heads not in (32, 64, 128):

@@ -122,13 +122,11 @@ def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: to
         target = retarget(x_t, target)
     pred = model(x_t, t.float(), observed)
     masked = observed if excluded is None else observed | excluded
-    loss = ops.frame_mse_loss(pred, target, weight, masked)
     if not per_window:
-        return loss
-    with torch.no_grad():
-        per_frame = (pred.float() - target.float()).pow(2).flatten(2).mean(-1)  # (B, K)
-        kept = (~masked).float()
-        return loss, (per_frame * kept).sum(1) / kept.sum(1).clamp(min=1.0)
+        return ops.frame_mse_loss(pred, target, weight, masked)
+    loss, per_frame = ops.frame_mse_loss(pred, target, weight, masked, per_frame=True)  # (B, K), the same pass
+    kept = (~masked).float()
+    return loss, (per_frame * kept).sum(1) / kept.sum(1).clamp(min=1.0)
 
 
 def context_level(share: float, timesteps: int) -> int:

@@ -50,7 +50,7 @@ def dit_parameters(cfg: Config, channels: int, patches: int, window: int) -> int
              + m.heads * (2 * window - 1)  # relative-position bias
              + d * hidden + hidden + hidden * d + d  # MLP
              + d * 9 * d + 9 * d  # adaLN
-             + (27 * d + d if m.local_mix else 0))  # the local mix: a depthwise 3x3x3 conv
+             + (3 * m.local_mix_kernel**2 * d + d if m.local_mix else 0))  # the local mix: a depthwise 3xkxk conv
     pos = patches * d if m.pos_embed == "learned" else 0  # a sincos table is a buffer, not a parameter
     stem = patch_dim * d + d + pos + 256 * d + d + d * d + d + 2 * d
     out_bias = channels if m.overlap else channels * m.patch**2  # a transposed conv has one bias per channel

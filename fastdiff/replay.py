@@ -95,9 +95,9 @@ class ReplayBuffer:
         self.starts.index_copy_(0, slot, start_t)
         self.seen += 1
 
-    def _held(self) -> torch.Tensor:
-        """(local_capacity,) bool: the slots that hold a window."""
-        return torch.arange(self.local_capacity, device=self.device) < self.filled()
+    def _held(self, filled: torch.Tensor | None = None) -> torch.Tensor:
+        """(local_capacity,) bool: the slots that hold a window (`filled`: this rank's count, if already known)."""
+        return torch.arange(self.local_capacity, device=self.device) < (self.filled() if filled is None else filled)
 
     def _mean_score(self) -> torch.Tensor:
         """The mean score of the windows held; 1 while none is (any positive prior does: only ratios matter)."""
@@ -112,7 +112,7 @@ class ReplayBuffer:
         filled = self.filled()
         draw = torch.rand(count, generator=generator, device=self.device, dtype=torch.float64)
         if self.priority:
-            weight = torch.where(self._held(), self.scores[:-1].double().clamp(min=0) ** self.priority, 0.0)
+            weight = torch.where(self._held(filled), self.scores[:-1].double().clamp(min=0) ** self.priority, 0.0)
             cumulative = weight.cumsum(0)
             idx = torch.searchsorted(cumulative, draw * cumulative[-1], right=True)
             idx = torch.minimum(idx, (filled - 1).clamp(min=0))  # draw * total rounding onto the last edge

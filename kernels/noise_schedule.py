@@ -408,12 +408,21 @@ def add_noise_reference(x0, t, observed, alpha, sigma, noise, prediction="eps"):
     return x_t, target
 
 
-def frame_mse_loss_reference(pred, target, weight, observed):
-    """sum over non-observed frames of weight[b,k] * mean_chw (pred - target)^2, divided by their count."""
+def frame_mse_reference(pred, target, observed):
+    """Each frame's mean_chw (pred - target)^2, (B, K), in at least fp32; 0 for observed frames (never read)."""
     acc = torch.promote_types(pred.dtype, torch.float32)
     per_frame = (pred.to(acc) - target.to(acc)).pow(2).flatten(2).mean(-1)
-    keep = (~observed).to(acc)
-    return (per_frame * weight.to(acc) * keep).sum() / keep.sum().clamp_min(1.0)
+    return torch.where(observed, 0.0, per_frame)
+
+
+def frame_mse_loss_reference(pred, target, weight, observed):
+    """sum over non-observed frames of weight[b,k] * mean_chw (pred - target)^2, divided by their count."""
+    return _weighted_frame_loss(frame_mse_reference(pred, target, observed), weight, observed)
+
+
+def _weighted_frame_loss(per_frame, weight, observed):
+    keep = (~observed).to(per_frame.dtype)
+    return (per_frame * weight.to(per_frame.dtype)).sum() / keep.sum().clamp_min(1.0)
 
 
 def ddim_step_reference(x_t, model_out, t, t_prev, alpha, sigma, noise=None, *, eta=0.0, prediction="eps"):
@@ -758,17 +767,21 @@ def add_noise(
     return x_t, target
 
 
-def frame_mse_loss(pred, target, weight, observed):
+def frame_mse_loss(pred, target, weight, observed, *, per_frame: bool = False):
     """Weighted per-frame MSE over non-observed frames (see module docstring); 0 when every frame is
     observed. ``weight`` (B, K) or None for uniform. Returns an fp32 scalar; differentiable in pred,
-    target and weight."""
+    target and weight. With ``per_frame``, returns (loss, each frame's unweighted MSE (B, K) fp32, detached, 0 for
+    observed frames): the kernel's stage 2 computes it anyway, so asking costs no extra pass."""
     _check_clip("frame_mse_loss", pred, {"weight": weight, "observed": observed})
     _check_same("frame_mse_loss", pred, target=target)
     if weight is None:
         weight = torch.ones(pred.shape[:2], dtype=torch.float32, device=pred.device)
     if not _use_triton("frame_mse_loss", pred):
-        return frame_mse_loss_reference(pred, target, weight, observed)
-    return torch.ops.fastdiff.frame_mse_loss(pred, target, weight, observed)[0]
+        frames = frame_mse_reference(pred, target, observed)
+        loss = _weighted_frame_loss(frames, weight, observed)
+    else:
+        loss, frames, _ = torch.ops.fastdiff.frame_mse_loss(pred, target, weight, observed)
+    return (loss, frames.detach().float().view(pred.shape[:2])) if per_frame else loss
 
 
 def ddim_step(

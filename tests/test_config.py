@@ -39,6 +39,8 @@ def test_overrides_coerce_types():
         ({"diffusion.sample_steps": "5000"}, "diffusion.sample_steps"),
         ({"run.compile": "maybe"}, "run.compile"),
         ({"diffusion.rollout_observed": "-1"}, "diffusion.rollout_observed"),
+        ({"model.local_mix_kernel": "4"}, "model.local_mix_kernel"),
+        ({"model.local_mix_kernel": "-1"}, "model.local_mix_kernel"),
         ({"diffusion.rollout_observed": "10", "run.window": "10"}, "diffusion.rollout_observed"),
     ],
 )

@@ -9,6 +9,7 @@ from fastdiff.diffusion import (
     clamp_prediction,
     ddim_sample,
     heun_sample,
+    masked_diffusion_loss,
     predict_x0_eps,
     rollout,
     rollout_chunks,
@@ -122,6 +123,36 @@ def test_observed_frames_never_contribute(prediction):
     loss.backward()
     assert torch.all(noise.grad[observed] == 0)
     assert torch.all(noise.grad[~observed].abs().flatten(1).sum(1) > 0)
+
+
+def test_per_window_loss_is_each_windows_mse_over_its_scored_frames():
+    """masked_diffusion_loss(per_window=True): the same loss, and each window's unweighted MSE over the frames that
+    are neither observed nor excluded, which prioritised replay scores windows by."""
+    from fastdiff import ops
+
+    torch.manual_seed(0)
+    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    s = Schedule.make("linear", 1000)
+    x0 = torch.randn(3, 6, 3, 4, 4)
+    t, observed = sample_training_levels(3, 6, 1000, 1.0, torch.Generator().manual_seed(1), "cpu", observed=2)
+    excluded = torch.zeros_like(observed)
+    excluded[1, 5] = True
+    weight = torch.rand(3, 6) + 0.5
+    args = (model, x0, t, observed, s, "eps")
+    loss, per_window = masked_diffusion_loss(*args, torch.Generator().manual_seed(2), weight=weight,
+                                             excluded=excluded, per_window=True)
+    alone = masked_diffusion_loss(*args, torch.Generator().manual_seed(2), weight=weight, excluded=excluded)
+    assert torch.equal(loss, alone) and loss.requires_grad and not per_window.requires_grad
+
+    x_t, target = ops.add_noise(x0, t, observed, s.alpha, s.sigma, generator=torch.Generator().manual_seed(2),
+                                prediction="eps")
+    with torch.no_grad():
+        per_frame = (model(x_t, t.float(), observed) - target).pow(2).flatten(2).mean(-1)
+    scored = ~(observed | excluded)
+    expect = torch.stack([per_frame[b][scored[b]].mean() for b in range(3)])
+    torch.testing.assert_close(per_window, expect, atol=1e-6, rtol=1e-5)
 
 
 def _gaussian_denoiser(schedule, mu, std, prediction="eps"):

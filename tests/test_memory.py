@@ -12,15 +12,17 @@ from fastdiff.models.dit import VideoDiT, count_parameters
 STREAMS = {"balls": ((32, 32), 10), "maze": ((64, 64), 20)}
 
 
-@pytest.mark.parametrize("overlap,local_mix", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("overlap,local_mix,kernel", [(False, False, 3), (True, False, 3), (False, True, 3),
+                                                      (False, True, 5)])
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
 @pytest.mark.parametrize("patch,channels,hw,window", [(1, 4, 8, 10), (4, 3, 32, 10), (2, 4, 16, 20)])
-def test_parameter_count_is_exact(patch, channels, hw, window, pos_embed, overlap, local_mix):
+def test_parameter_count_is_exact(patch, channels, hw, window, pos_embed, overlap, local_mix, kernel):
     cfg = build_config("tiny", None, {"model.patch": str(patch), "model.pos_embed": pos_embed,
-                                      "model.overlap": str(overlap).lower(), "model.local_mix": str(local_mix).lower()})
+                                      "model.overlap": str(overlap).lower(), "model.local_mix": str(local_mix).lower(),
+                                      "model.local_mix_kernel": str(kernel)})
     m = cfg.model
     model = VideoDiT(channels, hw, hw, window, width=m.width, depth=m.depth, heads=m.heads, patch=patch,
-                     pos_embed=pos_embed, overlap=overlap, local_mix=local_mix)
+                     pos_embed=pos_embed, overlap=overlap, local_mix=local_mix, local_mix_kernel=kernel)
     assert dit_parameters(cfg, channels, (hw // patch) ** 2, window) == count_parameters(model)
 
 

@@ -76,21 +76,25 @@ def test_joint_attention_reaches_other_frames_in_one_hop(joint):
     assert (reached > 1e-4) if joint else (reached == 0)
 
 
-def test_local_mix_reads_neighbouring_tokens_and_frames_only():
-    """The local-mix MLP's output at (frame 2, row 1, column 1) depends on the tokens of frames 1..3 within one
-    row and column of it, and on nothing further; against a loop over the 3x3x3 neighbourhood."""
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_local_mix_reads_neighbouring_tokens_and_frames_only(kernel):
+    """The local-mix MLP's output at (frame 2, row 2, column 2) depends on the tokens of frames 1..3 within
+    kernel // 2 rows and columns of it, and on nothing further; against a loop over the 3 x k x k neighbourhood."""
     torch.manual_seed(0)
-    grid = (4, 5)
-    mlp = LocalMixMLP(8, 16, grid)
+    grid = (6, 7)
+    mlp = LocalMixMLP(8, 16, grid, kernel)
     x = torch.randn(2, 5, grid[0] * grid[1], 8, requires_grad=True)
-    mlp(x)[:, 2, 1 * grid[1] + 1].sum().backward()
+    mlp(x)[:, 2, 2 * grid[1] + 2].sum().backward()
     reached = x.grad.abs().amax(dim=(0, 3)).reshape(5, *grid) > 0
     expected = torch.zeros(5, *grid, dtype=torch.bool)
+    reach = kernel // 2
     for frame in (1, 2, 3):
-        for row in (0, 1, 2):
-            for column in (0, 1, 2):
+        for row in range(2 - reach, 2 + reach + 1):
+            for column in range(2 - reach, 2 + reach + 1):
                 expected[frame, row, column] = True
     assert torch.equal(reached, expected)
+    with pytest.raises(ValueError, match="odd"):
+        LocalMixMLP(8, 16, grid, 4)
     # the model builds it in every block when asked, and the plain MLP otherwise
     assert all(isinstance(b.mlp, LocalMixMLP) for b in VideoDiT(3, 8, 8, 4, width=32, heads=1, local_mix=True).blocks)
     assert not any(isinstance(b.mlp, LocalMixMLP) for b in VideoDiT(3, 8, 8, 4, width=32, heads=1).blocks)

@@ -224,6 +224,26 @@ def test_frame_mse_loss_forward_backward(shape, dtype, poisoned):
     assert torch.equal(ours[0][observed], torch.zeros_like(ours[0][observed]))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frame_mse_loss_per_frame_is_the_same_pass(shape, dtype, poisoned):
+    """per_frame=True returns the very loss of per_frame=False and each frame's unweighted MSE, 0 where observed."""
+    pred, target = clip(shape, dtype, 1), clip(shape, dtype, 2)
+    weight = torch.rand(shape[:2], generator=gen(3)) + 0.5
+    _, observed = frames(shape)
+    pred[observed] = float("nan")  # observed frames are never read, by the loss or by its per-frame MSE
+    pred.requires_grad_()
+    loss, per_frame = ns.frame_mse_loss(pred, target, weight, observed, per_frame=True)
+    assert torch.equal(loss, ns.frame_mse_loss(pred, target, weight, observed))
+    assert per_frame.shape == shape[:2] and per_frame.dtype == torch.float32 and not per_frame.requires_grad
+    ref = ns.frame_mse_reference(pred.detach().double(), target.double(), observed)
+    assert torch.equal(ref[observed], torch.zeros_like(ref[observed]))
+    torch.testing.assert_close(per_frame.double(), ref, atol=1e-6, rtol=1e-5)
+    assert torch.all(per_frame[~observed] > 0) and torch.all(per_frame[observed] == 0)
+    (grad,) = torch.autograd.grad(loss, pred)  # still differentiable in the loss
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("mask", ["all", "none"])
 def test_frame_mse_loss_masks(mask, poisoned):
     shape = SHAPES[0]
