@@ -100,7 +100,8 @@ class TemporalAttention(nn.Module):
 
 
 class LocalMixMLP(nn.Module):
-    """The block's MLP, reading its input plus a depthwise 3x3x3 convolution of it over (frame, row, column).
+    """The block's MLP, reading its input plus a depthwise convolution of it over (frame, row, column): 3 frames
+    by `kernel` x `kernel` tokens (3 in `tiny`; 5 was measured and not adopted, profiles/learning/README.md).
 
     Why: a ball that moves from one patch to the next is read, in the factorised attention, by a spatial hop and a
     temporal hop in turn; the convolution gives every token its neighbours in the frames before and after directly,
