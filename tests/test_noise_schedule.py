@@ -197,12 +197,16 @@ def test_philox_determinism_and_streams(monkeypatch):
 # ---------------------------------------------------------------------------------------------- loss
 
 
+def loss_inputs(shape, dtype):
+    """pred, target, positive weights and an observed mask with both kinds, for the loss tests."""
+    _, observed = frames(shape)
+    return clip(shape, dtype, 1), clip(shape, dtype, 2), torch.rand(shape[:2], generator=gen(3)) + 0.5, observed
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_frame_mse_loss_forward_backward(shape, dtype, poisoned):
-    pred, target = clip(shape, dtype, 1), clip(shape, dtype, 2)
-    weight = torch.rand(shape[:2], generator=gen(3)) + 0.5
-    _, observed = frames(shape)
+    pred, target, weight, observed = loss_inputs(shape, dtype)
     pred.requires_grad_()
     target.requires_grad_()
     weight.requires_grad_()
@@ -228,9 +232,7 @@ def test_frame_mse_loss_forward_backward(shape, dtype, poisoned):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_frame_mse_loss_per_frame_is_the_same_pass(shape, dtype, poisoned):
     """per_frame=True returns the very loss of per_frame=False and each frame's unweighted MSE, 0 where observed."""
-    pred, target = clip(shape, dtype, 1), clip(shape, dtype, 2)
-    weight = torch.rand(shape[:2], generator=gen(3)) + 0.5
-    _, observed = frames(shape)
+    pred, target, weight, observed = loss_inputs(shape, dtype)
     pred[observed] = float("nan")  # observed frames are never read, by the loss or by its per-frame MSE
     pred.requires_grad_()
     loss, per_frame = ns.frame_mse_loss(pred, target, weight, observed, per_frame=True)
