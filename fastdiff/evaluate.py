@@ -162,15 +162,17 @@ def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.
 
 
 def balls_scores(videos: np.ndarray, clips: HeldoutClips, observed: int) -> dict:
-    """minADE, ColorKL, colour accuracy and ball count of sampled continuations (N, S, T, H, W, 3)."""
+    """minADE, ColorKL, colour accuracy, ball count and ball speed of sampled continuations (N, S, T, H, W, 3)."""
     n, s, t = videos.shape[:3]
     balls = clips.centres.shape[2]
     flat = videos.reshape(n * s * t, *videos.shape[3:])
     centres, colours = metrics.ball_centres(flat, balls)
     centres = centres.reshape(n, s, t, balls, 2)
     colours = colours.reshape(n, s, t, balls)
-    counts_ok = (metrics.count_balls(flat) == balls).reshape(n, s, t)[:, :, observed:]
+    counted = (metrics.count_balls(flat) == balls).reshape(n, s, t)
+    counts_ok = counted[:, :, observed:]
     ade = np.zeros((n, s))
+    steps = []  # from the last observed frame on: the first generated frame's step counts too
     accuracy = np.zeros((n, s))
     counts = np.zeros((3, 3), dtype=np.int64)
     for i in range(n):
@@ -180,10 +182,12 @@ def balls_scores(videos: np.ndarray, clips: HeldoutClips, observed: int) -> dict
                                                      clips.centres[i, observed:], clips.colours[i, observed:])
             counts += metrics.transition_counts(metrics.tracks(centres[i, j], colours[i, j], videos.shape[3]),
                                                 first_frame=observed)
+            steps.append(metrics.ball_steps(centres[i, j, observed - 1:], counted[i, j, observed - 1:]))
     kl, support = metrics.colour_kl(counts)
     return {"minADE": float(ade.min(1).mean()), "ADE": float(ade.mean()), "ColorKL": kl,
             "ColorKL_colours": support, "colour_changes": int(counts.sum()),
             "colour_accuracy": float(accuracy.max(1).mean()), "ball_count_ok": float(counts_ok.mean()),
+            "ball_speed": float(np.concatenate(steps).mean()) if sum(map(len, steps)) else float("nan"),
             "transitions": counts.tolist()}
 
 
@@ -279,7 +283,7 @@ def final_sample(run: LoadedRun, clip_count: int, out_dir: Path, tag: str, *, se
     scores = balls_scores(videos, clips, opts.observed)
     floors = floor_scores(run, clips, opts.observed)
     # the colour transition counts too, so that ColorKL can be recomputed (metrics.rescore_colour_kl)
-    keys = ("minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "transitions")
+    keys = ("minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "ball_speed", "transitions")
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = np.concatenate(list(videos[:, 0]), axis=1)  # (T, clips * H, W, 3): the clips stacked top to bottom
     scale = max(1, 128 // run.frame_shape[0])
@@ -297,13 +301,15 @@ def describe_final_sample(final: dict) -> str:
     rows = [("model (EMA)", final["model"])] + list(final["floors"].items())
     lines = [f"final sample: {final['clips']} held-out clips, {final['observed']} real + {final['generated']} "
              f"generated frames, best of {final['samples_per_clip']} ({final['sample']})",
-             f"  {'':<19}{'minADE px':>10}{'ColorKL':>9}{'colour acc':>11}{'two-ball frames':>16}"]
+             f"  {'':<19}{'minADE px':>10}{'ColorKL':>9}{'colour acc':>11}{'two-ball frames':>16}"
+             f"{'speed px/frame':>15}"]
     def number(value: float, spec: str, width: int) -> str:  # a score a floor does not have (NaN) prints as '-'
         return f"{'-':>{width}}" if value != value else f"{value:>{width}{spec}}"
 
     for name, score in rows:
         lines.append(f"  {name:<19}{number(score['minADE'], '.2f', 10)}{number(score['ColorKL'], '.3f', 9)}"
-                     f"{number(score['colour_accuracy'], '.2f', 11)}{number(score['ball_count_ok'], '.0%', 15)}")
+                     f"{number(score['colour_accuracy'], '.2f', 11)}{number(score['ball_count_ok'], '.0%', 15)}"
+                     f"{number(score.get('ball_speed', float('nan')), '.2f', 15)}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ stream's number of balls with sub-pixel centres. On top of them:
   from at least once (a tiny pseudo-count keeps the KL finite when a rule is broken outright).
 - **colour accuracy**: share of (frame, ball) whose detected colour is the true one (best of S).
 - **ball count**: share of generated frames that show exactly the stream's number of balls.
+- **ball speed**: mean distance a ball moves per generated frame (:func:`ball_steps`), beside the truth's: a
+  model whose balls slow down keeps two balls more easily.
 
 Any stream, with a user-supplied I3D (TorchScript; nothing is downloaded):
 
@@ -135,6 +137,21 @@ def ade(pred: np.ndarray, truth: np.ndarray) -> float:
     perm = _best_permutations(truth, pred)
     matched = np.take_along_axis(pred, perm[..., None], axis=1)
     return float(np.linalg.norm(matched - truth, axis=-1).mean())
+
+
+def ball_steps(centres: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """How far (pixels) each ball moved from one frame to the next, (pairs * balls,), over the consecutive frames
+    of centres (T, balls, 2) that both show exactly the stream's number of balls (`counted` (T,) bool; elsewhere
+    ball_centres repeats a ball, so a step means nothing), balls matched by the cheapest permutation.
+
+    Why: the share of two-ball frames alone would reward a model whose balls slow down, since balls that move less
+    meet less, and a merge at a meeting is how samples lose a ball; their speed beside the truth's says so."""
+    pairs = counted[1:] & counted[:-1]
+    before, after = centres[:-1][pairs], centres[1:][pairs]
+    if not len(before):
+        return np.zeros(0)
+    matched = np.take_along_axis(after, _best_permutations(before, after)[..., None], axis=1)
+    return np.linalg.norm(matched - before, axis=-1).ravel()
 
 
 def colour_accuracy(pred_centres, pred_colours, truth_centres, truth_colours) -> float:

@@ -180,3 +180,33 @@ def test_floors_bracket_the_truth(truth):
     assert free["minADE"] < 0.15
     assert np.array_equal(videos["repeat last frame"][:, 0, 20], clips.frames[:, 4])
     assert scores["constant velocity"]["minADE"] > 2 * free["minADE"]  # collisions do cost it
+
+
+def test_ball_steps_match_balls_across_frames_and_skip_miscounted_frames():
+    """Two balls moving 1 and 2 px a frame, listed in the other order in every other frame: the steps are 1 and 2,
+    not the distance between the balls; a pair of frames with a wrong count gives no step."""
+    t = np.arange(5, dtype=np.float64)
+    a = np.stack([3 + t, np.full(5, 5.0)], -1)  # 1 px a frame along x
+    b = np.stack([np.full(5, 20.0), 4 + 2 * t], -1)  # 2 px a frame along y
+    centres = np.stack([a, b], 1)
+    centres[1::2] = centres[1::2, ::-1]
+    steps = metrics.ball_steps(centres, np.ones(5, dtype=bool))
+    np.testing.assert_allclose(np.sort(steps), [1] * 4 + [2] * 4)
+    counted = np.array([True, True, False, True, True])  # only frames 0-1 and 3-4 are a counted pair
+    assert len(metrics.ball_steps(centres, counted)) == 4
+    assert len(metrics.ball_steps(centres, np.zeros(5, dtype=bool))) == 0
+
+
+def test_ball_speed_of_the_floors(truth):
+    """balls_scores' ball speed: the ground truth's is the simulator's own (from its true centres), the frozen
+    frame's is 0, and constant velocity moves as fast as the truth except where collisions change speeds."""
+    from fastdiff.evaluate import floor_videos
+
+    frames, centres, colours = truth
+    clips, _ = _clips(frames, centres, colours, length=25, count=40)
+    videos = floor_videos(clips, observed=5, colour_shift=True)
+    speed = {name: balls_scores(v, clips, observed=5)["ball_speed"] for name, v in videos.items()}
+    true_speed = np.linalg.norm(np.diff(clips.centres[:, 4:].astype(np.float64), axis=1), axis=-1).mean()
+    assert speed["ground truth"] == pytest.approx(true_speed, rel=0.05) and true_speed > 0.3
+    assert speed["repeat last frame"] == pytest.approx(0.0, abs=1e-6)
+    assert speed["constant velocity"] == pytest.approx(true_speed, rel=0.25)

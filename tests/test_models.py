@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, unit_to_pixels
 from fastdiff.models.dit import (
@@ -8,6 +9,7 @@ from fastdiff.models.dit import (
     TemporalAttention,
     VideoDiT,
     count_parameters,
+    depthwise_conv3d,
     last_observed,
 )
 
@@ -98,6 +100,42 @@ def test_local_mix_reads_neighbouring_tokens_and_frames_only(kernel):
     # the model builds it in every block when asked, and the plain MLP otherwise
     assert all(isinstance(b.mlp, LocalMixMLP) for b in VideoDiT(3, 8, 8, 4, width=32, heads=1, local_mix=True).blocks)
     assert not any(isinstance(b.mlp, LocalMixMLP) for b in VideoDiT(3, 8, 8, 4, width=32, heads=1).blocks)
+
+
+@pytest.mark.parametrize("kernel, with_bias", [((3, 3, 3), True), ((3, 5, 5), False), ((1, 3, 3), True)])
+def test_depthwise_conv3d_matches_conv3d_forward_and_backward(kernel, with_bias):
+    """depthwise_conv3d's own backward against F.conv3d's autograd in float64, on odd sizes, a channels-last view
+    (as the local mix passes it) and a random output gradient; and a padding that would not keep the size is
+    refused."""
+    torch.manual_seed(1)
+    b, c, frames, rows, cols = 3, 5, 7, 5, 6
+    tokens = torch.randn(b, frames, rows, cols, c, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True) if with_bias else None
+    padding = tuple(k // 2 for k in kernel)
+    grad = torch.randn(b, c, frames, rows, cols, dtype=torch.float64)
+    inputs = [tokens, weight] + ([bias] if with_bias else [])
+    volume = tokens.permute(0, 4, 1, 2, 3)  # a view, channels last in memory
+    ours = depthwise_conv3d(volume, weight, bias, padding)
+    reference = F.conv3d(volume, weight, bias, padding=padding, groups=c)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # only the weight needs a gradient (a frozen input), and no gradient at all (sampling): both still agree
+    frozen = volume.detach()
+    got = torch.autograd.grad(depthwise_conv3d(frozen, weight, bias, padding), weight, grad)[0]
+    want = torch.autograd.grad(F.conv3d(frozen, weight, bias, padding=padding, groups=c), weight, grad)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(depthwise_conv3d(volume, weight, bias, padding), reference.detach())
+    with pytest.raises(ValueError, match="keeps the size"):
+        depthwise_conv3d(volume, weight, bias, (0, 0, 0))
+    # under bf16 autocast (the CPU bf16 benchmark) it trains as F.conv3d does
+    leaf = volume.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv3d(leaf, weight.detach().float(), None, padding)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and leaf.grad.dtype == torch.float32
 
 
 def test_dit_rejects_bad_shapes():

@@ -138,7 +138,7 @@ def test_experiment_paper_writes_the_report_and_keeps_finished_runs(tmp_path, ca
     assert main(args) == 0
     report = (out / "report.md").read_text()
     for needle in ("| ER (5%) |", "| No replay |", "| *repeat last frame* |", "| *constant velocity* |",
-                   "Who forgets", "q1", "Table 6", "along_stream.png"):
+                   "Who forgets", "q1", "Table 6", "along_stream.png", "two-ball frames", "ball speed"):
         assert needle in report
     data = json.loads((out / "report.json").read_text())
     assert [r["summary"]["steps"] for r in data["results"]["er"]] == [91]

@@ -168,8 +168,9 @@ def test_final_sample_is_scored_against_the_floors(tmp_path):
     truth = final["floors"]["ground truth"]
     assert truth["minADE"] < 1.0 and truth["ball_count_ok"] > 0.9  # the detector finds the real balls
     assert final["floors"]["repeat last frame"]["minADE"] > truth["minADE"]
+    assert truth["ball_speed"] > 0.3 and final["floors"]["repeat last frame"]["ball_speed"] == 0.0
     for scores in (final["model"], *final["floors"].values()):
         assert 0 <= scores["ball_count_ok"] <= 1 and scores["minADE"] >= 0
     assert (tmp_path / "run" / "samples" / "final-frame00000020.png").exists()
     printed = "\n".join(lines)
-    assert "repeat last frame" in printed and final["sample"] in printed
+    assert "repeat last frame" in printed and final["sample"] in printed and "speed px/frame" in printed

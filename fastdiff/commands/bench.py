@@ -19,7 +19,8 @@ import sys
 
 HELP = "run every component benchmark plus the end-to-end step; table + JSON under profiles/<gpu>/"
 
-BENCHES = ("streams", "temporal_attention", "noise_schedule", "adaln_modulate", "adamw8bit", "sampling", "train_step")
+BENCHES = ("streams", "temporal_attention", "noise_schedule", "adaln_modulate", "local_mix", "adamw8bit", "sampling",
+           "train_step")
 
 
 def add_arguments(p) -> None:

@@ -52,6 +52,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def mlp_activation() -> nn.Module:
+    """The blocks' MLP activation: the exact (erf) GELU. DiT's tanh approximation differs from it by at most 5e-4
+    but is PyTorch's slow CPU kernel: 4x the time forward and 2.3x backward, 12% of a `tiny` sampling call (one
+    thread, 2026-12-05). On a GPU both are one fused elementwise pass. Checkpoints of either load alike (no
+    parameters)."""
+    return nn.GELU()
+
+
 class SpatialAttention(nn.Module):
     """Attention over the S tokens of every frame; with `joint`, over all K * S tokens of the clip at once, so that a
     token reaches another frame's tokens at other places in one hop (a moving ball), at (K * S)^2 cost."""
@@ -99,6 +107,55 @@ class TemporalAttention(nn.Module):
         return self.proj(out.reshape(b, s, k, d).transpose(1, 2))
 
 
+class _DepthwiseConv3d(torch.autograd.Function):
+    """A stride-1 depthwise 3-D convolution whose backward is two more convolutions (see depthwise_conv3d)."""
+
+    @staticmethod
+    def forward(ctx, volume, weight, bias, padding):
+        ctx.save_for_backward(volume, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return F.conv3d(volume, weight, bias, padding=padding, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        volume, weight = ctx.saved_tensors
+        pad = ctx.padding
+        b, d = volume.shape[:2]
+        grad_volume = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # a same-size correlation's input gradient: the flipped kernel, same padding
+            grad_volume = F.conv3d(grad, weight.flip(2, 3, 4), padding=pad, groups=d)
+        if ctx.needs_input_grad[1]:
+            # weight[c] correlates channel c of every sample with its output gradient: one group per (sample,
+            # channel), the padded input the image and the gradient the kernel, summed over the samples
+            padded = F.pad(volume, (pad[2], pad[2], pad[1], pad[1], pad[0], pad[0]))
+            per_sample = F.conv3d(padded.reshape(1, b * d, *padded.shape[2:]),
+                                  grad.reshape(b * d, 1, *grad.shape[2:]), groups=b * d)
+            grad_weight = per_sample.view(b, d, *weight.shape[2:]).sum(0)[:, None].to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3, 4)).to(weight.dtype)
+        return grad_volume, grad_weight, grad_bias, None
+
+
+def depthwise_conv3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     padding: tuple[int, int, int]) -> torch.Tensor:
+    """F.conv3d(volume, weight, bias, padding=padding, groups=channels) at stride 1, with output the size of the
+    input (odd kernel, padding = kernel // 2).
+
+    Why not F.conv3d alone: on a CPU, PyTorch's backward of a depthwise 3-D convolution is its slow generic kernel,
+    11 times its forward for `tiny`'s local mix (bench/bench_local_mix.py); written as two more convolutions it is
+    3 times faster, which is 8% of a `tiny` training step. Elsewhere (CUDA: cuDNN's own depthwise backward; no
+    gradient needed; bf16 autocast on a CPU) this is F.conv3d."""
+    if any(2 * p + 1 != k for p, k in zip(padding, weight.shape[2:])):
+        raise ValueError(f"depthwise_conv3d keeps the size: padding {padding} must be kernel "
+                         f"{tuple(weight.shape[2:])} // 2")
+    plain = (volume.device.type != "cpu" or not torch.is_grad_enabled()
+             or not (volume.requires_grad or weight.requires_grad)
+             or torch.is_autocast_enabled("cpu"))  # autocast casts F.conv3d's inputs, and PyTorch's backward follows
+    if plain:
+        return F.conv3d(volume, weight, bias, padding=padding, groups=weight.shape[0])
+    return _DepthwiseConv3d.apply(volume, weight, bias, tuple(padding))
+
+
 class LocalMixMLP(nn.Module):
     """The block's MLP, reading its input plus a depthwise convolution of it over (frame, row, column): 3 frames
     by `kernel` x `kernel` tokens (3 in `tiny`; 5 was measured and not adopted, profiles/learning/README.md).
@@ -107,7 +164,8 @@ class LocalMixMLP(nn.Module):
     temporal hop in turn; the convolution gives every token its neighbours in the frames before and after directly,
     the locality a convolutional U-Net (the paper's model) has from the start. It runs on the block's width, not
     the MLP's hidden width, and on the tokens' own memory layout (channels last, no copy): on a CPU that measured
-    3.7 ms against 47 ms on the hidden width in the default layout (forward + backward, one thread)."""
+    3.7 ms against 47 ms on the hidden width in the default layout (forward + backward, one thread), and
+    depthwise_conv3d's backward takes the 3.7 ms to about 1 ms."""
 
     def __init__(self, width: int, hidden: int, grid: tuple[int, int], kernel: int = 3):
         super().__init__()
@@ -116,13 +174,14 @@ class LocalMixMLP(nn.Module):
         self.grid = grid
         self.mix = nn.Conv3d(width, width, (3, kernel, kernel), padding=(1, kernel // 2, kernel // 2), groups=width)
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = mlp_activation()
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, D)
         b, k, s, d = x.shape
         volume = x.reshape(b, k, *self.grid, d).permute(0, 4, 1, 2, 3)  # (B, D, K, rows, columns), a view
-        mixed = self.mix(volume).permute(0, 2, 3, 4, 1).reshape(b, k, s, d)
+        mixed = depthwise_conv3d(volume, self.mix.weight, self.mix.bias, self.mix.padding)
+        mixed = mixed.permute(0, 2, 3, 4, 1).reshape(b, k, s, d)
         return self.fc2(self.act(self.fc1(x + mixed)))
 
 
@@ -137,7 +196,7 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
         if local_mix_grid is None:
-            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), mlp_activation(), nn.Linear(hidden, width))
         else:
             self.mlp = LocalMixMLP(width, hidden, local_mix_grid, local_mix_kernel)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
