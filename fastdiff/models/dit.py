@@ -53,11 +53,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 def mlp_activation() -> nn.Module:
-    """The blocks' MLP activation: the exact (erf) GELU. DiT's tanh approximation differs from it by at most 5e-4
-    but is PyTorch's slow CPU kernel: 4x the time forward and 2.3x backward, 12% of a `tiny` sampling call (one
-    thread, 2026-12-05). On a GPU both are one fused elementwise pass. Checkpoints of either load alike (no
-    parameters)."""
-    return nn.GELU()
+    """The blocks' MLP activation: DiT's tanh-approximated GELU, with which every row of the learning study was
+    trained. The exact (erf) GELU differs from it by at most 5e-4 and has the faster CPU kernel (3.5x forward, 2.3x
+    backward at `tiny`'s training size, about 4% of a step), but two seeds with each could not tell the two apart
+    on held-out numbers (profiles/learning/README.md, rows AC0 and AC1), so it waits for a study with more seeds."""
+    return nn.GELU(approximate="tanh")
 
 
 class SpatialAttention(nn.Module):
@@ -142,9 +142,9 @@ def depthwise_conv3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     input (odd kernel, padding = kernel // 2).
 
     Why not F.conv3d alone: on a CPU, PyTorch's backward of a depthwise 3-D convolution is its slow generic kernel,
-    11 times its forward for `tiny`'s local mix (bench/bench_local_mix.py); written as two more convolutions it is
-    3 times faster, which is 8% of a `tiny` training step. Elsewhere (CUDA: cuDNN's own depthwise backward; no
-    gradient needed; bf16 autocast on a CPU) this is F.conv3d."""
+    more than 10 times its forward for `tiny`'s local mix (bench/bench_local_mix.py); written as two more
+    convolutions, forward + backward is 2-3 times faster, about 8% of a `tiny` training step at one thread.
+    Elsewhere (CUDA: cuDNN's own depthwise backward; no gradient needed; bf16 autocast on a CPU) this is F.conv3d."""
     if any(2 * p + 1 != k for p, k in zip(padding, weight.shape[2:])):
         raise ValueError(f"depthwise_conv3d keeps the size: padding {padding} must be kernel "
                          f"{tuple(weight.shape[2:])} // 2")
