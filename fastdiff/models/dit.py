@@ -143,7 +143,8 @@ def depthwise_conv3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     Why not F.conv3d alone: on a CPU, PyTorch's backward of a depthwise 3-D convolution is its slow generic kernel,
     more than 10 times its forward for `tiny`'s local mix (bench/bench_local_mix.py); written as two more
-    convolutions, forward + backward is 2-3 times faster, about 8% of a `tiny` training step at one thread.
+    convolutions, forward + backward is 2-2.4 times faster at 2 windows (about 8% of a `tiny` training step at one
+    thread; at 24 windows only 6%, as the weight gradient's grouped convolution grows with the batch).
     Elsewhere (CUDA: cuDNN's own depthwise backward; no gradient needed; bf16 autocast on a CPU) this is F.conv3d."""
     if any(2 * p + 1 != k for p, k in zip(padding, weight.shape[2:])):
         raise ValueError(f"depthwise_conv3d keeps the size: padding {padding} must be kernel "
