@@ -90,6 +90,11 @@ class DiffusionConfig:
     # sample_steps more model calls for G new frames. A share, not a count, so that it scales with sample_steps.
     # DDIM only: the Heun sampler steps every frame by one shared sigma schedule, and FIFO has its own diagonal.
     sample_frame_lag: float = 0.0
+    # History guidance (classifier-free guidance on the observed frames, as Diffusion Forcing's history guidance):
+    # each DDIM call also predicts with the observed frames replaced by pure noise at level T - 1 (a pattern
+    # training draws: a window with no clean prefix), and steps with cond + w * (cond - uncond). 0: off; w > 0
+    # costs 2x the model's work per call. DDIM only.
+    history_guidance: float = 0.0
     # Training's rollout-pattern windows (paper_pattern_prob) stagger their generated frames' levels by
     # sample_frame_lag, as the pyramid sampler steps them, at a random point of its schedule; off, they share one
     # level (the paper's window) and the staggered windows are met only among the free per-frame draws. Measured
@@ -146,6 +151,11 @@ class RunConfig:
     streams: str = ""  # one stream per rank under torchrun, ";"-separated (fastdiff/distributed.py)
     stream_options: str = ""  # the stream's own options, "key=value;key=value" (fastdiff/streams: parse_stream_options)
     frames: int = 0  # frames to train on (0: the preset's default)
+    # A wall-clock limit on the whole job, in minutes: set-up, training and the final sample. 0: none. The run
+    # measures its pace as it trains and, where the rest of run.frames would not fit, ends earlier, with its
+    # cool-down replanned to the new last frame; it never trains more than run.frames. `tiny` sets it for the
+    # default job's 10 minutes. Training is then deterministic only where no limit cuts the run.
+    minutes: float = 0.0
     stream_frames: int = 0  # the stream's nominal length (drift of balls-c completes over it); 0: = frames
     window: int = 0  # K; 0: the stream's natural window (balls 10, maze 20)
     seed: int = 0
@@ -214,14 +224,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seeds, held-out loss 13% / 20% lower and samples that change colour at about the true rate (111 / 80
     # changes in 36 samples against 13 / 10; the truth ~105 / 100), ColorKL 0.012 / 0.007; minADE 0.4 px and
     # two-ball frames 2-7 points worse, within these clips' noise. The default job: ColorKL 0.015 (0.921 before),
-    # 78% two-ball frames (85%), minADE 8.33 (8.23).
+    # 78% two-ball frames (85%), minADE 8.33 (8.23). Since 2026-12-06: a 9.5-minute limit on the whole job
+    # (run.minutes), as the idle box ran 4,500 frames at 8 to 11 frames/s on different days and the final sample
+    # takes 2-3 minutes: on a slow day the run ends earlier instead of running past the default job's 10 minutes.
     "tiny": {
         "model": {"width": 96, "depth": 4, "heads": 3, "patch": 4, "pos_embed": "sincos", "frame_pos": True,
                   "local_mix": True},
         "autoencoder": {"latent": "none", "warmup_frames": 1000, "fit_steps": 400},
         "diffusion": {"prediction": "x0", "sample_steps": 20, "sample_frame_lag": 0.5, "ddim_eta": 1.0},
         "optim": {"lr": 2e-3, "warmup": 200, "cooldown": 1.0},
-        "run": {"frames": 4500, "checkpoint_every": 500, "sample_every": 1500},
+        "run": {"frames": 4500, "minutes": 9.5, "checkpoint_every": 500, "sample_every": 1500},
         "replay": {"live": 1, "replayed": 1, "fraction": 0.5},
     },
     "small": {
@@ -422,6 +434,7 @@ def validate(cfg: Config) -> None:
         "run.milestone_every": cfg.run.milestone_every, "replay.distill_weight": cfg.replay.distill_weight,
         "run.milestone_clips": cfg.run.milestone_clips, "run.final_clips": cfg.run.final_clips,
         "optim.warmup": cfg.optim.warmup, "run.threads": cfg.run.threads, "replay.priority": cfg.replay.priority,
+        "run.minutes": cfg.run.minutes,
     }
     for dotted, value in non_negative.items():
         if not value >= 0:  # NaN too
@@ -445,6 +458,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"replay.fraction: must be in (0, 1], got {cfg.replay.fraction}")
     if not 0.0 < cfg.diffusion.sample_start <= 1.0:
         raise ConfigError(f"diffusion.sample_start: must be in (0, 1], got {cfg.diffusion.sample_start}")
+    if cfg.diffusion.history_guidance < 0 or (cfg.diffusion.history_guidance and cfg.diffusion.sampler != "ddim"):
+        raise ConfigError(f"diffusion.history_guidance: must be >= 0, and is supported with the ddim sampler only "
+                          f"(it guides each DDIM call); got {cfg.diffusion.history_guidance} with "
+                          f"diffusion.sampler={cfg.diffusion.sampler}")
     if not 0.0 <= cfg.diffusion.sample_frame_lag <= 1.0:
         raise ConfigError(f"diffusion.sample_frame_lag: must be in [0, 1], a share of diffusion.sample_steps; "
                           f"got {cfg.diffusion.sample_frame_lag}")

@@ -192,7 +192,7 @@ def clamp_prediction(model_out, x_t, a, s, prediction: str, limit: float):
 def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, *, steps: int,
                 eta: float = 0.0, prediction: str = "eps", generator: torch.Generator | None = None,
                 clip_x0: float | None = None, start: float = 1.0, context_level: int = 0,
-                frame_delay: int = 0) -> torch.Tensor:
+                frame_delay: int = 0, history_guidance: float = 0.0) -> torch.Tensor:
     """Generate the non-observed frames of `clip` (their content is ignored) with DDIM.
 
     `frame_delay` > 0 staggers the generated frames (Diffusion Forcing's pyramid schedule): the j-th generated
@@ -205,7 +205,10 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     `start` < 1 begins at level start * T from the latest observed frame noised to that level (as FIFO's queue
     begins), instead of from pure noise at T: the sample keeps that frame's structure where the model does not
     move it. `context_level` > 0 conditions on the observed frames noised once to that level (a model trained with
-    context noise); the returned observed frames are then the noised ones."""
+    context noise); the returned observed frames are then the noised ones.
+
+    `history_guidance` w > 0 also predicts each call without the history (the observed frames pure noise at
+    T - 1, unobserved) and steps with cond + w * (cond - uncond), in one model call over both batches."""
     b, k = clip.shape[:2]
     obs5 = observed[:, :, None, None, None]
     noise = torch.randn(clip.shape, generator=generator, device=clip.device)
@@ -231,6 +234,8 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     # order[b, k]: 0 for the first generated frame of row b, 1 for the next, ...; observed frames are not stepped
     order = (torch.cumsum((~observed).long(), dim=1) - 1).clamp(min=0)
     calls = steps + frame_delay * max(int((~observed).sum(1).max()) - 1, 0)
+    if history_guidance > 0:  # what the unconditional calls see in place of the history
+        history_noise = torch.randn(clip.shape, generator=generator, device=clip.device)
     for i in range(calls):
         progress = i - order * frame_delay  # steps this frame has taken (< 0: not begun, >= steps: clean)
         # a frame that has not begun waits at `top`; a finished one is clean and goes in at level 0; observed
@@ -238,7 +243,15 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         t = ladder[progress.clamp(0, steps)].clamp(min=0).masked_fill(observed, context_level)
         stepping = (progress >= 0) & (progress < steps) & ~observed
         t_prev = torch.where(stepping, ladder[(progress + 1).clamp(0, steps)], t)  # observed: t, context_level
-        out = model(x, t.float(), observed)
+        if history_guidance > 0:
+            free = torch.zeros_like(observed)
+            x_free = torch.where(obs5, history_noise, x)
+            t_free = torch.where(observed, schedule.timesteps - 1, t)
+            both = model(torch.cat([x, x_free]), torch.cat([t, t_free]).float(), torch.cat([observed, free]))
+            cond, uncond = both.float().chunk(2)
+            out = cond + history_guidance * (cond - uncond)
+        else:
+            out = model(x, t.float(), observed)
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]
             out = clamp_prediction(out.float(), x, a, s, prediction, clip_x0)
@@ -304,6 +317,21 @@ def frame_delay(cfg: DiffusionConfig) -> int:
     return int(round(cfg.sample_frame_lag * cfg.sample_steps))
 
 
+def rollout_model_calls(cfg: DiffusionConfig, window: int, context: int, total: int,
+                        sampler: str | None = None) -> int:
+    """Model calls (each over the whole batch) that `rollout` takes from `context` real frames to `total` frames
+    per video: what a sample costs, for planning a run that must leave time for its final sample."""
+    n_obs, have, calls = observed_frames(cfg, window), context, 0
+    while have < total:  # the windows rollout_chunks steps through
+        new = window - min(have, n_obs)
+        if (sampler or cfg.sampler) == "heun":  # a predictor and a corrector a step, but no corrector on the last
+            calls += max(2 * cfg.sample_steps - 1, 1)
+        else:
+            calls += cfg.sample_steps + frame_delay(cfg) * (new - 1)
+        have += new
+    return calls
+
+
 def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig, *,
                   generator: torch.Generator | None = None, clip_x0: float | None = None,
                   sampler: str | None = None) -> torch.Tensor:
@@ -317,7 +345,7 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
                        prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start,
                        context_level=context_level(cfg.sample_context_noise, schedule.timesteps),
-                       frame_delay=frame_delay(cfg))
+                       frame_delay=frame_delay(cfg), history_guidance=cfg.history_guidance)
 
 
 @torch.no_grad()

@@ -270,6 +270,15 @@ def evaluate(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions, *, sample: 
     return result
 
 
+FINAL_SAMPLES = 3  # sampled continuations per clip in a run's final sample
+
+
+def final_sample_size(clip_count: int) -> tuple[int, int, int]:
+    """(videos, real frames, frames in all) of a run's final sample of `clip_count` clips."""
+    opts = EvalOptions()
+    return clip_count * FINAL_SAMPLES, opts.observed, opts.length
+
+
 def final_sample(run: LoadedRun, clip_count: int, out_dir: Path, tag: str, *, seed: int = 0) -> dict:
     """A run's final sample: the EMA model continues `clip_count` held-out clips (5 real frames, 45 generated, 3
     samples each), scored like `fastdiff eval` next to the floors on the same clips; the first sample of every
@@ -277,7 +286,7 @@ def final_sample(run: LoadedRun, clip_count: int, out_dir: Path, tag: str, *, se
     from fastdiff import media
 
     started = time.perf_counter()
-    opts = EvalOptions(clips=clip_count, samples=3, seed=seed)
+    opts = EvalOptions(clips=clip_count, samples=FINAL_SAMPLES, seed=seed)
     clips = evaluation_clips(run, opts.clips, opts.length)
     videos = continuations(run, clips, opts)
     scores = balls_scores(videos, clips, opts.observed)

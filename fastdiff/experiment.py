@@ -40,6 +40,7 @@ def experiment_overrides(stream: str, frames: int, strategy: str, seed: int, cur
         "replay.strategy": strategy, "replay.live": 1, "replay.replayed": 1,  # the paper's balls batch: 1 + 1
         "run.milestone_every": max(frames // curve_points, 1), "run.checkpoint_every": max(frames // 4, 1),
         "run.sample_every": 0, "run.keep_checkpoints": 2,
+        "run.minutes": 0,  # every strategy trains on all the frames, whatever the machine's pace
     }
     if stream.startswith("balls"):
         overrides.update({"autoencoder.latent": "none", "model.patch": 4})

@@ -108,12 +108,13 @@ class OnlineStep:
         # counter (a host float would be frozen into a captured graph); the eager step sets a host float, which every
         # optimizer takes. The cool-down ends at the run's last planned step: one per frame of `total_frames` (what
         # the trainer will read: run.frames, or fewer where the stream is shorter) once the ring is full.
-        self.planned_steps = max(total_frames - live_frames + 1, 1)
-        self.lr = None
+        self.lr = self.planned = None
         if (cfg.optim.warmup or cfg.optim.cooldown) and self.mode != "eager":
             self.lr = torch.full((), cfg.optim.lr, device=device)
+            self.planned = torch.zeros((), device=device, dtype=torch.float64)  # read by the captured step
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
+        self.plan(total_frames)
 
         # --- the host's view -------------------------------------------------------------------------------------
         self.frames_seen = 0  # frames ingested
@@ -220,6 +221,13 @@ class OnlineStep:
         self.grad_norm.copy_(grad_norm)
         self._insert_live()
 
+    def plan(self, total_frames: int) -> None:
+        """Set the run's length in frames, where its cool-down ends: at construction, and again when a run with a
+        time limit (run.minutes) finds that the rest of its frames would not fit."""
+        self.planned_steps = max(total_frames - self.live_frames + 1, 1)
+        if self.planned is not None:
+            self.planned.fill_(self.planned_steps)
+
     def _schedule_lr(self) -> None:
         """lr = optim.lr * min(1, (s + 1) / warmup) * min(1, (planned - s) / (cooldown * planned)), with s the steps
         taken before this one and planned the run's steps: a linear warm-up from 0, then a linear cool-down to 0
@@ -227,17 +235,18 @@ class OnlineStep:
         o = self.cfg.optim
         if not (o.warmup or o.cooldown):
             return
-        warmup, cool_steps = max(o.warmup, 1), o.cooldown * self.planned_steps  # cool_steps read only if cooldown
+        warmup = max(o.warmup, 1)
         if self.lr is None:
             factor = min(1.0, (self.steps + 1) / warmup)
             if o.cooldown:
-                factor = factor * min(1.0, max(self.planned_steps - self.steps, 0) / cool_steps)
+                factor = factor * min(1.0, max(self.planned_steps - self.steps, 0) / (o.cooldown * self.planned_steps))
             for group in self.optimizer.param_groups:  # the sync-free step's arithmetic, in the same order
                 group["lr"] = o.lr * factor
-        else:
+        else:  # the plan is a device tensor: a captured step reads the current one, not the one at capture
             factor = torch.clamp((self.device_steps + 1) / warmup, max=1.0)
             if o.cooldown:
-                factor = factor * torch.clamp((self.planned_steps - self.device_steps) / cool_steps, min=0.0, max=1.0)
+                factor = factor * torch.clamp((self.planned - self.device_steps) / (o.cooldown * self.planned),
+                                              min=0.0, max=1.0)
             self.lr.copy_(o.lr * factor)
 
     def _host_check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:

@@ -25,14 +25,23 @@ from fastdiff.step import OnlineStep, StepResult
 from fastdiff.strategies import GenerativeDistillation, StreamBank
 from fastdiff.streams import make_stream, parse_stream_options
 
+# run.minutes: frames trained in this process before the pace is trusted to plan the run's end
+PACE_FRAMES = 100
+
 
 class OnlineTrainer:
     """One run: `resume` continues the run in `run_dir` from its newest readable checkpoint. Its replay buffer keeps
     the capacity the run was created with (written into its config.json) whatever `run.frames` says now, unless
     `resize_buffer` asks for `replay.windows` (fastdiff/replay.py: resize_reservoir says how it stays uniform)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, resize_buffer: bool = False, log=print):
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, resize_buffer: bool = False, log=print,
+                 started: float | None = None):
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        # run.minutes counts from `started` (time.monotonic(); the CLI passes its process's start), else from now
+        self.clock = time.monotonic  # run.minutes' clock (a test may set its own)
+        self.deadline = None
+        if cfg.run.minutes > 0:
+            self.deadline = (self.clock() if started is None else started) + 60 * cfg.run.minutes
         self.world = distributed.current()  # one process unless launched with torchrun
         self.world.check(cfg)
         if not self.world.is_main:
@@ -106,6 +115,8 @@ class OnlineTrainer:
             distill=GenerativeDistillation(cfg.replay.teacher_every, cfg.replay.distill_steps,
                                            cfg.replay.distill_weight) if cfg.replay.strategy == "gen-distill" else None,
             autoencoder=self.autoencoder, world=self.world, log=self.log)
+        self.frame_limit = self.total_frames  # what run.minutes may shorten the run from, never exceed
+        self.final_sample_seconds: float | None = None  # run.minutes: the final sample's estimated time
         self.checkpoint_failures = 0
         self._tb = None
         self.resumed_at: int | None = None  # the checkpoint's frame, when this process resumed the run
@@ -241,6 +252,10 @@ class OnlineTrainer:
                    "seconds": elapsed, "frames_per_second": (self.frames_seen - frames_at_start) / max(elapsed, 1e-9),
                    "stream_wait_seconds": self.feed.wait_seconds,
                    "last_loss": last.loss if self.step.calls else None, "interrupted": self.interrupted}
+        if self.deadline is not None:  # what the time limit did: the frames it allowed and the time it planned for
+            summary["time_limit"] = {"minutes": self.cfg.run.minutes, "frame_limit": self.frame_limit,
+                                     "shortened": self.total_frames < self.frame_limit,
+                                     "final_sample_estimate_seconds": self.final_sample_seconds}
         if not self.interrupted:  # an extended run keeps the earlier final samples: the tag names the frame
             from fastdiff import evaluate
 
@@ -253,6 +268,8 @@ class OnlineTrainer:
                 path = self.write_samples(tag)
                 if path is not None:
                     self.log(f"final sample: {path}")
+        if self.deadline is not None:
+            summary["time_limit"]["seconds_left"] = round(self.deadline - self.clock(), 1)
         if self.world.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self._tb is not None:
@@ -263,6 +280,7 @@ class OnlineTrainer:
         """Frame by frame until the run's length, the stream's end or a signal: step, log, checkpoint, sample."""
         cfg = self.cfg.run
         window_start = time.perf_counter()
+        paced_from = (self.clock(), self.frames_seen)  # run.minutes: the pace is measured from here
         while self.frames_seen < self.total_frames and stop.signal is None:
             if not self.advance():
                 self.log(f"stream ended after {self.frames_seen} frames")
@@ -272,6 +290,8 @@ class OnlineTrainer:
             if cfg.milestone_every and self.frames_seen % cfg.milestone_every == 0:
                 self.save_milestone()
                 self._score_milestone(metrics)
+            if self.deadline is not None and self.frames_seen % cfg.log_every == 0:
+                self._fit_to_deadline(*paced_from)
             if self.frames_seen % cfg.log_every == 0:
                 last = self.step.result()
                 now = time.perf_counter()
@@ -289,6 +309,59 @@ class OnlineTrainer:
                 self.save_checkpoint()
             if cfg.sample_every and self.frames_seen % cfg.sample_every == 0:
                 self.write_samples(f"frame{self.frames_seen:08d}")
+
+    def _fit_to_deadline(self, since: float, frames_then: int) -> None:
+        """run.minutes: plan the run's last frame so that the rest of training and the final sample end by the
+        deadline, at the pace measured since `since` (checkpoints and samples included), between now and the
+        frame limit. The cool-down is replanned with it. Rank 0 decides for every rank."""
+        trained = self.frames_seen - frames_then
+        if trained < PACE_FRAMES:
+            return
+        if self.final_sample_seconds is None:
+            self.final_sample_seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
+        now = self.clock()
+        pace = (now - since) / trained
+        fits = self.frames_seen + int((self.deadline - now - self.final_sample_seconds) / pace)
+        total = self.world.broadcast_object(min(max(fits, self.frames_seen), self.frame_limit))
+        if total == self.total_frames:
+            return
+        if abs(total - self.total_frames) >= 0.02 * self.frame_limit or total == self.frames_seen:
+            self.log(f"run.minutes={self.cfg.run.minutes:g}: at {1 / pace:.1f} frames/s, leaving "
+                     f"{self.final_sample_seconds:.0f} s for the final sample, the run ends at frame {total} "
+                     f"(run.frames={self.frame_limit})")
+        self.total_frames = total
+        self.step.plan(total)
+
+    @torch.no_grad()
+    def estimate_final_sample_seconds(self) -> float:
+        """What the run's final sample will take: its model calls (diffusion.rollout_model_calls) times one call of
+        the EMA model on the sample's batch, timed here. The sampler's own arithmetic, the decoding and the scoring
+        are small beside the calls: on the default job, 167 s estimated against 166 s taken (2 idle cores). The
+        margin for a machine that slows down is the caller's (tiny's 9.5 of the default job's 10 minutes)."""
+        from fastdiff import evaluate
+        from fastdiff.diffusion import observed_frames, rollout_model_calls
+
+        if self.final_is_heldout():
+            videos, context, total = evaluate.final_sample_size(self.cfg.run.final_clips)
+        else:  # write_samples: one video from half a window of live frames
+            videos, context, total = 1, self.sample_context(), self.cfg.run.sample_frames
+        batch = min(videos, evaluate.EvalOptions.batch)
+        calls = rollout_model_calls(self.cfg.diffusion, self.window, context, total) * -(-videos // batch)
+        if self.cfg.diffusion.history_guidance:  # each call predicts with and without the history
+            batch *= 2
+        x = torch.randn(batch, self.window, *self.latent_shape, device=self.device)
+        observed = (torch.arange(self.window, device=self.device) < observed_frames(self.cfg.diffusion, self.window))
+        observed = observed.expand(batch, -1)
+        t = torch.full((batch, self.window), self.step.schedule.timesteps // 2, device=self.device).masked_fill(
+            observed, 0)
+        seconds = []
+        for _ in range(2):  # the first call warms the allocator and any lazy initialisation up
+            started = time.perf_counter()
+            self.step.ema(x, t.float(), observed)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds.append(time.perf_counter() - started)
+        return calls * seconds[-1]
 
     def _fill_text(self) -> str:
         buffer = self.step.buffer
@@ -438,11 +511,16 @@ class OnlineTrainer:
         (fastdiff.evaluate.final_sample). None where there is nothing to score (another stream, final_clips 0)."""
         from fastdiff import evaluate
 
-        if not self.cfg.run.final_clips or not self.world.is_main or not evaluate.is_balls_stream(self.cfg.run) \
-                or self.steps == 0:
+        if not self.final_is_heldout() or not self.world.is_main or self.steps == 0:
             return None
         return evaluate.final_sample(self.as_loaded_run(), self.cfg.run.final_clips, self.run_dir / "samples", tag,
                                      seed=self.cfg.run.seed)
+
+    def final_is_heldout(self) -> bool:
+        """Whether the final sample continues held-out clips and is scored (balls streams, run.final_clips > 0)."""
+        from fastdiff import evaluate
+
+        return bool(self.cfg.run.final_clips) and evaluate.is_balls_stream(self.cfg.run)
 
     def as_loaded_run(self):
         """This run as fastdiff.sampling's LoadedRun (the EMA model), for evaluation while it trains."""
@@ -452,6 +530,10 @@ class OnlineTrainer:
                          self.window, self.frame_shape, self.stream.info.fps or 10.0, self.frames_seen)
 
     # --- samples -------------------------------------------------------------------------------------------------
+    def sample_context(self) -> int:
+        """Live frames a periodic sample continues: half a window."""
+        return self.window // 2
+
     @torch.no_grad()
     def generate(self, context_frames: int, total: int, seed: int = 0) -> np.ndarray:
         """Roll the EMA model out from the last `context_frames` live frames: uint8 (total, H, W, 3)."""
@@ -468,7 +550,7 @@ class OnlineTrainer:
             return None
         from fastdiff import media
 
-        frames = self.generate(self.window // 2, self.cfg.run.sample_frames, seed=self.cfg.run.seed)
+        frames = self.generate(self.sample_context(), self.cfg.run.sample_frames, seed=self.cfg.run.seed)
         out = self.run_dir / "samples"
         out.mkdir(parents=True, exist_ok=True)
         scale = max(1, 128 // self.frame_shape[0])

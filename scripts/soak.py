@@ -233,7 +233,8 @@ def main(argv=None) -> int:
     frames = args.frames or (1_000_000 if cuda else 100_000)
     every = args.every or max(50, frames // 200)
     warmup = int(args.warmup * frames) if args.warmup < 1 else int(args.warmup)
-    overrides = {**SMALL, "run.frames": str(frames), "run.stream": args.stream, "run.device": args.device}
+    overrides = {**SMALL, "run.frames": str(frames), "run.stream": args.stream, "run.device": args.device,
+                 "run.minutes": "0"}  # a soak runs its frames, however long they take
     try:
         overrides.update(parse_overrides(args.set))
         cfg = build_config("tiny", None, overrides)

@@ -13,6 +13,7 @@ from fastdiff.diffusion import (
     predict_x0_eps,
     rollout,
     rollout_chunks,
+    rollout_model_calls,
     sample_training_levels,
     sample_window,
     training_loss,
@@ -409,6 +410,11 @@ def test_context_noise_settings_are_checked():
         with pytest.raises(ConfigError, match="train_staggered is not supported without the pyramid sampler"):
             build_config("tiny", None, {"diffusion.train_staggered": "true", **bad})
     assert build_config("tiny", None, {"diffusion.train_staggered": "true"}).diffusion.train_staggered  # tiny's pyramid
+    for bad in ({"diffusion.history_guidance": "-1"},
+                {"diffusion.history_guidance": "1", "diffusion.sampler": "heun"}):
+        with pytest.raises(ConfigError, match="history_guidance: must be >= 0, and is supported with the ddim"):
+            build_config("tiny", None, bad)
+    assert build_config("tiny", None, {"diffusion.history_guidance": "1.5"}).diffusion.history_guidance == 1.5
 
 
 def test_sample_window_refuses_context_noise_when_the_caller_picks_heun():
@@ -424,3 +430,54 @@ def test_sample_window_refuses_context_noise_when_the_caller_picks_heun():
     out = sample_window(model, clip, observed, schedule, DiffusionConfig(sampler="ddim", sample_steps=2),
                         generator=torch.Generator().manual_seed(0), sampler="heun")
     assert out.shape == clip.shape and torch.equal(out[:, :2], clip[:, :2])
+
+
+@pytest.mark.parametrize("sampler,steps,lag,window,observed,context,total", [
+    ("ddim", 4, 0.0, 6, 0, 3, 17),  # synchronous windows, a last window past the total
+    ("ddim", 4, 0.5, 6, 0, 3, 17),  # pyramid: 2 calls between the starts of successive frames
+    ("ddim", 5, 1.0, 7, 2, 4, 20),  # observes 2 of 7: 5 new frames a window
+    ("ddim", 4, 0.5, 6, 0, 1, 12),  # a first window that observes fewer frames than the others
+    ("heun", 3, 0.0, 6, 0, 3, 11),
+])
+def test_rollout_model_calls_counts_the_calls_a_rollout_makes(sampler, steps, lag, window, observed, context, total):
+    """The planner's count (fastdiff.diffusion.rollout_model_calls) against the model calls of a real rollout."""
+    schedule = Schedule.make("linear", 1000)
+    denoiser = _gaussian_denoiser(schedule, 0.0, 1.0)
+    calls = []
+
+    def counted(x, t, obs):
+        calls.append(1)
+        return denoiser(x, t, obs)
+
+    cfg = DiffusionConfig(sample_steps=steps, sample_frame_lag=lag, rollout_observed=observed, sampler=sampler)
+    video = rollout(counted, torch.randn(2, context, 1, 2, 2), total, window, schedule, cfg,
+                    generator=torch.Generator().manual_seed(0))
+    assert video.shape[1] == total
+    assert rollout_model_calls(cfg, window, context, total) == len(calls) > 0
+
+
+@pytest.mark.parametrize("w", [0.5, 2.0])
+def test_history_guidance_steps_with_cond_plus_w_times_cond_minus_uncond(w):
+    """One DDIM step to clean with x0 prediction returns the model's (guided) x0. A model that predicts 1 where a
+    row sees its history and 0.2 where it does not gives 1 + w * 0.8; the unconditional half of each call sees no
+    observed frame, its history as noise at level T - 1, and the generated frames as the conditional half does."""
+    schedule = Schedule.make("linear", 1000)
+    clip = torch.randn(2, 6, 1, 2, 2)
+    observed = (torch.arange(6) < 3).expand(2, 6)
+    seen = []
+
+    def model(x, t, obs):
+        seen.append((x.clone(), t.clone(), obs.clone()))
+        return torch.where(obs.any(1), 1.0, 0.2)[:, None, None, None, None].expand_as(x).clone()
+
+    out = ddim_sample(model, clip, observed, schedule, steps=1, prediction="x0", history_guidance=w,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out[:, 3:], torch.full_like(out[:, 3:], 1 + w * 0.8))
+    assert torch.equal(out[:, :3], clip[:, :3])
+    x, t, obs = seen[0]
+    assert x.shape[0] == 4 and torch.equal(obs[:2], observed) and not obs[2:].any()
+    assert (t[2:, :3] == schedule.timesteps - 1).all() and torch.equal(t[2:, 3:], t[:2, 3:])
+    assert torch.equal(x[:2, :3], clip[:, :3]) and not torch.equal(x[2:, :3], clip[:, :3])
+    assert torch.equal(x[2:, 3:], x[:2, 3:])
+    unguided = ddim_sample(model, clip, observed, schedule, steps=1, prediction="x0")
+    assert torch.allclose(unguided[:, 3:], torch.ones_like(unguided[:, 3:]))

@@ -209,3 +209,37 @@ def test_graph_step_never_syncs(tmp_path, compile_model):
         torch.cuda.set_sync_debug_mode(0)
     assert trainer.step.graph is not None
     assert torch.isfinite(torch.tensor(trainer.step.result().loss))
+
+
+@pytest.mark.parametrize("step", ["eager", "device"])
+def test_a_time_limited_run_ends_where_its_pace_says_and_replans_its_cool_down(tmp_path, step, monkeypatch):
+    """run.minutes with a clock that runs one second a frame: 30 s from the start, less the final sample's 5 s,
+    leave 25 frames of the 60 asked for. The first check (5 frames trained, the first step taken with the
+    cool-down planned over 51 steps) replans it over 16; the run ends at frame 25 and says so."""
+    import fastdiff.train as train_module
+
+    monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
+    extra = {"optim__warmup": 0, "optim__cooldown": 1.0, "run__step": step, "optim__name": "adamw8bit-fused",
+             "run__frames": 60, "run__log_every": 1, "run__minutes": 0.5}
+    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
+    trainer.clock = lambda: float(trainer.frames_seen)
+    trainer.final_sample_seconds = 5.0
+    summary = trainer.train()
+    assert summary["frames"] == 25 and summary["steps"] == 16
+    assert summary["time_limit"]["shortened"] and summary["time_limit"]["frame_limit"] == 60
+    assert trainer.step.planned_steps == 16
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    base = trainer.cfg.optim.lr
+    assert lrs == pytest.approx([base] + [base * (16 - i) / 16 for i in range(1, 16)], rel=1e-6)
+
+
+def test_a_time_limit_that_the_run_fits_in_changes_nothing(tmp_path):
+    """The same run with 5 minutes: all 60 frames, the cool-down planned over them from the first step."""
+    extra = {"optim__warmup": 0, "optim__cooldown": 1.0, "run__frames": 60, "run__log_every": 1, "run__minutes": 5}
+    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
+    trainer.clock = lambda: float(trainer.frames_seen)
+    trainer.final_sample_seconds = 5.0
+    summary = trainer.train()
+    assert summary["frames"] == 60 and not summary["time_limit"]["shortened"]
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([trainer.cfg.optim.lr * (51 - i) / 51 for i in range(51)], rel=1e-6)

@@ -174,3 +174,51 @@ def test_final_sample_is_scored_against_the_floors(tmp_path):
     assert (tmp_path / "run" / "samples" / "final-frame00000020.png").exists()
     printed = "\n".join(lines)
     assert "repeat last frame" in printed and final["sample"] in printed and "speed px/frame" in printed
+
+
+def test_the_final_sample_estimate_is_its_model_calls_times_one_timed_call(tmp_path, monkeypatch):
+    """run.minutes plans for the final sample: 8 clips x 3 samples, 5 real + 45 generated frames; with K = 10, 20
+    steps and the pyramid's 10 calls between frame starts, 9 windows of 20 + 4 * 10 calls. Each call of the EMA
+    model on that batch takes what the clock says (here 0.5 s a call)."""
+    import itertools
+
+    from fastdiff.diffusion import rollout_model_calls
+    from fastdiff.evaluate import final_sample_size
+
+    cfg = _cfg(tmp_path, run__frames=20, run__final_clips=8, run__stream="balls-o", diffusion__sample_steps=20,
+               diffusion__sample_frame_lag=0.5)
+    trainer = OnlineTrainer(cfg, tmp_path / "run", log=lambda *_: None)
+    shapes = []
+    ema_forward = trainer.step.ema.forward
+    trainer.step.ema.forward = lambda x, *a: shapes.append(tuple(x.shape)) or ema_forward(x, *a)
+    assert final_sample_size(8) == (24, 5, 50) and rollout_model_calls(cfg.diffusion, 10, 5, 50) == 9 * (20 + 40)
+    reads = itertools.count()  # a clock that moves 0.5 s from one read to the next: a call takes 0.5 s
+    with monkeypatch.context() as patch:
+        patch.setattr("fastdiff.train.time.perf_counter", lambda: 0.5 * next(reads))
+        seconds = trainer.estimate_final_sample_seconds()
+    assert shapes and all(shape[0] == 24 and shape[1] == 10 for shape in shapes)
+    assert seconds == pytest.approx(540 * 0.5)
+
+
+def test_cli_frames_by_name_are_trained_whatever_the_presets_time_limit(tmp_path):
+    """`--frames N` turns the preset's run.minutes off (the frames asked for are trained); `--minutes` sets it."""
+    settings = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    assert build_config("tiny", None, {}).run.minutes > 0
+    for name, flags, minutes in (("by-frames", [], 0), ("limited", ["--minutes", "7"], 7)):
+        assert main(["train", "--frames", "12", "--out", str(tmp_path), "--name", name, *flags, *settings]) == 0
+        assert json.loads((tmp_path / name / "config.json").read_text())["run"]["minutes"] == minutes
+        assert ("time_limit" in json.loads((tmp_path / name / "summary.json").read_text())) == (minutes > 0)
+
+
+def test_the_cli_counts_the_time_limit_from_the_process_start():
+    """run.minutes counts the whole job: the CLI's start time is this process's start (Linux's /proc), before
+    the imports, not the moment the trainer is built; and it is never in the future."""
+    import os
+    import time
+
+    from fastdiff.commands.train import process_started
+
+    age = time.monotonic() - process_started()
+    assert age >= 0
+    if os.path.exists("/proc/self/stat"):  # this pytest process has run at least its imports, and not for a day
+        assert 0.1 < age < 86_400

@@ -34,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--streams", nargs="+", metavar="SPEC",
                    help="under torchrun: one stream per rank (as many as --nproc-per-node), e.g. balls-o balls-c")
     p.add_argument("--frames", type=int, help="frames to train on (one gradient step each); default: the preset's")
+    p.add_argument("--minutes", type=float,
+                   help="run.minutes: a wall-clock limit on the whole job (set-up, training, final sample), which "
+                        "ends the run before --frames where the rest would not fit; 0: none. Default: the "
+                        "preset's (tiny: 9.5, for the default job's 10 minutes), or none where --frames is given")
     p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M), gpu-8gb, gpu-12gb, gpu-24gb, "
                                     "h100; default: fits the machine")
     p.add_argument("--strategy", choices=CHOICES["replay.strategy"],
@@ -72,6 +76,10 @@ def run(args) -> int:
         for flag, key in flag_map.items():
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
+        if args.minutes is not None:
+            overrides["run.minutes"] = args.minutes
+        elif args.frames is not None:  # frames asked for by name are trained, however long they take
+            overrides["run.minutes"] = 0
         if args.no_progress:
             overrides["run.progress"] = False
         if args.stream_option:
@@ -134,7 +142,7 @@ def run(args) -> int:
         run_dir = world.run_on_main(make_run_dir)
         try:
             trainer = OnlineTrainer(cfg, run_dir, resume=bool(args.resume),
-                                    resize_buffer=args.resize_buffer is not None)
+                                    resize_buffer=args.resize_buffer is not None, started=process_started())
         except BaseException:
             if not args.resume and world.is_main:
                 _remove_if_empty(run_dir)  # a run that never started leaves nothing behind
@@ -203,3 +211,19 @@ def _model_too_big(cfg) -> str | None:
     return (f"model.width={m.width}, model.depth={m.depth}: the model needs at least {need / 2**30:,.1f} GiB "
             f"(fp32 weights, EMA and gradients) but this machine has {total / 2**30:,.1f} GiB of memory; "
             "lower model.width / model.depth")
+
+
+def process_started() -> float:
+    """When this process started, on time.monotonic()'s clock: run.minutes counts the job's whole wall time, the
+    interpreter's start and the imports included. Linux reads it from /proc; elsewhere it is now."""
+    import os
+    import time
+    from pathlib import Path
+
+    try:  # field 22 of stat (the 20th after the name, which may hold spaces): the start, in clock ticks since boot
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot_age = float(Path("/proc/uptime").read_text().split()[0])  # seconds since boot
+        age = boot_age - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+    return time.monotonic() - max(age, 0.0)
