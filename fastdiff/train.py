@@ -336,7 +336,7 @@ class OnlineTrainer:
     def estimate_final_sample_seconds(self) -> float:
         """What the run's final sample will take: its model calls (diffusion.rollout_model_calls) times one call of
         the EMA model on the sample's batch, timed here. The sampler's own arithmetic, the decoding and the scoring
-        are small beside the calls: on the default job, 167 s estimated against 166 s taken (2 idle cores). The
+        are small beside the calls: on the default job, 153 s estimated against 159 s taken (2 idle cores). The
         margin for a machine that slows down is the caller's (tiny's 9.5 of the default job's 10 minutes)."""
         from fastdiff import evaluate
         from fastdiff.diffusion import observed_frames, rollout_model_calls
