@@ -234,8 +234,9 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     # order[b, k]: 0 for the first generated frame of row b, 1 for the next, ...; observed frames are not stepped
     order = (torch.cumsum((~observed).long(), dim=1) - 1).clamp(min=0)
     calls = steps + frame_delay * max(int((~observed).sum(1).max()) - 1, 0)
-    if history_guidance > 0:  # what the unconditional calls see in place of the history
+    if history_guidance > 0:  # what the unconditional calls see in place of the history: noise, not observed
         history_noise = torch.randn(clip.shape, generator=generator, device=clip.device)
+        observed_both = torch.cat([observed, torch.zeros_like(observed)])
     for i in range(calls):
         progress = i - order * frame_delay  # steps this frame has taken (< 0: not begun, >= steps: clean)
         # a frame that has not begun waits at `top`; a finished one is clean and goes in at level 0; observed
@@ -244,10 +245,9 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         stepping = (progress >= 0) & (progress < steps) & ~observed
         t_prev = torch.where(stepping, ladder[(progress + 1).clamp(0, steps)], t)  # observed: t, context_level
         if history_guidance > 0:
-            free = torch.zeros_like(observed)
             x_free = torch.where(obs5, history_noise, x)
             t_free = torch.where(observed, schedule.timesteps - 1, t)
-            both = model(torch.cat([x, x_free]), torch.cat([t, t_free]).float(), torch.cat([observed, free]))
+            both = model(torch.cat([x, x_free]), torch.cat([t, t_free]).float(), observed_both)
             cond, uncond = both.float().chunk(2)
             out = cond + history_guidance * (cond - uncond)
         else:

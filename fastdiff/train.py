@@ -252,10 +252,6 @@ class OnlineTrainer:
                    "seconds": elapsed, "frames_per_second": (self.frames_seen - frames_at_start) / max(elapsed, 1e-9),
                    "stream_wait_seconds": self.feed.wait_seconds,
                    "last_loss": last.loss if self.step.calls else None, "interrupted": self.interrupted}
-        if self.deadline is not None:  # what the time limit did: the frames it allowed and the time it planned for
-            summary["time_limit"] = {"minutes": self.cfg.run.minutes, "frame_limit": self.frame_limit,
-                                     "shortened": self.total_frames < self.frame_limit,
-                                     "final_sample_estimate_seconds": self.final_sample_seconds}
         if not self.interrupted:  # an extended run keeps the earlier final samples: the tag names the frame
             from fastdiff import evaluate
 
@@ -268,8 +264,11 @@ class OnlineTrainer:
                 path = self.write_samples(tag)
                 if path is not None:
                     self.log(f"final sample: {path}")
-        if self.deadline is not None:
-            summary["time_limit"]["seconds_left"] = round(self.deadline - self.clock(), 1)
+        if self.deadline is not None:  # what the time limit did: the frames it allowed, the time it planned for
+            summary["time_limit"] = {"minutes": self.cfg.run.minutes, "frame_limit": self.frame_limit,
+                                     "shortened": self.total_frames < self.frame_limit,
+                                     "final_sample_estimate_seconds": self.final_sample_seconds,
+                                     "seconds_left": round(self.deadline - self.clock(), 1)}
         if self.world.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self._tb is not None:
