@@ -82,7 +82,8 @@ def model(cfg: ModelConfig, latent: tuple[int, int, int], window: int, device) -
                     patch=cfg.patch, mlp_ratio=cfg.mlp_ratio, checkpoint_activations=cfg.checkpoint_activations,
                     pos_embed=cfg.pos_embed, context_skip=cfg.context_skip, overlap=cfg.overlap,
                     frame_pos=cfg.frame_pos, joint_attention=cfg.joint_attention,
-                    local_mix=cfg.local_mix, local_mix_kernel=cfg.local_mix_kernel).to(device)
+                    local_mix=cfg.local_mix, local_mix_kernel=cfg.local_mix_kernel,
+                    spatial_bias=cfg.spatial_bias).to(device)
 
 
 # --- replay buffer and offline bank ------------------------------------------------------------------

@@ -27,7 +27,10 @@ class ConfigError(ValueError):
 # Every choice list, once: argparse, validation and the code that branches on them all read these.
 STEP_MODES = ("eager", "device", "graph")  # run.step (fastdiff/step.py)
 STRATEGIES = ("er", "none", "full", "offline", "gen-distill")  # replay.strategy (fastdiff/strategies.py)
-OPTIMIZERS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")  # optim.name besides auto (fastdiff/optim.py)
+# optim.name besides auto (fastdiff/optim.py). A run resumes with any AdamW of these, its moments converted; Muon's
+# state (one momentum per matrix, no second moment) converts to none of them.
+ADAMW_OPTIMIZERS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")
+OPTIMIZERS = (*ADAMW_OPTIMIZERS, "muon")
 DEVICE_SKIP_OPTIMIZERS = ("adamw", "adamw8bit-fused")  # the ones that skip a non-finite step on the device
 SAMPLE_MODES = ("autoregressive", "fifo")  # fastdiff sample --mode (fastdiff/sampling.py)
 
@@ -47,6 +50,10 @@ class ModelConfig:
     overlap: bool = False  # tokens read and draw half a patch beyond their own (strided conv in, transposed conv out)
     local_mix: bool = False  # each block's MLP also reads a depthwise 3x3x3 conv of its input over (frame, row, col)
     local_mix_kernel: int = 3  # the local mix's rows and columns (odd); it always spans 3 frames
+    # Spatial attention adds a learned bias per head for each (row, column) token offset (Swin's relative position
+    # bias). On tiny, 2 seeds: within the spread of the recipe's own draws, at 7-10% more CPU a step (AD1 in
+    # profiles/learning/README.md), so off.
+    spatial_bias: bool = False
 
 
 @dataclass
@@ -129,7 +136,8 @@ class ReplayConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "auto"  # auto (see optimizer_name): adamw on a CPU; adamw8bit-bnb / adamw8bit-fused on a GPU
+    name: str = "auto"  # auto (see optimizer_name): adamw on a CPU; adamw8bit-bnb / adamw8bit-fused on a GPU; or muon
+    # (fastdiff/optim.py MuonAdamW: Muon on the transformer blocks' matrices, AdamW on the rest, at the same lr)
     lr: float = 1e-4
     weight_decay: float = 1e-5
     beta1: float = 0.9
@@ -499,6 +507,9 @@ def validate(cfg: Config) -> None:
             f"diffusion.sample_steps: {cfg.diffusion.sample_steps} exceeds diffusion.timesteps="
             f"{cfg.diffusion.timesteps}"
         )
+    if cfg.model.spatial_bias and cfg.model.joint_attention:
+        raise ConfigError("model.spatial_bias with model.joint_attention is not supported because the bias is defined "
+                          "between the tokens of one frame, and joint attention spans the whole clip")
     if cfg.model.context_skip and cfg.diffusion.prediction != "x0":
         raise ConfigError(f"model.context_skip with diffusion.prediction={cfg.diffusion.prediction} not supported "
                           "because the skip adds the last observed frame to a prediction of the clean frame; "
@@ -515,8 +526,8 @@ def _check_step_mode(cfg: Config) -> None:
     if optimizer not in DEVICE_SKIP_OPTIMIZERS:
         raise ConfigError(
             f"run.step={mode} with optim.name={optimizer} not supported because that optimizer cannot skip a "
-            "non-finite step on the device (bitsandbytes' 8-bit step synchronises per parameter); use "
-            "optim.name=adamw8bit-fused (same 8-bit state) or adamw")
+            "non-finite step on the device (bitsandbytes' 8-bit step synchronises per parameter; Muon's is torch's, "
+            "which takes no found_inf); use optim.name=adamw8bit-fused (same 8-bit state) or adamw")
     if mode == "graph" and cfg.replay.strategy == "gen-distill":
         raise ConfigError("run.step=graph with replay.strategy=gen-distill not supported because the teacher is "
                           "replaced on every refresh, which a captured graph cannot see; use run.step=device")

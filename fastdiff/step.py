@@ -64,12 +64,19 @@ def check_mode(cfg: Config, device: torch.device, optimizer: str) -> None:
                             f"{device}); run.step=device runs the same sync-free step without a graph")
 
 
-def step_optimizer(cfg: Config, name: str, params) -> torch.optim.Optimizer:
-    """The step's optimizer: capturable when the step is captured in a CUDA graph (torch's AdamW refuses capture
-    otherwise: its step count would live on the host)."""
+def step_optimizer(cfg: Config, name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The step's optimizer over the model's parameters: capturable when the step is captured in a CUDA graph
+    (torch's AdamW refuses capture otherwise: its step count would live on the host); Muon steps the matrices the
+    model names as hidden (`hidden_matrices`)."""
     o = cfg.optim
-    return build_optimizer(name, params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                           capturable=cfg.run.step == "graph")
+    matrices = None
+    if name == "muon":
+        if not hasattr(model, "hidden_matrices"):
+            raise StepModeError(f"optim.name=muon not supported with {type(model).__name__} because it does not name "
+                                "its hidden matrices (hidden_matrices), the ones Muon steps")
+        matrices = model.hidden_matrices()
+    return build_optimizer(name, model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                           weight_decay=o.weight_decay, capturable=cfg.run.step == "graph", matrices=matrices)
 
 
 class OnlineStep:
@@ -88,7 +95,7 @@ class OnlineStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema_params = list(self.ema.parameters())
         self.optimizer_name = optimizer_name
-        self.optimizer = step_optimizer(cfg, optimizer_name, model.parameters())
+        self.optimizer = step_optimizer(cfg, optimizer_name, model)
         self.schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, device)
         train_model = torch.compile(model, fullgraph=True) if cfg.run.compile else model
         self.train_model = world.wrap(model, train_model, cfg.run.compile) if world is not None else train_model

@@ -14,6 +14,7 @@ clock but not the work it gets done (run one row per core, one thread each).
     python scripts/learning_study.py queue ROWS.txt --jobs 2        # one row per line: NAME [run options]
     python scripts/learning_study.py table [--out profiles/learning]  # study.md + study.json from the results
     python scripts/learning_study.py sampler NAME [--steps 10 20 50] [--sampler ddim heun] [--set diffusion.K=V]
+        [--run RUN_DIR] [--clips 12] [--threads 1]   # one model, other samplers: samples and their scores only
 
 Results go to runs/learning/<NAME>/ (the run directory and result.json).
 """
@@ -111,20 +112,24 @@ def queue(path: Path, jobs: int) -> None:
 
 
 def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dict,
-                settings: list[str] | None = None) -> list[dict]:
+                settings: list[str] | None = None, run_dir: Path | None = None, threads: int = 1) -> list[dict]:
     """One trained model's rollouts under other samplers and step counts (the sampler lever); `settings`
-    (diffusion.field=value) change the sampling settings of the loaded run, e.g. diffusion.sample_frame_lag."""
+    (diffusion.field=value) change the sampling settings of the loaded run, e.g. diffusion.sample_frame_lag.
+    `run_dir` (default runs/learning/NAME) may be any run, e.g. a default job's; with `eval_opts["clips"]` 8
+    and seed 0 its clips and sampling noise are those of the run's own final sample. Samples only: the
+    held-out loss does not depend on the sampler."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from fastdiff.config import parse_overrides, set_value, validate
-    from fastdiff.evaluate import EvalOptions, evaluate, evaluation_clips
+    from fastdiff.evaluate import EvalOptions, balls_scores, continuations, evaluation_clips
     from fastdiff.sampling import load_run
 
+    run_dir = run_dir or RUNS / name
     rows = []
     for sampler in samplers:
         for n in steps:
-            run = load_run(RUNS / name, device="cpu")
+            run = load_run(run_dir, device="cpu")
             run.cfg.diffusion.sampler = sampler
             for key, value in parse_overrides(settings or []).items():
                 set_value(run.cfg, key, value)
@@ -132,12 +137,13 @@ def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dic
             opts = EvalOptions(clips=eval_opts["clips"], samples=eval_opts["samples"], sample_steps=n)
             clips = evaluation_clips(run, opts.clips, opts.length)
             started = time.perf_counter()
-            result = evaluate(run, clips, opts, floors=False)
+            result = balls_scores(continuations(run, clips, opts), clips, opts.observed)
             seconds = round(time.perf_counter() - started, 1)
             rows.append({"model": name, "sampler": sampler, "steps": n, "settings": settings or [], "seconds": seconds,
-                         **{k: result.get(k) for k in METRICS}})
+                         "clips": opts.clips, "threads": threads,
+                         **{k: result.get(k) for k in (*METRICS, "ball_speed", "colour_changes")}})
             print(rows[-1], flush=True)
-    out = RUNS / name / "samplers.json"
+    out = run_dir / "samplers.json"
     earlier = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps(earlier + rows, indent=2))
     return rows
@@ -218,6 +224,9 @@ def main(argv=None) -> int:
     s.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     s.add_argument("--sampler", nargs="+", default=["ddim", "heun"])
     s.add_argument("--set", action="append", default=[], metavar="diffusion.KEY=VALUE")
+    s.add_argument("--run", type=Path, default=None, help="a run directory (default: runs/learning/NAME)")
+    s.add_argument("--clips", type=int, default=EVAL["clips"])
+    s.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "run":
         run_row(args.name, args.budget, args.seed, args.set, EVAL, args.threads)
@@ -226,7 +235,8 @@ def main(argv=None) -> int:
     elif args.command == "table":
         table(args.out)
     else:
-        sampler_row(args.name, args.steps, args.sampler, EVAL, args.set)
+        sampler_row(args.name, args.steps, args.sampler, {**EVAL, "clips": args.clips}, args.set, args.run,
+                    args.threads)
     return 0
 
 

@@ -10,6 +10,7 @@ from fastdiff.models.dit import (
     VideoDiT,
     count_parameters,
     depthwise_conv3d,
+    grid_offsets,
     last_observed,
 )
 
@@ -76,6 +77,47 @@ def test_joint_attention_reaches_other_frames_in_one_hop(joint):
     attn(x)[:, 0].sum().backward()
     reached = x.grad[:, 1:].abs().amax()
     assert (reached > 1e-4) if joint else (reached == 0)
+
+
+def test_spatial_bias_is_one_learned_value_per_token_offset():
+    """model.spatial_bias: each head's bias between tokens i and j of a 3 x 5 grid is its table's entry for their
+    (row, column) offset, found here by a loop over the pairs; attention with it equals softmax(q k^T / sqrt(d) +
+    bias) v in float64; it starts at 0 (the same function as without it), the table gets a gradient, and joint
+    attention refuses it."""
+    torch.manual_seed(0)
+    grid = (3, 5)
+    s = grid[0] * grid[1]
+    offsets = grid_offsets(grid)
+    seen = {}
+    for i in range(s):
+        for j in range(s):
+            key = (j // grid[1] - i // grid[1], j % grid[1] - i % grid[1])
+            assert seen.setdefault(key, int(offsets[i, j])) == int(offsets[i, j]), key
+    assert len(set(seen.values())) == len(seen) == (2 * grid[0] - 1) * (2 * grid[1] - 1)
+
+    plain = SpatialAttention(8, 2).double()
+    biased = SpatialAttention(8, 2, bias_grid=grid).double()
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 3, s, 8, dtype=torch.float64)
+    torch.testing.assert_close(biased(x), plain(x), rtol=1e-12, atol=1e-12)  # a zero table adds nothing
+    with torch.no_grad():
+        biased.rel_bias.normal_()
+    q, k, v = biased.qkv(x).view(2, 3, s, 3, 2, 4).permute(3, 0, 1, 4, 2, 5)  # (B, K, H, S, Dh) each
+    table = biased.rel_bias
+    bias = torch.stack([torch.stack([table[h, [[seen[(j // grid[1] - i // grid[1], j % grid[1] - i % grid[1])]
+                                                for j in range(s)] for i in range(s)]] for h in range(2)])])[0]
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0 + bias, dim=-1)
+    reference = biased.proj((weights @ v).transpose(2, 3).reshape(2, 3, s, 8))
+    out = biased(x)
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward()
+    assert biased.rel_bias.grad.abs().amax() > 0
+    with pytest.raises(ValueError, match="not supported"):
+        SpatialAttention(8, 2, joint=True, bias_grid=grid)
+    with pytest.raises(ValueError, match="tokens per frame"):
+        biased(torch.randn(1, 2, s + 1, 8, dtype=torch.float64))
+    model = VideoDiT(3, 12, 20, 4, width=16, heads=2, patch=4, spatial_bias=True)
+    assert all(b.spatial.rel_bias.shape == (2, 5 * 9) for b in model.blocks)
 
 
 @pytest.mark.parametrize("kernel", [3, 5])

@@ -1,5 +1,6 @@
 """Optimizer choice and state-dict conversion: a run can switch between our fused 8-bit AdamW,
-bitsandbytes' AdamW8bit and torch AdamW when it resumes, and keeps its moments when it does."""
+bitsandbytes' AdamW8bit and torch AdamW when it resumes, and keeps its moments when it does; Muon (MuonAdamW)
+against torch's own Muon and AdamW, and its refusals."""
 
 import copy
 import itertools
@@ -7,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from fastdiff.optim import OPTIMIZERS, build_optimizer, convert_state_dict, detect_format, load_state_dict_any
+from fastdiff.config import ADAMW_OPTIMIZERS
+from fastdiff.optim import MuonAdamW, build_optimizer, convert_state_dict, detect_format, load_state_dict_any
 from fastdiff_kernels import dispatch
 
 HYPER = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
@@ -40,7 +42,7 @@ def _distance(a, b):
     return sum((p - q).abs().sum().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("src,dst", list(itertools.permutations(OPTIMIZERS, 2)))
+@pytest.mark.parametrize("src,dst", list(itertools.permutations(ADAMW_OPTIMIZERS, 2)))
 def test_switching_optimizer_keeps_the_moments(src, dst):
     straight = _model()
     opt = build_optimizer(src, straight.parameters(), **HYPER)
@@ -100,7 +102,111 @@ def test_torch_adamw_is_fused_and_capturable_for_a_captured_step():
     from fastdiff.config import build_config
     from fastdiff.step import step_optimizer
 
-    params = [torch.nn.Parameter(torch.randn(10))]
+    model = torch.nn.Linear(10, 1)
     for mode in ("eager", "device", "graph"):
-        opt = step_optimizer(build_config("tiny", None, {"run.step": mode, "optim.name": "adamw"}), "adamw", params)
+        opt = step_optimizer(build_config("tiny", None, {"run.step": mode, "optim.name": "adamw"}), "adamw", model)
         assert opt.defaults["fused"] and opt.defaults["capturable"] is (mode == "graph"), mode
+
+
+def _dit():
+    from fastdiff.models.dit import VideoDiT
+
+    torch.manual_seed(0)
+    model = VideoDiT(3, 8, 8, 4, width=64, depth=2, heads=2, patch=4, local_mix=True, spatial_bias=True)
+    for p in model.parameters():  # leave adaLN-zero, so that every parameter gets a gradient
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _dit_steps(model, opt, count, seed, lrs=None):
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        if lrs is not None:  # as the trainer's schedule sets it
+            for group in opt.param_groups:
+                group["lr"] = lrs[i]
+        x = torch.randn(2, 4, 3, 8, 8, generator=gen)
+        t = torch.randint(0, 1000, (2, 4), generator=gen).float()
+        observed = torch.tensor([[True, True, False, False]] * 2)
+        with dispatch.backend_override("reference"):
+            loss = (model(x, t, observed) - x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adamw():
+    """optim.name=muon on a DiT: the blocks' linear weights (and nothing else) step exactly as torch.optim.Muon
+    with Moonshot's lr scaling steps them, every other parameter exactly as torch's fused AdamW, through a
+    schedule that changes the lr every step; the orthogonalised step is not AdamW's."""
+    from fastdiff.config import build_config
+    from fastdiff.step import step_optimizer
+
+    model = _dit()
+    matrices = model.hidden_matrices()
+    linear_weights = {id(m.weight) for b in model.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)}
+    assert {id(p) for p in matrices} == linear_weights and len(matrices) == 2 * 7  # qkv + proj x 2, fc1, fc2, ada
+    assert all(p.ndim == 2 for p in matrices)
+    assert not any(p is model.blocks[0].temporal.rel_bias or p is model.blocks[0].spatial.rel_bias for p in matrices)
+
+    cfg = build_config("tiny", None, {"optim.name": "muon", "optim.weight_decay": "0.01"})
+    ours = step_optimizer(cfg, "muon", model)
+    assert isinstance(ours, MuonAdamW)
+    twin = _dit()
+    twin_matrices = twin.hidden_matrices()
+    chosen = {id(p) for p in twin_matrices}
+    o = cfg.optim
+    muon = torch.optim.Muon(twin_matrices, lr=o.lr, weight_decay=o.weight_decay, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([p for p in twin.parameters() if id(p) not in chosen], lr=o.lr,
+                              betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=True)
+    lrs = [2e-3, 1e-3, 5e-4, 2e-3]
+    _dit_steps(model, ours, 4, seed=3, lrs=lrs)
+
+    class Both:
+        param_groups = muon.param_groups + adamw.param_groups
+
+        def zero_grad(self, set_to_none):
+            muon.zero_grad(set_to_none), adamw.zero_grad(set_to_none)
+
+        def step(self):
+            muon.step(), adamw.step()
+
+    _dit_steps(twin, Both(), 4, seed=3, lrs=lrs)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+
+    plain = _dit()
+    _dit_steps(plain, build_optimizer("adamw", plain.parameters(), lr=o.lr, weight_decay=o.weight_decay), 4, seed=3,
+               lrs=lrs)
+    moved = [(p - q).abs().amax() for p, q in zip(model.hidden_matrices(), plain.hidden_matrices())]
+    assert max(moved) > 1e-4  # the matrices took Muon's step, not AdamW's
+
+
+def test_muon_state_round_trips_and_refuses_conversion():
+    """A checkpointed MuonAdamW resumes to the same next steps as one that never stopped; its state is detected
+    as Muon's and converting it to or from any AdamW is refused with the reason; the sync-free step refuses it."""
+    from fastdiff.config import ConfigError, build_config, validate
+
+    straight, resumed = _dit(), _dit()
+    opt = build_optimizer("muon", straight.parameters(), matrices=straight.hidden_matrices(), **HYPER)
+    _dit_steps(straight, opt, 3, seed=1)
+    saved = copy.deepcopy(opt.state_dict())
+    assert detect_format(saved) == "muon"
+    resumed.load_state_dict(straight.state_dict())
+    again = build_optimizer("muon", resumed.parameters(), matrices=resumed.hidden_matrices(), **HYPER)
+    load_state_dict_any(again, saved)
+    _dit_steps(straight, opt, 2, seed=2)
+    _dit_steps(resumed, again, 2, seed=2)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    adamw = build_optimizer("adamw", resumed.parameters(), **HYPER)
+    with pytest.raises(ValueError, match="not supported because Muon"):
+        load_state_dict_any(adamw, saved)
+    with pytest.raises(ValueError, match="not supported because Muon"):
+        load_state_dict_any(again, adamw.state_dict())
+    with pytest.raises(ValueError, match="not Muon's"):
+        again.load_state_dict({"state": {}, "param_groups": []})
+    with pytest.raises(ValueError, match="2-D"):
+        build_optimizer("muon", resumed.parameters(), matrices=[resumed.blocks[0].spatial.qkv.bias], **HYPER)
+    for mode in ("device", "graph"):
+        with pytest.raises(ConfigError, match="not supported because that optimizer cannot skip"):
+            validate(build_config("tiny", None, {"optim.name": "muon", "run.step": mode}))

@@ -57,15 +57,20 @@ def _stop_at(trainer, frames):
     trainer.save_checkpoint()
 
 
-def test_stopped_run_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_stopped_run_resumes_bit_identically(tmp_path, optimizer):
     """30 frames in one go == 30 frames stopped at frame 20 and resumed: every parameter bit for bit, the
-    learning-rate cool-down of the preset included."""
+    learning-rate cool-down of the preset included; with torch's AdamW and with Muon (its two parts' state in the
+    checkpoint)."""
     assert _cfg(tmp_path).optim.cooldown > 0
-    straight = OnlineTrainer(_cfg(tmp_path, run__frames=30), tmp_path / "a", log=lambda *_: None)
+    straight = OnlineTrainer(_cfg(tmp_path, run__frames=30, optim__name=optimizer), tmp_path / "a",
+                             log=lambda *_: None)
     straight.train()
 
-    _stop_at(OnlineTrainer(_cfg(tmp_path, run__frames=30), tmp_path / "b", log=lambda *_: None), 20)
-    resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30), tmp_path / "b", resume=True, log=lambda *_: None)
+    _stop_at(OnlineTrainer(_cfg(tmp_path, run__frames=30, optim__name=optimizer), tmp_path / "b",
+                           log=lambda *_: None), 20)
+    resumed = OnlineTrainer(_cfg(tmp_path, run__frames=30, optim__name=optimizer), tmp_path / "b", resume=True,
+                            log=lambda *_: None)
     assert resumed.frames_seen == 20
     resumed.train()
 
@@ -75,7 +80,7 @@ def test_stopped_run_resumes_bit_identically(tmp_path):
         assert torch.equal(a[key], b[key]), key
     assert resumed.steps == straight.steps
     # ... and the two runs did not simply both stay at initialisation
-    fresh = OnlineTrainer(_cfg(tmp_path, run__frames=30), tmp_path / "c", log=lambda *_: None)
+    fresh = OnlineTrainer(_cfg(tmp_path, run__frames=30, optim__name=optimizer), tmp_path / "c", log=lambda *_: None)
     assert any(not torch.equal(a[k], v) for k, v in _params(fresh).items())
 
 

@@ -2,9 +2,10 @@
 
 Input (B, K, C, H, W) noisy clip, timesteps (B, K), observed mask (B, K) -> prediction (B, K, C, H, W).
 Tokens are (B, K, S, D) with S = patches per frame. Each block: spatial attention over S for every
-(b, k), temporal attention over K for every (b, s) with a learned relative-position bias (heads, K, K),
-then an MLP; each sub-layer is modulated per frame by adaLN-zero from the frame's conditioning vector
-(timestep embedding + observed-frame embedding). Observed frames also carry an indicator channel.
+(b, k) (with model.spatial_bias, a learned bias per (row, column) offset), temporal attention over K for
+every (b, s) with a learned relative-position bias (heads, K, K), then an MLP; each sub-layer is modulated per
+frame by adaLN-zero from the frame's conditioning vector (timestep embedding + observed-frame embedding).
+Observed frames also carry an indicator channel.
 """
 
 from __future__ import annotations
@@ -60,22 +61,60 @@ def mlp_activation() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
+def grid_offsets(grid: tuple[int, int]) -> torch.Tensor:
+    """(S, S) index of the (row, column) offset from token i to token j of a grid, into a table of the
+    (2 rows - 1) * (2 columns - 1) offsets: two pairs of tokens get the same index exactly when they sit at the
+    same offset."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    d_row = rows[None, :] - rows[:, None] + grid[0] - 1  # shifted to >= 0
+    d_col = cols[None, :] - cols[:, None] + grid[1] - 1
+    return d_row * (2 * grid[1] - 1) + d_col
+
+
 class SpatialAttention(nn.Module):
     """Attention over the S tokens of every frame; with `joint`, over all K * S tokens of the clip at once, so that a
-    token reaches another frame's tokens at other places in one hop (a moving ball), at (K * S)^2 cost."""
+    token reaches another frame's tokens at other places in one hop (a moving ball), at (K * S)^2 cost.
 
-    def __init__(self, width: int, heads: int, joint: bool = False):
+    With `bias_grid` (model.spatial_bias), each head adds a learned bias for every (row, column) offset between
+    two tokens of the frame (Swin's relative position bias), as temporal attention has one for frame offsets. Why:
+    the sin-cos positions are added once, at the input, so a head can prefer the tokens next to its own (where a
+    ball about to collide with this one is) only through what its queries and keys learn to carry; the bias
+    gives every head that preference directly, the same at every place of the frame. It starts at 0, so a model
+    built with it computes the same function as one without until it trains. On a GPU, SDPA with an additive
+    mask runs its memory-efficient kernel, not flash attention: at a frame's 64-1,024 tokens that is the same
+    order of time. On `tiny` (two seeds) it did not keep the balls apart where they meet any better than the
+    recipe's own draws do, at 7-10% more CPU a step, so it is off there (profiles/learning/README.md, AD1)."""
+
+    def __init__(self, width: int, heads: int, joint: bool = False, bias_grid: tuple[int, int] | None = None):
         super().__init__()
+        if joint and bias_grid is not None:
+            raise ValueError("spatial attention bias with joint attention is not supported because the bias is "
+                             "defined between tokens of one frame, and joint attention spans the whole clip")
         self.heads = heads
         self.joint = joint
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        if bias_grid is None:
+            self.rel_bias = None
+        else:
+            self.rel_bias = nn.Parameter(torch.zeros(heads, (2 * bias_grid[0] - 1) * (2 * bias_grid[1] - 1)))
+            self.register_buffer("offsets", grid_offsets(bias_grid), persistent=False)
+
+    def bias(self) -> torch.Tensor | None:
+        """(H, S, S) additive attention bias, or None without model.spatial_bias."""
+        return None if self.rel_bias is None else self.rel_bias[:, self.offsets]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, D)
         b, k, s, d = x.shape
         groups, length = (b, k * s) if self.joint else (b * k, s)
         qkv = self.qkv(x).view(groups, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (groups, H, length, Dh)
+        bias = self.bias()
+        if bias is not None:
+            if bias.shape[-1] != s:
+                raise ValueError(f"spatial attention bias built for {bias.shape[-1]} tokens per frame, got {s}")
+            bias = bias.to(qkv.dtype)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)  # (groups, H, length, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, k, s, d))
 
 
@@ -188,10 +227,11 @@ class LocalMixMLP(nn.Module):
 
 class DiTBlock(nn.Module):
     def __init__(self, width: int, heads: int, max_frames: int, mlp_ratio: float, joint: bool = False,
-                 local_mix_grid: tuple[int, int] | None = None, local_mix_kernel: int = 3):
+                 local_mix_grid: tuple[int, int] | None = None, local_mix_kernel: int = 3,
+                 spatial_bias_grid: tuple[int, int] | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.spatial = SpatialAttention(width, heads, joint)
+        self.spatial = SpatialAttention(width, heads, joint, spatial_bias_grid)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.temporal = TemporalAttention(width, heads, max_frames)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -218,7 +258,7 @@ class VideoDiT(nn.Module):
                  depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
                  checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False,
                  overlap: bool = False, frame_pos: bool = False, joint_attention: bool = False,
-                 local_mix: bool = False, local_mix_kernel: int = 3):
+                 local_mix: bool = False, local_mix_kernel: int = 3, spatial_bias: bool = False):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
@@ -252,7 +292,8 @@ class VideoDiT(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.observed_embed = nn.Embedding(2, width)
         self.blocks = nn.ModuleList(DiTBlock(width, heads, max_frames, mlp_ratio, joint_attention,
-                                             self.grid if local_mix else None, local_mix_kernel)
+                                             self.grid if local_mix else None, local_mix_kernel,
+                                             self.grid if spatial_bias else None)
                                     for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
@@ -263,6 +304,12 @@ class VideoDiT(nn.Module):
         for layer in (self.final_ada[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The weights of the transformer blocks' linear layers (attention projections, MLP, adaLN): what
+        optim.name=muon steps with Muon. The patch embedding, output layer, timestep MLP, biases, convolutions and
+        the attention bias tables stay on AdamW: Muon is for the matrices between hidden states."""
+        return [m.weight for block in self.blocks for m in block.modules() if isinstance(m, nn.Linear)]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, C, H, W) -> (B, K, S, C*p*p)
         b, k, c, _, _ = x.shape
