@@ -92,7 +92,7 @@ class MuonAdamW:
 
     Measured on the tiny recipe (profiles/learning/README.md, "Muon"): 18% lower held-out loss than AdamW after
     1,500 steps, lower at every noise level, and the study's lowest held-out loss at its CPU budget on two seeds
-    (12% and 8% below the AdamW rows), at about 20% more CPU per step on a CPU (the Newton-Schulz matmuls). Its
+    (12% and 8% below the AdamW rows), at about 20% more CPU per step (the Newton-Schulz matmuls; a loaded box). Its
     samples move the balls at the true speed and merge them more often where they meet, so `tiny` keeps AdamW.
     Its state is one fp32 momentum per matrix element (4 B, against AdamW's 8 B), and it converts to no AdamW's
     state, so a run keeps its optimizer when it resumes. Eager step only: torch's Muon takes no ``found_inf``, so
