@@ -86,8 +86,8 @@ class MuonAdamW:
     momentum orthogonalised by a Newton-Schulz iteration: every direction of the matrix moves by about the same
     amount, where AdamW's per-element steps let a few directions dominate. The step is scaled by 0.2 sqrt(max(rows,
     columns)) (Moonshot's ``match_rms_adamw``), so it takes AdamW's learning rate, schedule and weight decay
-    unchanged. Which matrices: those the model names (``VideoDiT.hidden_matrices``: the 2-D weights of its
-    transformer blocks); embeddings, the output layer, biases, convolutions and bias tables stay on AdamW, as Muon
+    unchanged. Which matrices: those the model names (``VideoDiT.hidden_matrices``: the weights of its transformer
+    blocks' linear layers); embeddings, the output layer, biases, convolutions and bias tables stay on AdamW, as Muon
     is meant to be used.
 
     Measured on the tiny recipe (profiles/learning/README.md, "Muon"): 18% lower held-out loss than AdamW after

@@ -81,9 +81,9 @@ class SpatialAttention(nn.Module):
     the sin-cos positions are added once, at the input, so a head can prefer the tokens next to its own (where a
     ball about to collide with this one is) only through what its queries and keys learn to carry; the bias
     gives every head that preference directly, the same at every place of the frame. It starts at 0, so a model
-    built with it computes the same function as one without until it trains. On a GPU, SDPA with an additive
-    mask runs its memory-efficient kernel, not flash attention: at a frame's 64-1,024 tokens that is the same
-    order of time. On `tiny` (two seeds) it did not keep the balls apart where they meet any better than the
+    built with it computes the same function as one without until it trains. On a GPU, SDPA cannot take an
+    additive mask into its flash kernel and runs its memory-efficient one instead (its cost there is not measured
+    yet). On `tiny` (two seeds) it did not keep the balls apart where they meet any better than the
     recipe's own draws do, at 7-10% more CPU a step, so it is off there (profiles/learning/README.md, AD1)."""
 
     def __init__(self, width: int, heads: int, joint: bool = False, bias_grid: tuple[int, int] | None = None):
