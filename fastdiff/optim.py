@@ -99,58 +99,53 @@ class MuonAdamW:
     the sync-free step could not skip a non-finite step with it.
 
     The optimizer interface the trainer uses: ``param_groups`` (the schedule writes each group's lr), ``step``,
-    ``zero_grad``, ``state_dict`` / ``load_state_dict`` (the two parts' under "muon" and "adamw")."""
+    ``zero_grad``, ``state_dict`` / ``load_state_dict`` (each part's under "muon" and "adamw")."""
 
     def __init__(self, params, matrices, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                  momentum: float = MUON_MOMENTUM):
         params = _flat_params(params)
         chosen = {id(p) for p in matrices}
-        self.matrices = [p for p in params if id(p) in chosen]
+        hidden = [p for p in params if id(p) in chosen]
         rest = [p for p in params if id(p) not in chosen]
-        if not self.matrices:
+        if not hidden:
             raise ValueError("optim.name=muon: none of the parameters is a hidden matrix the model names, so Muon "
                              "would have nothing to step; use an AdamW")
-        flat = [tuple(p.shape) for p in self.matrices if p.ndim != 2]
+        flat = [tuple(p.shape) for p in hidden if p.ndim != 2]
         if flat:
             raise ValueError(f"optim.name=muon: Muon orthogonalises 2-D matrices; got shapes {flat}")
-        self.muon = torch.optim.Muon(self.matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                     adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                       fused=True) if rest else None
-        self.parts = {"muon": self.muon, "adamw": self.adamw}
+        # Only the parts this model has: a model whose every parameter is a hidden matrix has no AdamW part.
+        self.parts = {"muon": torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                               adjust_lr_fn="match_rms_adamw")}
+        if rest:
+            self.parts["adamw"] = torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                                    fused=True)
 
     @property
     def param_groups(self) -> list[dict]:
-        return [group for part in self.parts.values() if part is not None for group in part.param_groups]
+        return [group for part in self.parts.values() for group in part.param_groups]
 
     @property
     def state(self) -> dict:
-        return {p: st for part in self.parts.values() if part is not None for p, st in part.state.items()}
+        return {p: st for part in self.parts.values() for p, st in part.state.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for part in self.parts.values():
-            if part is not None:
-                part.zero_grad(set_to_none=set_to_none)
+            part.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self) -> None:
         for part in self.parts.values():
-            if part is not None:
-                part.step()
+            part.step()
 
     def state_dict(self) -> dict:
-        return {name: part.state_dict() if part is not None else None for name, part in self.parts.items()}
+        return {name: part.state_dict() for name, part in self.parts.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if set(state_dict) != set(self.parts):
             raise ValueError(f"optim.name=muon: a saved state with parts {sorted(state_dict)} is not Muon's "
                              f"({sorted(self.parts)})")
         for name, part in self.parts.items():
-            if (part is None) != (state_dict[name] is None):
-                raise ValueError(f"optim.name=muon: the saved state has {'no' if state_dict[name] is None else 'a'} "
-                                 f"{name} part; this model has {'none' if part is None else 'one'}")
-            if part is not None:
-                part.load_state_dict(state_dict[name])
+            part.load_state_dict(state_dict[name])
 
 
 def build_optimizer(
@@ -170,13 +165,11 @@ def build_optimizer(
     step skips through it), and on CPU the fastest (a tiny-preset step: 244 ms fused vs 282 ms foreach vs 490 ms
     with bitsandbytes' 8-bit AdamW, one thread, scripts/learning_study.py's notes). ``capturable`` keeps its step
     count on the device, which CUDA-graph capture requires of it (run.step=graph). ``matrices``: for ``muon``, the
-    parameters Muon steps (default: every 2-D one)."""
+    parameters Muon steps (the model's ``hidden_matrices``)."""
     _check_name(name)
     params = list(params)
     if name == "muon":
-        if matrices is None:
-            matrices = [p for p in _flat_params(params) if p.ndim == 2]
-        return MuonAdamW(params, matrices, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return MuonAdamW(params, matrices or [], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw8bit-fused":
         return AdamW8bitFused(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw8bit-bnb":
