@@ -132,11 +132,19 @@ def _best_permutations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return perms[cost.argmin(1)]
 
 
+def frame_displacements(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per frame, the mean distance (pixels) between predicted and true centres (..., balls, 2), balls matched
+    per frame by the cheapest permutation: (...,)."""
+    lead = truth.shape[:-2]
+    flat_pred, flat_truth = pred.reshape(-1, *pred.shape[-2:]), truth.reshape(-1, *truth.shape[-2:])
+    perm = _best_permutations(flat_truth, flat_pred)
+    matched = np.take_along_axis(flat_pred, perm[..., None], axis=1)
+    return np.linalg.norm(matched - flat_truth, axis=-1).mean(-1).reshape(lead)
+
+
 def ade(pred: np.ndarray, truth: np.ndarray) -> float:
     """Average displacement (pixels) between centres (T, balls, 2), balls matched per frame."""
-    perm = _best_permutations(truth, pred)
-    matched = np.take_along_axis(pred, perm[..., None], axis=1)
-    return float(np.linalg.norm(matched - truth, axis=-1).mean())
+    return float(frame_displacements(pred, truth).mean())
 
 
 def ball_steps(centres: np.ndarray, counted: np.ndarray) -> np.ndarray:

@@ -482,7 +482,9 @@ class OnlineTrainer:
     def _score_milestone(self, metrics_file) -> None:
         """The EMA model on a few fixed held-out clips (balls streams): held-out loss, minADE, ColorKL, the two-ball
         rate of 45 generated frames, into metrics.jsonl (a row with "milestone") and TensorBoard. One sample per
-        clip, 10 DDIM steps, 4 noise levels: a few seconds, so that learning shows while it happens."""
+        clip, 10 DDIM steps, 4 noise levels: a few seconds, so that learning shows while it happens. Also the
+        one-call forecast error on FORECAST_WINDOWS windows (evaluate.forecast_videos), the smooth curve of the
+        dynamics learned where the few rollouts' numbers are noisy."""
         from fastdiff import evaluate
 
         if not self.cfg.run.milestone_clips or not self.world.is_main or not evaluate.is_balls_stream(self.cfg.run):
@@ -494,7 +496,10 @@ class OnlineTrainer:
         if getattr(self, "_milestone_clips", None) is None:  # the same clips at every milestone
             self._milestone_clips = evaluate.evaluation_clips(run, opts.clips, opts.length)
         scores = evaluate.evaluate(run, self._milestone_clips, opts, floors=False)
-        keys = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
+        if getattr(self, "_forecast_clips", None) is None:  # more windows than clips: a forecast is one model call
+            self._forecast_clips = evaluate.evaluation_clips(run, evaluate.FORECAST_WINDOWS, self.window)
+        scores.update(evaluate.forecast_scores(run, self._forecast_clips, opts.observed))
+        keys = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "forecast_error")
         row = {"frame": self.frames_seen, "step": self.steps, **{f"heldout_{k}": scores.get(k) for k in keys},
                "milestone_seconds": round(time.perf_counter() - started, 2), "time": time.time()}
         metrics_file.write(json.dumps(row) + "\n")

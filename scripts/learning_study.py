@@ -15,6 +15,7 @@ clock but not the work it gets done (run one row per core, one thread each).
     python scripts/learning_study.py table [--out profiles/learning]  # study.md + study.json from the results
     python scripts/learning_study.py sampler NAME [--steps 10 20 50] [--sampler ddim heun] [--set diffusion.K=V]
         [--run RUN_DIR] [--clips 12] [--threads 1]   # one model, other samplers: samples and their scores only
+    python scripts/learning_study.py forecast RUN_DIR_OR_CHECKPOINT ...  # the one-call forecast error, seconds each
 
 Results go to runs/learning/<NAME>/ (the run directory and result.json).
 """
@@ -43,7 +44,7 @@ BASE = {"run.progress": "false", "run.sample_every": "0", "run.final_clips": "0"
         "model.frame_pos": "false", "model.local_mix": "false",
         "diffusion.train_staggered": "false", "optim.cooldown": "0"}
 EVAL = {"clips": 12, "samples": 3, "sample_steps": 20}
-METRICS = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok")
+METRICS = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "forecast_error")
 
 
 def run_row(name: str, budget: float, seed: int, settings: list[str], eval_opts: dict, threads: int) -> dict:
@@ -51,7 +52,7 @@ def run_row(name: str, budget: float, seed: int, settings: list[str], eval_opts:
 
     torch.set_num_threads(threads)
     from fastdiff.config import build_config, parse_overrides
-    from fastdiff.evaluate import EvalOptions, evaluate, evaluation_clips
+    from fastdiff.evaluate import FORECAST_WINDOWS, EvalOptions, evaluate, evaluation_clips, forecast_scores
     from fastdiff.sampling import load_run
     from fastdiff.train import OnlineTrainer
 
@@ -79,6 +80,8 @@ def run_row(name: str, budget: float, seed: int, settings: list[str], eval_opts:
     clips = evaluation_clips(run, opts.clips, opts.length)
     eval0 = time.perf_counter()
     result = evaluate(run, clips, opts)
+    # the one-call forecast on more windows than the sampled clips: it is one model call
+    result.update(forecast_scores(run, evaluation_clips(run, FORECAST_WINDOWS, run.window), opts.observed))
     result.update(name=name, seed=seed, settings=settings, budget_cpu=budget, steps=trainer.steps,
                   frames=trainer.frames_seen, setup_cpu=round(setup_cpu, 1), train_cpu=round(train_cpu, 1),
                   train_wall=round(train_wall, 1), eval_wall=round(time.perf_counter() - eval0, 1),
@@ -149,6 +152,27 @@ def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dic
     return rows
 
 
+def forecast(paths: list[Path], threads: int) -> list[dict]:
+    """The one-call forecast error (fastdiff.evaluate.forecast_videos) of run directories or checkpoint files, on
+    FORECAST_WINDOWS held-out windows of each run's stream, per frame ahead next to the floors: a few seconds each."""
+    import torch
+
+    from fastdiff.evaluate import FORECAST_WINDOWS, evaluation_clips, forecast_scores
+    from fastdiff.sampling import load_run
+
+    torch.set_num_threads(threads)
+    rows = []
+    for path in paths:
+        run_dir, checkpoint = (path.parent.parent, path) if path.is_file() else (path, None)
+        run = load_run(run_dir, device="cpu", checkpoint=checkpoint)
+        scores = forecast_scores(run, evaluation_clips(run, FORECAST_WINDOWS, run.window), observed=5)
+        rows.append({"run": str(path), "frame": run.frame, **scores})
+        per_frame = "  ".join(f"{name} {' '.join(f'{e:.2f}' for e in errors)}"
+                              for name, errors in scores["forecast_error_per_frame"].items())
+        print(f"{path} (frame {run.frame}): mean {scores['forecast_error']:.3f} px | {per_frame}", flush=True)
+    return rows
+
+
 def _fmt(value, digits=3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -176,18 +200,19 @@ def table(out: Path) -> None:
              "(lower is better), two balls = share of generated frames showing exactly two balls. Colour changes: "
              "how many the ColorKL is estimated from, over every sample (3 per clip for a row, 1 for a floor).", "",
              "| row | settings | seed | budget (CPU s) | steps | CPU s/step | held-out loss | minADE | ColorKL | "
-             "colour changes | colour acc. | two balls |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "colour changes | colour acc. | two balls | forecast px |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed, floors in sorted(floors_by_seed.items()):
         for name, f in floors.items():
             lines.append(f"| *{name}* | floor, seed {seed}'s clips | {seed} | – | – | – | – | {_fmt(f['minADE'], 2)} | "
                          f"{_fmt(f['ColorKL'])} | {f.get('colour_changes', '–')} | {_fmt(f['colour_accuracy'])} | "
-                         f"{_fmt(f['ball_count_ok'])} |")
+                         f"{_fmt(f['ball_count_ok'])} | – |")
     for r in results:
         settings = " ".join(r["settings"]) or "study base"
         lines.append(f"| {r['name']} | `{settings}` | {r['seed']} | {r['budget_cpu']:.0f} | "
                      f"{r['steps']} | {r['cpu_per_step']:.3f} | {_fmt(r['loss'], 4)} | {_fmt(r.get('minADE'), 2)} | "
                      f"{_fmt(r.get('ColorKL'))} | {r.get('colour_changes', '–')} | {_fmt(r.get('colour_accuracy'))} | "
-                     f"{_fmt(r.get('ball_count_ok'))} |")
+                     f"{_fmt(r.get('ball_count_ok'))} | {_fmt(r.get('forecast_error'), 2)} |")
     samplers = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/samplers.json"))]
     if samplers:
         lines += ["", "## Samplers and step counts (one trained model each)", "",
@@ -227,6 +252,9 @@ def main(argv=None) -> int:
     s.add_argument("--run", type=Path, default=None, help="a run directory (default: runs/learning/NAME)")
     s.add_argument("--clips", type=int, default=EVAL["clips"])
     s.add_argument("--threads", type=int, default=1)
+    f = sub.add_parser("forecast")
+    f.add_argument("paths", type=Path, nargs="+", help="run directories or checkpoint files")
+    f.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "run":
         run_row(args.name, args.budget, args.seed, args.set, EVAL, args.threads)
@@ -234,6 +262,8 @@ def main(argv=None) -> int:
         queue(args.rows, args.jobs)
     elif args.command == "table":
         table(args.out)
+    elif args.command == "forecast":
+        forecast(args.paths, args.threads)
     else:
         sampler_row(args.name, args.steps, args.sampler, {**EVAL, "clips": args.clips}, args.set, args.run,
                     args.threads)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from fastdiff import evaluate
 from fastdiff.cli import main
 from fastdiff.config import build_config
 from fastdiff.metrics import rescore_colour_kl
@@ -153,6 +154,7 @@ def test_milestones_score_the_model_on_fixed_heldout_clips(tmp_path):
     assert [r["frame"] for r in scored] == [10, 20, 30]
     for r in scored:
         assert r["heldout_loss"] > 0 and r["heldout_minADE"] >= 0 and 0 <= r["heldout_ball_count_ok"] <= 1
+        assert r["heldout_forecast_error"] > 0  # the one-call forecast, on its own, larger set of windows
     assert scored[0]["heldout_loss"] != scored[-1]["heldout_loss"]  # the model changed between milestones
     assert len(list((tmp_path / "run" / "milestones").glob("frame*.pt"))) == 3
 
@@ -173,6 +175,11 @@ def test_final_sample_is_scored_against_the_floors(tmp_path):
     truth = final["floors"]["ground truth"]
     assert truth["minADE"] < 1.0 and truth["ball_count_ok"] > 0.9  # the detector finds the real balls
     assert final["floors"]["repeat last frame"]["minADE"] > truth["minADE"]
+    forecast = final["forecast"]  # the one-call forecast error per frame ahead, with its floors, printed too
+    assert 1 <= forecast["forecast_windows"] <= evaluate.FORECAST_WINDOWS  # fewer where the stream is short
+    assert set(forecast["forecast_error_per_frame"]) == {"model", "repeat last frame", "constant velocity"}
+    assert all(len(v) == 5 for v in forecast["forecast_error_per_frame"].values())
+    assert any("one-call forecast error" in line for line in lines)
     assert truth["ball_speed"] > 0.3 and final["floors"]["repeat last frame"]["ball_speed"] == 0.0
     for scores in (final["model"], *final["floors"].values()):
         assert 0 <= scores["ball_count_ok"] <= 1 and scores["minADE"] >= 0
