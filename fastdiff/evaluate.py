@@ -329,6 +329,9 @@ def evaluate(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions, *, sample: 
             result.update(forecast_scores(run, clips, opts.observed))
             if floors:
                 result["floors"] = floor_scores(run, clips, opts.observed)
+                for name, errors in result["forecast_error_per_frame"].items():
+                    if name in result["floors"]:
+                        result["floors"][name]["forecast_error"] = float(np.mean(errors))
         if i3d is not None:
             real, fake = i3d(clips.frames), i3d(videos[:, 0])
             result["FVD"] = metrics.frechet_distance(real, fake)

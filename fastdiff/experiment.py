@@ -31,7 +31,8 @@ PAPER_BALLS_C = {"offline": (5.9, 6.5e-5, 2.14, 0.007), "none": (343.6, 2.3e-2, 
                  "er": (5.7, 7.5e-5, 2.06, 0.005), "full": (5.6, 7.9e-5, 2.12, 0.006)}
 TABLE_METRICS = (("FVD", "FVD", "{:.1f}"), ("loss", "loss", "{:.3e}"), ("minADE", "minADE (px)", "{:.2f}"),
                  ("ColorKL", "ColorKL", "{:.3f}"), ("colour_accuracy", "colour acc.", "{:.3f}"),
-                 ("ball_count_ok", "two-ball frames", "{:.1%}"), ("ball_speed", "ball speed px/frame", "{:.2f}"))
+                 ("ball_count_ok", "two-ball frames", "{:.1%}"), ("ball_speed", "ball speed px/frame", "{:.2f}"),
+                 ("forecast_error", "forecast px", "{:.2f}"))
 
 
 def experiment_overrides(stream: str, frames: int, strategy: str, seed: int, curve_points: int) -> dict:

@@ -138,10 +138,13 @@ def test_experiment_paper_writes_the_report_and_keeps_finished_runs(tmp_path, ca
     assert main(args) == 0
     report = (out / "report.md").read_text()
     for needle in ("| ER (5%) |", "| No replay |", "| *repeat last frame* |", "| *constant velocity* |",
-                   "Who forgets", "q1", "Table 6", "along_stream.png", "two-ball frames", "ball speed"):
+                   "Who forgets", "q1", "Table 6", "along_stream.png", "two-ball frames", "ball speed",
+                   "forecast px"):
         assert needle in report
     data = json.loads((out / "report.json").read_text())
     assert [r["summary"]["steps"] for r in data["results"]["er"]] == [91]
+    final = data["results"]["er"][0]["final"]  # the one-call forecast, its floors' on the same windows beside it
+    assert final["forecast_error"] > 0 and final["floors"]["repeat last frame"]["forecast_error"] > 0
     assert len(data["results"]["none"][0]["curve"]) == 2
     for png in ("along_stream.png", "loss_by_quarter.png"):
         assert (out / png).stat().st_size > 0
