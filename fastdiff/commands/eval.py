@@ -47,7 +47,8 @@ def run(args) -> int:
         print(f"fastdiff eval: {err}", file=sys.stderr)
         return 2
     final = report["final"]
-    keys = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "ball_speed", "forecast_error", "FVD", "KVD")
+    keys = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "ball_speed", "forecast_error", "FVD",
+            "KVD")
     print("  ".join(f"{k} {final[k]:.5g}" for k in keys if k in final))
     print(f"wrote {Path(args.run) / 'eval' / 'eval.json'}")
     return 0
