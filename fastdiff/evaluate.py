@@ -269,8 +269,9 @@ def forecast_videos(run: LoadedRun, clips: HeldoutClips, observed: int, batch: i
     """uint8 (N, 1, K, H, W, 3): the first window of each clip, its `observed` real frames followed by the model's
     one-call forecast of the rest: its x0 prediction with those frames at the top noise level.
 
-    Why: at the top level the input holds almost nothing of the frames to come (alpha is 0.006 there with the linear schedule), so the
-    prediction is the model's mean guess of the future given the past. The balls move deterministically, so a model
+    Why: at the top level the input holds almost nothing of the frames to come (alpha is 0.006 there with the
+    linear schedule), so the prediction is the model's mean guess of the future given the past. The balls move
+    deterministically, so a model
     that has learned their dynamics predicts the true frames, and how far its balls are from the true ones, frame by
     frame ahead, measures what it has learned with no sampler in between: one call, no sampling noise, a number
     that falls smoothly along training where the two-ball rate and minADE of a few rollouts jump by 15 points and
