@@ -247,11 +247,15 @@ def last_velocity(box: np.ndarray) -> np.ndarray:
     return np.where(box[:, -1] + sim.RADIUS > sim.SIZE, -np.abs(velocity), velocity)
 
 
+def has_colour_shift(run: LoadedRun) -> bool:
+    """Whether the run's balls drift in colour (balls-c), as its floors must be rendered."""
+    return run.cfg.run.stream.split(":")[0] == "balls-c"
+
+
 def floor_scores(run: LoadedRun, clips: HeldoutClips, observed: int) -> dict[str, dict]:
     """balls_scores of every floor on `clips` (no model involved: cheap)."""
-    colour_shift = run.cfg.run.stream.split(":")[0] == "balls-c"
     return {name: balls_scores(video, clips, observed)
-            for name, video in floor_videos(clips, observed, colour_shift).items()}
+            for name, video in floor_videos(clips, observed, has_colour_shift(run)).items()}
 
 
 # --- the one-call forecast: what the model has learned of the dynamics, without a sampler ------------------------
@@ -271,11 +275,10 @@ def forecast_videos(run: LoadedRun, clips: HeldoutClips, observed: int, batch: i
 
     Why: at the top level the input holds almost nothing of the frames to come (alpha is 0.006 there with the
     linear schedule), so the prediction is the model's mean guess of the future given the past. The balls move
-    deterministically, so a model
-    that has learned their dynamics predicts the true frames, and how far its balls are from the true ones, frame by
-    frame ahead, measures what it has learned with no sampler in between: one call, no sampling noise, a number
-    that falls smoothly along training where the two-ball rate and minADE of a few rollouts jump by 15 points and
-    1 px from one draw to the next (profiles/learning/README.md)."""
+    deterministically, so a model that has learned their dynamics predicts the true frames, and how far its balls
+    are from the true ones, frame by frame ahead, measures what it has learned with no sampler in between: one
+    call, no sampling noise, a number that falls smoothly along training where the two-ball rate and minADE of a
+    few rollouts jump by 15 points and 1 px from one draw to the next (profiles/learning/README.md)."""
     k = run.window
     x0 = encode_frames(run.autoencoder, clips.frames[:, :k], run.device)
     n = len(x0)
@@ -309,9 +312,8 @@ def forecast_scores(run: LoadedRun, clips: HeldoutClips, observed: int) -> dict:
     """The one-call forecast error of the model on the first window of each clip, per frame ahead, next to the
     floors' (repeat the last frame, constant velocity) on the same windows; "forecast_error" is the mean."""
     windows = first_windows(clips, run.window)
-    colour_shift = run.cfg.run.stream.split(":")[0] == "balls-c"
     rows = {"model": forecast_error(forecast_videos(run, windows, observed), windows, observed)}
-    for name, video in floor_videos(windows, observed, colour_shift).items():
+    for name, video in floor_videos(windows, observed, has_colour_shift(run)).items():
         if name != "ground truth":
             rows[name] = forecast_error(video, windows, observed)
     per_frame = {name: [round(float(e), 4) for e in errors] for name, errors in rows.items()}
@@ -320,14 +322,17 @@ def forecast_scores(run: LoadedRun, clips: HeldoutClips, observed: int) -> dict:
 
 
 def evaluate(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions, *, sample: bool = True,
-             i3d: metrics.I3DFeatures | None = None, floors: bool = True) -> dict:
+             i3d: metrics.I3DFeatures | None = None, floors: bool = True,
+             forecast_clips: HeldoutClips | None = None) -> dict:
+    """`forecast_clips`: the windows of the one-call forecast, where a caller scores it on more windows than it
+    samples clips (milestones, the study: FORECAST_WINDOWS); by default the first window of each of `clips`."""
     started = time.perf_counter()
     result = {"frame": run.frame, "clips": len(clips.frames), **heldout_loss(run, clips, opts)}
     if sample and (is_balls(run) or i3d is not None):
         videos = continuations(run, clips, opts)
         if is_balls(run) and clips.centres is not None:
             result.update(balls_scores(videos, clips, opts.observed))
-            result.update(forecast_scores(run, clips, opts.observed))
+            result.update(forecast_scores(run, forecast_clips or clips, opts.observed))
             if floors:
                 result["floors"] = floor_scores(run, clips, opts.observed)
                 for name, errors in result["forecast_error_per_frame"].items():

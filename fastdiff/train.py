@@ -495,10 +495,9 @@ class OnlineTrainer:
                                     seed=self.cfg.run.seed)
         if getattr(self, "_milestone_clips", None) is None:  # the same clips at every milestone
             self._milestone_clips = evaluate.evaluation_clips(run, opts.clips, opts.length)
-        scores = evaluate.evaluate(run, self._milestone_clips, opts, floors=False)
         if getattr(self, "_forecast_clips", None) is None:  # more windows than clips: a forecast is one model call
             self._forecast_clips = evaluate.evaluation_clips(run, evaluate.FORECAST_WINDOWS, self.window)
-        scores.update(evaluate.forecast_scores(run, self._forecast_clips, opts.observed))
+        scores = evaluate.evaluate(run, self._milestone_clips, opts, floors=False, forecast_clips=self._forecast_clips)
         keys = ("loss", "minADE", "ColorKL", "colour_accuracy", "ball_count_ok", "forecast_error")
         row = {"frame": self.frames_seen, "step": self.steps, **{f"heldout_{k}": scores.get(k) for k in keys},
                "milestone_seconds": round(time.perf_counter() - started, 2), "time": time.time()}

@@ -52,7 +52,7 @@ def run_row(name: str, budget: float, seed: int, settings: list[str], eval_opts:
 
     torch.set_num_threads(threads)
     from fastdiff.config import build_config, parse_overrides
-    from fastdiff.evaluate import FORECAST_WINDOWS, EvalOptions, evaluate, evaluation_clips, forecast_scores
+    from fastdiff.evaluate import FORECAST_WINDOWS, EvalOptions, evaluate, evaluation_clips
     from fastdiff.sampling import load_run
     from fastdiff.train import OnlineTrainer
 
@@ -79,9 +79,8 @@ def run_row(name: str, budget: float, seed: int, settings: list[str], eval_opts:
                        curve_clips=1)
     clips = evaluation_clips(run, opts.clips, opts.length)
     eval0 = time.perf_counter()
-    result = evaluate(run, clips, opts)
-    # the one-call forecast on more windows than the sampled clips: it is one model call
-    result.update(forecast_scores(run, evaluation_clips(run, FORECAST_WINDOWS, run.window), opts.observed))
+    # the one-call forecast (the row's and its floors') on more windows than the sampled clips: it is one model call
+    result = evaluate(run, clips, opts, forecast_clips=evaluation_clips(run, FORECAST_WINDOWS, run.window))
     result.update(name=name, seed=seed, settings=settings, budget_cpu=budget, steps=trainer.steps,
                   frames=trainer.frames_seen, setup_cpu=round(setup_cpu, 1), train_cpu=round(train_cpu, 1),
                   train_wall=round(train_wall, 1), eval_wall=round(time.perf_counter() - eval0, 1),

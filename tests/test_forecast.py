@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from fastdiff.diffusion import Schedule
-from fastdiff.evaluate import HeldoutClips, floor_videos, forecast_error, forecast_scores, forecast_videos
+from fastdiff.evaluate import (
+    HeldoutClips,
+    first_windows,
+    floor_videos,
+    forecast_error,
+    forecast_scores,
+    forecast_videos,
+)
 from fastdiff.models.autoencoder import PixelSpace
 from fastdiff.streams import make_stream
 
@@ -77,8 +84,7 @@ def test_a_model_that_repeats_the_last_frame_scores_the_repeat_floor(clips, pred
     last = lambda x_t, observed: x_t[:, OBSERVED - 1:OBSERVED].expand_as(x_t)
     run = fake_run(Oracle(last, schedule, prediction), prediction)
     errors = forecast_error(forecast_videos(run, clips, OBSERVED), clips, OBSERVED)
-    first = HeldoutClips(clips.frames[:, :WINDOW], clips.starts, clips.horizon, clips.centres[:, :WINDOW],
-                         clips.colours[:, :WINDOW])
+    first = first_windows(clips, WINDOW)
     floor = forecast_error(floor_videos(first, OBSERVED, colour_shift=False)["repeat last frame"], first, OBSERVED)
     np.testing.assert_allclose(errors, floor, atol=1e-6)
     true_steps = np.linalg.norm(clips.centres[:, OBSERVED:WINDOW] - clips.centres[:, OBSERVED - 1:OBSERVED], axis=-1)
