@@ -308,6 +308,22 @@ def forecast_error(videos: np.ndarray, clips: HeldoutClips, observed: int) -> np
     return metrics.frame_displacements(centres, clips.centres[:, observed:k]).mean(0)
 
 
+CONTACT_PX = 9.0  # centres this close: two balls (radius 3.84 px) touching or about to, give or take a pixel
+
+
+def contact_windows(clips: HeldoutClips, observed: int, within: float = CONTACT_PX) -> np.ndarray:
+    """(N,) bool: the clips in which two balls come within `within` px of each other (true centres) from the last
+    observed frame on. There a ball-ball collision decides what happens next, which the balls' motion alone does
+    not tell; these windows are where the study's models lose a ball (profiles/learning/README.md)."""
+    centres = clips.centres[:, observed - 1:].astype(np.float64)  # (N, T, balls, 2)
+    balls = centres.shape[2]
+    if balls < 2:
+        return np.zeros(len(centres), dtype=bool)
+    gaps = np.linalg.norm(centres[:, :, :, None] - centres[:, :, None, :], axis=-1)  # (N, T, balls, balls)
+    gaps[..., np.arange(balls), np.arange(balls)] = np.inf
+    return gaps.min(axis=(1, 2, 3)) < within
+
+
 def forecast_scores(run: LoadedRun, clips: HeldoutClips, observed: int) -> dict:
     """The one-call forecast error of the model on the first window of each clip, per frame ahead, next to the
     floors' (repeat the last frame, constant velocity) on the same windows; "forecast_error" is the mean."""

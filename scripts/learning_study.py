@@ -16,6 +16,8 @@ clock but not the work it gets done (run one row per core, one thread each).
     python scripts/learning_study.py sampler NAME [--steps 10 20 50] [--sampler ddim heun] [--set diffusion.K=V]
         [--run RUN_DIR] [--clips 12] [--threads 1]   # one model, other samplers: samples and their scores only
     python scripts/learning_study.py forecast RUN_DIR_OR_CHECKPOINT ...  # the one-call forecast error, seconds each
+    python scripts/learning_study.py contacts RUN_DIR_OR_CHECKPOINT ... [--windows 400] [--sampled 60]
+        [--set diffusion.K=V] [--out FILE.json]   # the forecast (and sampled windows) where balls meet and elsewhere
 
 Results go to runs/learning/<NAME>/ (the run directory and result.json).
 """
@@ -172,6 +174,77 @@ def forecast(paths: list[Path], threads: int) -> list[dict]:
     return rows
 
 
+def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str], threads: int,
+             out: Path | None = None) -> list[dict]:
+    """Where a model's balls go wrong: held-out windows split by whether two balls meet from the last observed
+    frame on (fastdiff.evaluate.contact_windows), and for each part the one-call forecast error per frame ahead,
+    next to the floors' on the same windows. With `sampled` > 0, also the first `sampled` windows of each part
+    rolled out once with the run's sampler (5 real frames, the rest generated; `settings` change the sampling,
+    e.g. diffusion.ddim_eta=0): the share of generated frames with every ball, and the sampled balls' error."""
+    import numpy as np
+    import torch
+
+    from fastdiff import metrics
+    from fastdiff.config import parse_overrides, set_value, validate
+    from fastdiff.evaluate import (
+        EvalOptions,
+        contact_windows,
+        continuations,
+        evaluation_clips,
+        floor_videos,
+        forecast_error,
+        forecast_videos,
+        has_colour_shift,
+    )
+    from fastdiff.sampling import load_run
+
+    torch.set_num_threads(threads)
+    observed = EvalOptions.observed
+    rounded = lambda errors: [round(float(e), 3) for e in errors]  # noqa: E731
+    rows = []
+    for path in paths:
+        run_dir, checkpoint = (path.parent.parent, path) if path.is_file() else (path, None)
+        run = load_run(run_dir, device="cpu", checkpoint=checkpoint)
+        for key, value in parse_overrides(settings).items():
+            set_value(run.cfg, key, value)
+        validate(run.cfg)
+        clips = evaluation_clips(run, windows, run.window)
+        touching = contact_windows(clips, observed)
+        parts = {"all": np.ones(len(touching), dtype=bool), "contact": touching, "free": ~touching}
+        videos = {"model": forecast_videos(run, clips, observed)}
+        videos.update((name, video) for name, video in floor_videos(clips, observed, has_colour_shift(run)).items()
+                      if name != "ground truth")
+        row = {"run": str(path), "frame": run.frame, "settings": settings, "windows": len(touching),
+               "contact_windows": int(touching.sum()),
+               "forecast_px": {part: {name: rounded(forecast_error(video[mask], clips.subset(mask), observed))
+                                      for name, video in videos.items()}
+                               for part, mask in parts.items() if mask.any()}}
+        if sampled:
+            pick = np.concatenate([np.flatnonzero(touching)[:sampled], np.flatnonzero(~touching)[:sampled]])
+            some = clips.subset(pick)
+            # one batch: the sampling noise of a window then depends only on the windows picked
+            opts = EvalOptions(samples=1, observed=observed, length=run.window, batch=len(pick))
+            video = continuations(run, some, opts)
+            balls = clips.centres.shape[2]
+            counted = metrics.count_balls(video[:, 0, observed:].reshape(-1, *video.shape[3:]))
+            whole = (counted == balls).reshape(len(pick), -1)
+            row["sampled"] = {
+                part: {"windows": int(mask.sum()), "every_ball_frames": round(float(whole[mask].mean()), 4),
+                       "centre_error_px": rounded(forecast_error(video[mask], some.subset(mask), observed))}
+                for part, mask in (("contact", touching[pick]), ("free", ~touching[pick])) if mask.any()}
+        rows.append(row)
+        print(f"{path} (frame {run.frame}; {row['contact_windows']} of {row['windows']} windows with a contact)")
+        for part, errors in row["forecast_px"].items():
+            print(f"  forecast px, {part:8}" + "".join(f"  {name} {' '.join(f'{e:.2f}' for e in per)}"
+                                                     for name, per in errors.items()))
+        for part, s in row.get("sampled", {}).items():
+            print(f"  sampled, {part:8} ({s['windows']} windows): every ball in {s['every_ball_frames']:.1%} of "
+                  f"generated frames, centre error {' '.join(f'{e:.2f}' for e in s['centre_error_px'])} px", flush=True)
+    if out:
+        out.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def _fmt(value, digits=3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -254,6 +327,13 @@ def main(argv=None) -> int:
     f = sub.add_parser("forecast")
     f.add_argument("paths", type=Path, nargs="+", help="run directories or checkpoint files")
     f.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("contacts")
+    c.add_argument("paths", type=Path, nargs="+", help="run directories or checkpoint files")
+    c.add_argument("--windows", type=int, default=400, help="held-out windows, spread over the test stream")
+    c.add_argument("--sampled", type=int, default=0, help="windows of each part (contact, free) to sample once")
+    c.add_argument("--set", action="append", default=[], metavar="diffusion.KEY=VALUE")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", type=Path, default=None, help="JSON of the rows")
     args = parser.parse_args(argv)
     if args.command == "run":
         run_row(args.name, args.budget, args.seed, args.set, EVAL, args.threads)
@@ -263,6 +343,8 @@ def main(argv=None) -> int:
         table(args.out)
     elif args.command == "forecast":
         forecast(args.paths, args.threads)
+    elif args.command == "contacts":
+        contacts(args.paths, args.windows, args.sampled, args.set, args.threads, args.out)
     else:
         sampler_row(args.name, args.steps, args.sampler, {**EVAL, "clips": args.clips}, args.set, args.run,
                     args.threads)

@@ -3,6 +3,8 @@ its x0 prediction at the top noise level. Oracle models with known answers: one 
 detector's own error, one that repeats the last frame scores exactly the repeat-last floor, in every
 parameterisation; the model is called once, at the top level on the frames to come and clean on the observed ones."""
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +13,9 @@ import torch
 
 from fastdiff.diffusion import Schedule
 from fastdiff.evaluate import (
+    CONTACT_PX,
     HeldoutClips,
+    contact_windows,
     first_windows,
     floor_videos,
     forecast_error,
@@ -103,3 +107,85 @@ def test_forecast_scores_put_the_model_between_the_floors(clips):
     assert scores["forecast_windows"] == len(clips.frames)
     assert scores["forecast_error"] == pytest.approx(np.mean(rows["model"]), abs=1e-4)
     assert np.mean(rows["model"]) < np.mean(rows["constant velocity"]) < np.mean(rows["repeat last frame"])
+
+
+def _clips_with_centres(centres):
+    centres = np.asarray(centres, dtype=np.float32)
+    n, t = centres.shape[:2]
+    return HeldoutClips(np.zeros((n, t, 32, 32, 3), np.uint8), np.zeros(n, int), 1000, centres,
+                        np.zeros(centres.shape[:3], int))
+
+
+def test_contact_windows_are_where_two_balls_meet_from_the_last_observed_frame_on():
+    """A pair within CONTACT_PX at the last observed frame or later is a contact; one that met only before it is
+    not; any pair of three balls counts; a ball never meets itself; one ball has no contacts."""
+    far, near = [[4.0, 4.0], [24.0, 24.0]], [[10.0, 10.0], [10.0 + CONTACT_PX - 0.5, 10.0]]
+    window = lambda frames: [frames[i] for i in range(WINDOW)]  # noqa: E731
+    met_before = window([near] * (OBSERVED - 1) + [far] * (WINDOW - OBSERVED + 1))
+    met_at_last_observed = window([far] * (OBSERVED - 1) + [near] + [far] * (WINDOW - OBSERVED))
+    met_at_the_end = window([far] * (WINDOW - 1) + [near])
+    just_apart = window([far] * (WINDOW - 1) + [[[10.0, 10.0], [10.0 + CONTACT_PX + 0.5, 10.0]]])
+    clips = _clips_with_centres([met_before, met_at_last_observed, met_at_the_end, just_apart])
+    assert contact_windows(clips, OBSERVED).tolist() == [False, True, True, False]
+    three = [[b[0], [30.0, 2.0], b[1]] for b in met_at_the_end]  # the meeting pair is balls 0 and 2
+    assert contact_windows(_clips_with_centres([three]), OBSERVED).tolist() == [True]
+    one = [[[5.0, 5.0]]] * WINDOW
+    assert contact_windows(_clips_with_centres([one]), OBSERVED).tolist() == [False]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from fastdiff.config import build_config
+    from fastdiff.train import OnlineTrainer, write_config
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = build_config("tiny", None, {"model.width": "32", "model.depth": "1", "model.heads": "1",
+                                      "run.frames": "40", "run.stream_frames": "3000", "run.final_clips": "0", "run.sample_every": "0",
+                                      "run.progress": "false", "run.out": str(out), "diffusion.sample_steps": "2",
+                                      "run.threads": "1"})
+    path = out / "tiny"
+    path.mkdir()
+    write_config(cfg, path)
+    OnlineTrainer(cfg, path, log=lambda *_: None).train()
+    return path
+
+
+def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_as_exact(tiny_run, tmp_path,
+                                                                                          monkeypatch):
+    """scripts/learning_study.py contacts on a trained run: the forecast of each part (contact, free) next to the
+    floors on the same windows, the parts adding up to the whole; the sampled windows, here a sampler that returns
+    the true future, score the detector's own error with every ball in (almost) every frame."""
+    import fastdiff.evaluate as evaluate
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import learning_study
+    finally:
+        sys.path.pop(0)
+    calls = []
+
+    def true_future(run, clips, opts):
+        calls.append((len(clips.frames), opts.length, opts.observed, opts.samples))
+        return clips.frames[:, None, : opts.length]
+
+    monkeypatch.setattr(evaluate, "continuations", true_future)
+    out = tmp_path / "contacts.json"
+    row, = learning_study.contacts([tiny_run], windows=120, sampled=6, settings=["diffusion.ddim_eta=0"],
+                                   threads=1, out=out)
+    assert row == __import__("json").loads(out.read_text())[0]
+    assert row["windows"] == 120 and 6 <= row["contact_windows"] <= 114  # both parts are there to be sampled
+    parts = row["forecast_px"]
+    assert set(parts) == {"all", "contact", "free"}
+    for part in parts.values():
+        assert set(part) == {"model", "repeat last frame", "constant velocity"}
+        assert all(len(errors) == WINDOW - OBSERVED for errors in part.values())
+    share = row["contact_windows"] / row["windows"]
+    for name in parts["all"]:
+        mixed = share * np.array(parts["contact"][name]) + (1 - share) * np.array(parts["free"][name])
+        np.testing.assert_allclose(parts["all"][name], mixed, atol=2e-3)
+    assert parts["contact"]["constant velocity"][-1] > parts["free"]["constant velocity"][-1]  # it ignores contacts
+    assert calls == [(12, WINDOW, OBSERVED, 1)]
+    for part in ("contact", "free"):
+        sampled = row["sampled"][part]
+        assert sampled["windows"] == 6 and sampled["every_ball_frames"] >= 0.9
+        assert max(sampled["centre_error_px"]) < 0.3
