@@ -139,10 +139,10 @@ def tiny_run(tmp_path_factory):
     from fastdiff.train import OnlineTrainer, write_config
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = build_config("tiny", None, {"model.width": "32", "model.depth": "1", "model.heads": "1",
-                                      "run.frames": "40", "run.stream_frames": "3000", "run.final_clips": "0", "run.sample_every": "0",
-                                      "run.progress": "false", "run.out": str(out), "diffusion.sample_steps": "2",
-                                      "run.threads": "1"})
+    cfg = build_config("tiny", None, {
+        "model.width": "32", "model.depth": "1", "model.heads": "1", "run.frames": "40", "run.threads": "1",
+        "run.stream_frames": "3000", "run.final_clips": "0", "run.sample_every": "0", "run.progress": "false",
+        "run.out": str(out), "diffusion.sample_steps": "2"})
     path = out / "tiny"
     path.mkdir()
     write_config(cfg, path)
