@@ -195,6 +195,7 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
         forecast_error,
         forecast_videos,
         has_colour_shift,
+        is_balls,
     )
     from fastdiff.sampling import load_run
 
@@ -208,6 +209,9 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
         for key, value in parse_overrides(settings).items():
             set_value(run.cfg, key, value)
         validate(run.cfg)
+        if not is_balls(run):
+            raise SystemExit(f"contacts: {path} not supported because its stream ({run.cfg.run.stream}) has no ball "
+                             "positions to find contacts in; balls-o and balls-c have")
         clips = evaluation_clips(run, windows, run.window)
         touching = contact_windows(clips, observed)
         parts = {"all": np.ones(len(touching), dtype=bool), "contact": touching, "free": ~touching}

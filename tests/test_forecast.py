@@ -189,3 +189,5 @@ def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_a
         sampled = row["sampled"][part]
         assert sampled["windows"] == 6 and sampled["every_ball_frames"] >= 0.9
         assert max(sampled["centre_error_px"]) < 0.3
+    with pytest.raises(SystemExit, match="not supported because its stream"):
+        learning_study.contacts([tiny_run], windows=8, sampled=0, settings=["run.stream=maze"], threads=1)
