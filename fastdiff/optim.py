@@ -179,17 +179,16 @@ class MuonAdamW:
     Muon (Jordan et al. 2024, ``torch.optim.Muon``; here :class:`BatchedMuon`, the same step batched) keeps SGD
     momentum per weight matrix and steps along the momentum orthogonalised by a Newton-Schulz iteration: every
     direction of the matrix moves by about the same amount, where AdamW's per-element steps let a few directions
-    dominate. The step is scaled by 0.2 sqrt(max(rows,
-    columns)) (Moonshot's ``match_rms_adamw``), so it takes AdamW's learning rate, schedule and weight decay
-    unchanged. Which matrices: those the model names (``VideoDiT.hidden_matrices``: the weights of its transformer
-    blocks' linear layers); embeddings, the output layer, biases, convolutions and bias tables stay on AdamW, as Muon
-    is meant to be used.
+    dominate. The step is scaled by 0.2 sqrt(max(rows, columns)) (Moonshot's ``match_rms_adamw``), so it takes
+    AdamW's learning rate, schedule and weight decay unchanged. Which matrices: those the model names
+    (``VideoDiT.hidden_matrices``: the weights of its transformer blocks' linear layers); embeddings, the output
+    layer, biases, convolutions and bias tables stay on AdamW, as Muon is meant to be used.
 
     Measured on the tiny recipe (profiles/learning/README.md, "Muon"): 18% lower held-out loss than AdamW after
     1,500 steps, lower at every noise level, and the study's lowest held-out loss at its CPU budget on two seeds
-    (12% and 8% below the AdamW rows), at about 20% more CPU per step (the Newton-Schulz matmuls; a loaded box). Its
-    samples move the balls at the true speed and merge them more often where they meet, so `tiny` keeps AdamW.
-    Its state is one fp32 momentum per matrix element (4 B, against AdamW's 8 B), and it converts to no AdamW's
+    (12% and 8% below the AdamW rows), at about 20% more CPU per step with torch's Muon (the Newton-Schulz matmuls;
+    a loaded box; batched, the Muon step costs 6 ms less at one thread). Its samples move the balls at the true
+    speed and merge them more often where they meet, so `tiny` keeps AdamW. Its state is one fp32 momentum per matrix element (4 B, against AdamW's 8 B), and it converts to no AdamW's
     state, so a run keeps its optimizer when it resumes. Eager step only: torch's Muon takes no ``found_inf``, so
     the sync-free step could not skip a non-finite step with it.
 
@@ -210,7 +209,7 @@ class MuonAdamW:
             raise ValueError(f"optim.name=muon: Muon orthogonalises 2-D matrices; got shapes {flat}")
         # Only the parts this model has: a model whose every parameter is a hidden matrix has no AdamW part.
         self.parts = {"muon": BatchedMuon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                               adjust_lr_fn="match_rms_adamw")}
+                                          adjust_lr_fn="match_rms_adamw")}
         if rest:
             self.parts["adamw"] = torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                                     fused=True)
