@@ -186,11 +186,12 @@ class MuonAdamW:
 
     Measured on the tiny recipe (profiles/learning/README.md, "Muon"): 18% lower held-out loss than AdamW after
     1,500 steps, lower at every noise level, and the study's lowest held-out loss at its CPU budget on two seeds
-    (12% and 8% below the AdamW rows), at about 20% more CPU per step with torch's Muon (the Newton-Schulz matmuls;
-    a loaded box; batched, the Muon step costs 6 ms less at one thread). Its samples move the balls at the true
-    speed and merge them more often where they meet, so `tiny` keeps AdamW. Its state is one fp32 momentum per matrix element (4 B, against AdamW's 8 B), and it converts to no AdamW's
-    state, so a run keeps its optimizer when it resumes. Eager step only: torch's Muon takes no ``found_inf``, so
-    the sync-free step could not skip a non-finite step with it.
+    (12% and 8% below the AdamW rows), at about 20% more CPU per step with torch's Muon (the Newton-Schulz matmuls; a
+    loaded box; batched, the Muon step costs 6 ms less at one thread). Its samples move the balls at the true speed
+    and merge them more often where they meet, so `tiny` keeps AdamW. Its state is one fp32 momentum per matrix
+    element (4 B, against AdamW's 8 B), and it converts to no AdamW's state, so a run keeps its optimizer when it
+    resumes. Eager step only: torch's Muon takes no ``found_inf``, so the sync-free step could not skip a non-finite
+    step with it.
 
     The optimizer interface the trainer uses: ``param_groups`` (the schedule writes each group's lr), ``step``,
     ``zero_grad``, ``state_dict`` / ``load_state_dict`` (each part's under "muon" and "adamw")."""
