@@ -946,6 +946,15 @@ def markdown_report(data: dict, entries: dict) -> str:
     else:
         out.append("## Defaults: the config an untuned GPU runs, per arch (after the table's replacements)\n\n")
         out.append(markdown_table(records))
+    if not full and not entries:
+        # No full sweep of this version: nothing below was chosen for it, so say so rather than "None".
+        spilling = sum(bool(r.get("spills")) for r in records if r["status"] == "ok")
+        out.append("\n## No table for this Triton version\n\n"
+                   "The AOT table has no full sweep of this Triton version, so none of the defaults above was chosen "
+                   "for it: its launchers take the known versions' table entries, newest first "
+                   f"(`autotune.aot_default`). Here {spilling} of {len(records)} defaults spill; a full sweep "
+                   "(`--subset all`) would replace those that can avoid it.\n")
+        return _compile_sections(out, records)
     changed = [(arch, op, key, e) for arch, ops in sorted(entries.items()) for op, keys in sorted(ops.items())
                for key, e in sorted(keys.items()) if "default" in e]
     out.append("\n## Defaults changed for this Triton version\n\n")
@@ -969,6 +978,11 @@ def markdown_report(data: dict, entries: dict) -> str:
     out.append("None: every shape has a default that compiles, fits and does not spill.\n" if not spills else "")
     for arch, op, key, e in spills:
         out.append(f"- {op} `{key}` on sm_{arch}: {e['spill_reason']}\n")
+    return _compile_sections(out, records)
+
+
+def _compile_sections(out: list[str], records: list[dict]) -> str:
+    """The report's closing sections (compile errors and timeouts, the slowest compiles), appended to `out`."""
     bad = [r for r in records if r["status"] in ("error", "timeout")]
     if bad:
         out.append("\n## Compile errors and timeouts\n\n| kernel | arch | key | config | status | detail |\n"

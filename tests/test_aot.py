@@ -153,6 +153,24 @@ def test_committed_sweeps_exist_for_both_triton_versions():
         assert (PROFILES / f"{data['triton']}.md").exists()
 
 
+def test_a_defaults_report_without_a_table_for_its_version_says_so():
+    """A --subset defaults report of a Triton version the table has no full sweep of (3.8 here) says that none of
+    its defaults was chosen for it and counts those that spill, instead of claiming every shape avoids spilling;
+    with its version's entries the report lists them as before."""
+    data = json.loads((PROFILES / "3.8.0-defaults.json").read_text())
+    spilling = sum(bool(r.get("spills")) for r in data["records"] if r["status"] == "ok")
+    assert spilling > 0  # the claim the old report made would be false here
+    report = aot.markdown_report(data, {})
+    assert "No table for this Triton version" in report and f"{spilling} of {len(data['records'])}" in report
+    assert "every shape has a default" not in report
+    assert (PROFILES / "3.8.0-defaults.md").read_text() == report
+    from fastdiff_kernels.aot_table import TABLE
+
+    nine = json.loads((PROFILES / "3.9.0-defaults.json").read_text())
+    assert "No table" not in aot.markdown_report(nine, TABLE["3.9"])
+    assert "## Defaults changed for this Triton version" in aot.markdown_report(nine, TABLE["3.9"])
+
+
 def test_pruned_candidates_hold_no_config_that_failed_timed_out_or_does_not_fit():
     """Every candidate recorded as a compile error, a timeout (fp32 attention tiles that take minutes) or
     over the arch's shared memory is gone from that arch's tuning list for that Triton version."""
