@@ -64,3 +64,17 @@ def test_roundtrip_dict():
     cfg = build_config("small", None, {"optim.lr": "2e-4"})
     again = Config.from_dict(cfg.to_dict())
     assert again == cfg
+
+
+def test_tiny_long_is_tiny_with_the_measured_long_run_changes():
+    """tiny-long is `tiny` with exactly the changes of the measured 20,000-frame run (Muon, no time limit,
+    milestones) and its resampling (eta 0): nothing else may drift apart from `tiny`."""
+    from dataclasses import asdict
+
+    tiny, long = asdict(build_config("tiny")), asdict(build_config("tiny-long"))
+    changed = {(section, key) for section, fields in tiny.items() if isinstance(fields, dict)
+               for key in fields if fields[key] != long[section][key]}
+    assert changed == {("optim", "name"), ("diffusion", "ddim_eta"), ("run", "frames"), ("run", "minutes"),
+                       ("run", "milestone_every"), ("run", "milestone_clips")}
+    assert (long["optim"]["name"], long["diffusion"]["ddim_eta"], long["run"]["frames"], long["run"]["minutes"]) == (
+        "muon", 0.0, 20_000, 0.0)
