@@ -269,7 +269,9 @@ def _extended(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]
 # forecast at ball-ball contacts passes constant velocity's (between 12,500 and 15,000 frames). Its final model
 # sampled with deterministic DDIM (eta 0): minADE 6.17 px (eta 1: 7.03; repeat last 7.50, constant velocity 5.48),
 # ColorKL 0.001, two balls in 86% of frames (74%). eta 0 hurt the 4,500-frame models, so `tiny` keeps eta 1.
-# Those numbers are that run's and its final model's resampling; the preset itself was not yet run end to end.
+# Those numbers are that run's and its final model's resampling. The preset run end to end (2026-12-06, one thread,
+# 58:55 wall, a new draw of the same recipe): minADE 6.86 px (repeat last 7.50, constant velocity 5.48), ColorKL
+# 0.030, two balls in 72% of frames, forecast 0.82 px, so eta 0's gain on two-ball frames did not repeat there.
 PRESETS["tiny-long"] = _extended(PRESETS["tiny"], {
     "optim": {"name": "muon"},
     "diffusion": {"ddim_eta": 0.0},
