@@ -161,15 +161,15 @@ class BatchedMuon(torch.optim.Muon):
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             # a matrix taller than wide is orthogonalised transposed, as torch does: its Gram matrix is the small one
-            wide = [u if u.shape[0] <= u.shape[1] else u.mT for u in updates]
+            tall = [u.shape[0] > u.shape[1] for u in updates]
+            wide = [u.mT if t else u for u, t in zip(updates, tall)]
             for members in _stacks([tuple(u.shape) for u in wide]):
                 stack = wide[members[0]] if len(members) == 1 else torch.stack([wide[i] for i in members])
                 ortho = orthogonalise(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 for i, o in zip(members, ortho.unbind(0) if len(members) > 1 else [ortho]):
                     p = params[i]
                     p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(o if updates[i].shape[0] <= updates[i].shape[1] else o.mT,
-                           alpha=-lr * muon_lr_scale(group["adjust_lr_fn"], p.shape))
+                    p.add_(o.mT if tall[i] else o, alpha=-lr * muon_lr_scale(group["adjust_lr_fn"], p.shape))
         return loss
 
 

@@ -948,7 +948,7 @@ def markdown_report(data: dict, entries: dict) -> str:
         out.append(markdown_table(records))
     if not full and not entries:
         # No full sweep of this version: nothing below was chosen for it, so say so rather than "None".
-        spilling = sum(bool(r.get("spills")) for r in records if r["status"] == "ok")
+        spilling = summarize(records)["spilling"]
         out.append("\n## No table for this Triton version\n\n"
                    "The AOT table has no full sweep of this Triton version, so none of the defaults above was chosen "
                    "for it: its launchers take the known versions' table entries, newest first "

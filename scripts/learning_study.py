@@ -115,6 +115,20 @@ def queue(path: Path, jobs: int) -> None:
         p.wait()
 
 
+def load_model(path: Path, settings: list[str] | tuple[str, ...] = ()):
+    """A run directory or one of its checkpoint files, loaded on the CPU, with `settings` (section.field=value)
+    applied to its config and the result validated."""
+    from fastdiff.config import parse_overrides, set_value, validate
+    from fastdiff.sampling import load_run
+
+    run_dir, checkpoint = (path.parent.parent, path) if path.is_file() else (path, None)
+    run = load_run(run_dir, device="cpu", checkpoint=checkpoint)
+    for key, value in parse_overrides(list(settings)).items():
+        set_value(run.cfg, key, value)
+    validate(run.cfg)
+    return run
+
+
 def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dict,
                 settings: list[str] | None = None, run_dir: Path | None = None, threads: int = 1) -> list[dict]:
     """One trained model's rollouts under other samplers and step counts (the sampler lever); `settings`
@@ -125,19 +139,13 @@ def sampler_row(name: str, steps: list[int], samplers: list[str], eval_opts: dic
     import torch
 
     torch.set_num_threads(threads)
-    from fastdiff.config import parse_overrides, set_value, validate
     from fastdiff.evaluate import EvalOptions, balls_scores, continuations, evaluation_clips
-    from fastdiff.sampling import load_run
 
     run_dir = run_dir or RUNS / name
     rows = []
     for sampler in samplers:
         for n in steps:
-            run = load_run(run_dir, device="cpu")
-            run.cfg.diffusion.sampler = sampler
-            for key, value in parse_overrides(settings or []).items():
-                set_value(run.cfg, key, value)
-            validate(run.cfg)
+            run = load_model(run_dir, [f"diffusion.sampler={sampler}", *(settings or [])])
             opts = EvalOptions(clips=eval_opts["clips"], samples=eval_opts["samples"], sample_steps=n)
             clips = evaluation_clips(run, opts.clips, opts.length)
             started = time.perf_counter()
@@ -159,13 +167,11 @@ def forecast(paths: list[Path], threads: int) -> list[dict]:
     import torch
 
     from fastdiff.evaluate import FORECAST_WINDOWS, evaluation_clips, forecast_scores
-    from fastdiff.sampling import load_run
 
     torch.set_num_threads(threads)
     rows = []
     for path in paths:
-        run_dir, checkpoint = (path.parent.parent, path) if path.is_file() else (path, None)
-        run = load_run(run_dir, device="cpu", checkpoint=checkpoint)
+        run = load_model(path)
         scores = forecast_scores(run, evaluation_clips(run, FORECAST_WINDOWS, run.window), observed=5)
         rows.append({"run": str(path), "frame": run.frame, **scores})
         per_frame = "  ".join(f"{name} {' '.join(f'{e:.2f}' for e in errors)}"
@@ -185,7 +191,6 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
     import torch
 
     from fastdiff import metrics
-    from fastdiff.config import parse_overrides, set_value, validate
     from fastdiff.evaluate import (
         EvalOptions,
         contact_windows,
@@ -197,18 +202,13 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
         has_colour_shift,
         is_balls,
     )
-    from fastdiff.sampling import load_run
 
     torch.set_num_threads(threads)
     observed = EvalOptions.observed
     rounded = lambda errors: [round(float(e), 3) for e in errors]  # noqa: E731
     rows = []
     for path in paths:
-        run_dir, checkpoint = (path.parent.parent, path) if path.is_file() else (path, None)
-        run = load_run(run_dir, device="cpu", checkpoint=checkpoint)
-        for key, value in parse_overrides(settings).items():
-            set_value(run.cfg, key, value)
-        validate(run.cfg)
+        run = load_model(path, settings)
         if not is_balls(run):
             raise SystemExit(f"contacts: {path} not supported because its stream ({run.cfg.run.stream}) has no ball "
                              "positions to find contacts in; balls-o and balls-c have")
