@@ -465,6 +465,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions, *, curve: bool = True, device
     from fastdiff.sampling import load_run
 
     opts.check()
+    started = time.perf_counter()
     run = load_run(Path(run_dir), device=device)
     i3d = metrics.I3DFeatures(opts.i3d, run.device) if opts.i3d else None
     out_dir = Path(run_dir) / "eval"
@@ -483,6 +484,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions, *, curve: bool = True, device
             run.model.load_state_dict(state["ema"])
             run.frame = state["counters"]["frames_seen"]
             report["curve"].append(evaluate(run, few, opts, i3d=None, floors=False))
+    report["seconds"] = time.perf_counter() - started
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     if report["curve"]:
         plot_curves({Path(run_dir).name: report["curve"]}, out_dir / "curve.png")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -65,38 +66,117 @@ def run_strategy(run_dir: Path, cfg, log=print) -> dict:
     return OnlineTrainer(cfg, run_dir, resume=resume, log=log).train()
 
 
+def train_and_evaluate(run_dir: Path, cfg, opts: EvalOptions, log=print) -> dict:
+    """One run of the experiment: trained (or kept, or resumed) and evaluated (or its evaluation with the same
+    options read back)."""
+    summary = run_strategy(run_dir, cfg, log=log)
+    cached = run_dir / "eval" / "eval.json"
+    if cached.exists() and json.loads(cached.read_text())["options"] == asdict(opts):
+        report = json.loads(cached.read_text())
+    else:
+        report = evaluate_run(run_dir, opts, log=log)
+    # evaluations cached by older versions carry no time
+    return {"summary": summary, "final": report["final"], "curve": report["curve"],
+            "eval_seconds": report.get("seconds")}
+
+
+def core_groups(jobs: int) -> list[list[int]]:
+    """The cores this process may run on, split into `jobs` groups of consecutive cores, one per worker: each
+    worker's threads then run on cores of their own instead of spin-waiting on each other's."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no pinning; each worker takes its share by thread count
+        cores = list(range(os.cpu_count() or 1))
+    if jobs > len(cores):
+        raise ValueError(f"--jobs {jobs}: not supported because this process may run on {len(cores)} cores, and "
+                         "runs sharing a core only slow each other down")
+    return [group.tolist() for group in np.array_split(np.array(cores), jobs)]
+
+
+def _claim_cores(groups) -> None:
+    """Worker initializer: take one group of cores off the queue, run on those only, with one thread each."""
+    import torch
+
+    cores = groups.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(len(cores))
+
+
+def _worker(run_dir: str, preset: str, overrides: dict, opts: dict) -> dict:
+    """train_and_evaluate in a worker process; its log lines carry the run's name, as runs interleave."""
+    name = Path(run_dir).name
+
+    def log(message):
+        print(f"[{name}] {message}", flush=True)
+
+    cfg = build_config(preset, None, overrides)
+    result = train_and_evaluate(Path(run_dir), cfg, EvalOptions(**opts), log=log)
+    return result | {"cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []}
+
+
 def run_experiment(out: Path, *, stream: str, frames: int, seeds: list[int], strategies: list[str],
                    preset: str | None, overrides: dict, opts: EvalOptions, curve_points: int = 8,
-                   log=print) -> dict:
+                   jobs: int = 1, log=print) -> dict:
+    """Train and evaluate every (seed, strategy) run and write the report. `jobs` > 1 runs that many at once, each
+    in its own process on its own share of the cores (a run with run.threads set keeps it); on a GPU they share
+    the device. A run trains and scores the same whichever process it runs in, given the same threads."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     if frames < 100:
         raise ValueError(f"--frames {frames}: an experiment needs at least 100 frames")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     opts.check()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results: dict[str, list[dict]] = {s: [] for s in strategies}
     preset = build_config(preset, None, {}).preset  # the one the default resolves to, for the report
-    for seed in seeds:
-        for strategy in strategies:
-            cfg = build_config(preset, None, {**experiment_overrides(stream, frames, strategy, seed, curve_points),
-                                              **overrides})
-            run_dir = out / f"{strategy}-seed{seed}"
-            summary = run_strategy(run_dir, cfg, log=log)
-            cached = run_dir / "eval" / "eval.json"
-            if cached.exists() and json.loads(cached.read_text())["options"] == asdict(opts):
-                report = json.loads(cached.read_text())
-            else:
-                report = evaluate_run(run_dir, opts, log=log)
-            results[strategy].append({"seed": seed, "summary": summary, "final": report["final"],
-                                      "curve": report["curve"]})
+    runs = {(seed, strategy): {**experiment_overrides(stream, frames, strategy, seed, curve_points), **overrides}
+            for seed in seeds for strategy in strategies}
+    for run_overrides in runs.values():
+        build_config(preset, None, run_overrides)  # refuse a bad setting before any run starts
+    jobs = min(jobs, len(runs))
+    done: dict[tuple[int, str], dict] = {}
+    if jobs == 1:
+        for (seed, strategy), run_overrides in runs.items():
+            done[seed, strategy] = train_and_evaluate(out / f"{strategy}-seed{seed}",
+                                                      build_config(preset, None, run_overrides), opts, log=log)
+    else:
+        done = _run_in_workers(out, runs, preset, opts, jobs, log)
+    results: dict[str, list[dict]] = {s: [] for s in strategies}
+    for (seed, strategy), result in done.items():
+        results[strategy].append({"seed": seed, **result})
+    for strategy in strategies:
+        results[strategy].sort(key=lambda r: seeds.index(r["seed"]))
     report = {"stream": stream, "frames": frames, "seeds": seeds, "strategies": strategies, "preset": preset,
-              "overrides": overrides, "eval": asdict(opts), "minutes": (time.perf_counter() - started) / 60,
-              "results": results}
+              "overrides": overrides, "eval": asdict(opts), "jobs": jobs,
+              "minutes": (time.perf_counter() - started) / 60, "results": results}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_report(out, report)
     return report
+
+
+def _run_in_workers(out: Path, runs: dict, preset: str, opts: EvalOptions, jobs: int, log) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    groups = context.Queue()
+    for group in core_groups(jobs):
+        groups.put(group)
+    log(f"{len(runs)} runs, {jobs} at a time, each on its own cores")
+    progress = {"run.progress": "false"}  # progress bars of runs side by side would overwrite each other
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_claim_cores, initargs=(groups,)) as pool:
+        futures = {key: pool.submit(_worker, str(out / f"{key[1]}-seed{key[0]}"), preset,
+                                    {**progress, **run_overrides}, asdict(opts))
+                   for key, run_overrides in runs.items()}
+        try:
+            return {key: future.result() for key, future in futures.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # runs not started stay unstarted; stopped ones resume next time
+            raise
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -186,11 +266,27 @@ def write_report(out: Path, report: dict) -> Path:
         plot_curves(curves, out / "along_stream.png", title=f"{report['stream']}: evaluated along the stream")
         lines += ["", "## Along the stream", "", "![along the stream](along_stream.png)"]
     _plot_quarters(out / "loss_by_quarter.png", results, strategies, quarters)
-    lines += ["", "![loss by quarter](loss_by_quarter.png)", "",
-              f"Total time: {report['minutes']:.1f} minutes (training and evaluation)."]
+    lines += ["", "![loss by quarter](loss_by_quarter.png)", "", time_line(report)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def time_line(report: dict) -> str:
+    """Where the experiment's time went. Runs and evaluations finished by an earlier invocation are kept, so this
+    invocation's wall time alone says nothing of what the results cost: the runs' own times are summed too."""
+    runs = [r for strategy_runs in report["results"].values() for r in strategy_runs]
+    training = sum(r["summary"].get("seconds", 0.0) for r in runs) / 60
+    evaluations = [r.get("eval_seconds") for r in runs]
+    evaluation = sum(s for s in evaluations if s is not None) / 60
+    unrecorded = sum(s is None for s in evaluations)
+    line = (f"Time: training {training:.1f} minutes and evaluation {evaluation:.1f} minutes, summed over the "
+            f"{len(runs)} runs")
+    if unrecorded:
+        line += f" ({unrecorded} evaluation{'s' if unrecorded > 1 else ''} cached without a time)"
+    jobs = report.get("jobs", 1)
+    return line + (f", {jobs} at a time" if jobs > 1 else ", one at a time") + (
+        f"; this invocation's wall time {report['minutes']:.1f} minutes (finished runs and evaluations are kept).")
 
 
 def _plot_quarters(path: Path, results: dict, strategies: list[str], quarters: list[str]) -> None:

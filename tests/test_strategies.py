@@ -3,6 +3,7 @@ generative distillation replays its teacher, both resume bit-identically; `fastd
 `fastdiff experiment paper` end to end at toy sizes."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -127,19 +128,24 @@ def test_eval_cli_with_milestones(tmp_path, capsys):
     assert main(["eval", str(run_dir), "--observed", "20", "--length", "15"]) == 2
 
 
-def test_experiment_paper_writes_the_report_and_keeps_finished_runs(tmp_path, capsys):
-    out = tmp_path / "exp"
+def _toy_experiment_args(out, *extra):
     args = ["experiment", "paper", "--stream", "balls-c", "--frames", "100", "--strategies", "er,none",
             "--out", str(out), "--clips", "2", "--curve-clips", "1", "--samples", "1", "--steps", "2",
-            "--curve-points", "2"]
+            "--curve-points", "2", "--set", "run.threads=1", *extra]
     for key, value in TINY.items():
         if key not in ("run.checkpoint_every", "replay.replayed"):
             args += ["--set", f"{key}={value}"]
+    return args
+
+
+def test_experiment_paper_writes_the_report_and_keeps_finished_runs(tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = _toy_experiment_args(out)
     assert main(args) == 0
     report = (out / "report.md").read_text()
     for needle in ("| ER (5%) |", "| No replay |", "| *repeat last frame* |", "| *constant velocity* |",
                    "Who forgets", "q1", "Table 6", "along_stream.png", "two-ball frames", "ball speed",
-                   "forecast px"):
+                   "forecast px", "one at a time"):
         assert needle in report
     data = json.loads((out / "report.json").read_text())
     assert [r["summary"]["steps"] for r in data["results"]["er"]] == [91]
@@ -153,4 +159,48 @@ def test_experiment_paper_writes_the_report_and_keeps_finished_runs(tmp_path, ca
     assert main(args) == 0  # again: nothing retrained, nothing re-evaluated
     assert (out / "er-seed0" / "summary.json").stat().st_mtime_ns == stamp
     assert "finished earlier" in capsys.readouterr().out
+    # the report still says what the kept runs cost when they ran, not only this invocation's few seconds
+    runs = [r for rs in data["results"].values() for r in rs]
+    training = sum(r["summary"]["seconds"] for r in runs) / 60
+    evaluation = sum(r["eval_seconds"] for r in runs) / 60
+    assert evaluation > 0
+    assert f"Time: training {training:.1f} minutes and evaluation {evaluation:.1f} minutes" in (
+        out / "report.md").read_text()
     assert main(["experiment", "paper", "--strategies", "er,magic", "--out", str(out)]) == 2
+    if len(os.sched_getaffinity(0)) >= 2:
+        _check_jobs_match_one_at_a_time(tmp_path, data)
+
+
+def _check_jobs_match_one_at_a_time(tmp_path, serial):
+    """The same experiment with --jobs 2: each run lands under its own strategy, trained and scored as it was in
+    one process, its worker on cores of its own."""
+    import subprocess
+    import sys
+
+    args = _toy_experiment_args(tmp_path / "parallel", "--jobs", "2")
+    # a child process, so that the workers' output (their own file descriptors) can be read here
+    done = subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True, check=True)
+    assert "[er-seed0]" in done.stdout and "[none-seed0]" in done.stdout  # the workers' lines say whose they are
+    parallel = json.loads((tmp_path / "parallel" / "report.json").read_text())
+    assert parallel["jobs"] == 2 and serial["jobs"] == 1
+    for strategy in ("er", "none"):
+        a, b = serial["results"][strategy][0], parallel["results"][strategy][0]
+        assert b["summary"]["steps"] == a["summary"]["steps"] == 91
+        assert b["summary"]["last_loss"] == a["summary"]["last_loss"]
+        for key in ("loss", "minADE", "ColorKL"):
+            assert b["final"][key] == a["final"][key]
+        assert [row["loss"] for row in b["curve"]] == [row["loss"] for row in a["curve"]]
+    assert serial["results"]["er"][0]["final"]["loss"] != serial["results"]["none"][0]["final"]["loss"]
+    cores = [parallel["results"][s][0]["cores"] for s in ("er", "none")]
+    assert all(len(c) == len(os.sched_getaffinity(0)) // 2 for c in cores) and not set(cores[0]) & set(cores[1])
+    assert "2 at a time" in (tmp_path / "parallel" / "report.md").read_text()
+
+
+def test_experiment_refuses_bad_jobs(tmp_path, capsys):
+    assert main(_toy_experiment_args(tmp_path / "x", "--jobs", "0")) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+    more = len(os.sched_getaffinity(0)) + 1  # runs enough for one more worker than there are cores
+    seeds = [str(seed) for seed in range(more)]
+    assert main(_toy_experiment_args(tmp_path / "x", "--jobs", str(more), "--seeds", *seeds)) == 2
+    assert "not supported because" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "er-seed0").exists()  # refused before any run started

@@ -4,10 +4,12 @@
 window per batch), keeps EMA milestones along the stream, evaluates every run on the held-out test
 stream (`fastdiff eval`), and writes OUT/report.md with the table in the paper's form, the loss by
 quarter of the test stream (who forgot), and plots along the stream. Finished runs are kept, so an
-interrupted experiment continues where it stopped when run again with the same arguments.
+interrupted experiment continues where it stopped when run again with the same arguments. --jobs N
+trains and evaluates N runs at once, each in its own process pinned to its own share of the cores.
 
 examples:
   fastdiff experiment paper --stream balls-c --frames 20000
+  fastdiff experiment paper --stream balls-c --frames 6000 --seeds 0 1 --jobs 2
   fastdiff experiment paper --stream balls-c --frames 1000000 --seeds 0 1 --preset small --clips 1000 --i3d i3d.pt
 """
 
@@ -34,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=3, help="continuations per clip")
     p.add_argument("--steps", type=int, default=0, help="sampler steps (default: the run's)")
     p.add_argument("--i3d", default="", help="TorchScript I3D file: adds FVD and KVD")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained and evaluated at once, each in its own process on its own share of the "
+                        "cores (default 1: one after the other, on all of them)")
 
 
 def run(args) -> int:
@@ -53,7 +58,7 @@ def run(args) -> int:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
         report = run_experiment(out, stream=args.stream, frames=args.frames, seeds=args.seeds,
                                 strategies=strategies, preset=args.preset, overrides=parse_overrides(args.set),
-                                opts=opts, curve_points=args.curve_points)
+                                opts=opts, curve_points=args.curve_points, jobs=args.jobs)
     except (ConfigError, StreamError, ValueError, FileNotFoundError, MemoryError) as err:
         print(f"fastdiff experiment: {err}", file=sys.stderr)
         return 2
