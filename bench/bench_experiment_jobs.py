@@ -8,7 +8,7 @@ same time. Also each arm's whole-process wall time per frame trained, set-up inc
 and range over the repeats, and the side-by-side arm's rate over the other's. The model is `tiny` on balls-o (the
 experiment's runs train the same model on balls-c); samples and milestones are off (the final sample: 12 frames).
 
-    python bench/bench_experiment_jobs.py [--frames 600] [--repeats 3] [--out FILE.json] [--smoke]
+    python bench/bench_experiment_jobs.py [--frames 600] [--repeats 3] [--device cpu] [--out FILE.json] [--smoke]
     pytest bench/bench_experiment_jobs.py      (CI: one tiny repeat of each arm)
 """
 
@@ -63,9 +63,12 @@ def run_arm(out: Path, arm: str, frames: int, available: list[int], repeat: int,
             "runs": len(procs)}
 
 
-def run_benchmark(frames: int = 600, repeats: int = 3, out_path=None, *, smoke: bool = False, log=print) -> list[dict]:
+def run_benchmark(frames: int = 600, repeats: int = 3, out_path=None, *, device: str = "cpu", smoke: bool = False,
+                  log=print) -> list[dict]:
+    """Both arms `repeats` times, interleaved; rows per arm. On `device` cuda the runs share the GPU (their host
+    threads are pinned as on a CPU)."""
     available = cores()
-    extra = SMOKE_MODEL if smoke else ()
+    extra = (f"run.device={device}", *(SMOKE_MODEL if smoke else ()))
     samples: dict[str, list[dict]] = {"one at a time": [], "side by side": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
@@ -85,7 +88,7 @@ def run_benchmark(frames: int = 600, repeats: int = 3, out_path=None, *, smoke: 
                      "frames_per_second_max": round(max(rates), 3),
                      "wall_ms_per_frame": round(statistics.median(walls), 2), "repeats": len(runs),
                      "rate_vs_one_at_a_time": round(medians[arm] / medians["one at a time"], 3),
-                     "device": "cpu", "date": utils.today()})
+                     "device": utils.device_name(device), "date": utils.today()})
     for row in rows:
         log(f"{row['arm']:13} {row['frames_per_second']:6.2f} frames/s (range {row['frames_per_second_min']:.2f}-"
             f"{row['frames_per_second_max']:.2f}), {row['wall_ms_per_frame']:.1f} ms wall per frame, "
@@ -113,7 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=600, help="frames each run trains")
     args = p.parse_args(argv)
     smoke = bool(args.smoke)
-    run_benchmark(12 if smoke else args.frames, args.repeats or (1 if smoke else 3), args.out, smoke=smoke)
+    run_benchmark(12 if smoke else args.frames, args.repeats or (1 if smoke else 3), args.out,
+                  device=args.device or "cpu", smoke=smoke)
     return 0
 
 
