@@ -49,6 +49,11 @@ def experiment_overrides(stream: str, frames: int, strategy: str, seed: int, cur
     return overrides
 
 
+def run_name(strategy: str, seed: int) -> str:
+    """The directory of one run under the experiment's folder."""
+    return f"{strategy}-seed{seed}"
+
+
 def run_strategy(run_dir: Path, cfg, log=print) -> dict:
     """Train one run to completion (or pick up where it stopped) and return its summary."""
     from fastdiff.train import OnlineTrainer, write_config
@@ -94,7 +99,7 @@ def core_groups(jobs: int) -> list[list[int]]:
 
 
 def _claim_cores(groups) -> None:
-    """Worker initializer: take one group of cores off the queue, run on those only, with one thread each."""
+    """Worker initializer: take one group of cores off the queue and run on those only, one thread per core."""
     import torch
 
     cores = groups.get()
@@ -141,7 +146,7 @@ def run_experiment(out: Path, *, stream: str, frames: int, seeds: list[int], str
     done: dict[tuple[int, str], dict] = {}
     if jobs == 1:
         for (seed, strategy), run_overrides in runs.items():
-            done[seed, strategy] = train_and_evaluate(out / f"{strategy}-seed{seed}",
+            done[seed, strategy] = train_and_evaluate(out / run_name(strategy, seed),
                                                       build_config(preset, None, run_overrides), opts, log=log)
     else:
         done = _run_in_workers(out, runs, preset, opts, jobs, log)
@@ -169,9 +174,9 @@ def _run_in_workers(out: Path, runs: dict, preset: str, opts: EvalOptions, jobs:
     log(f"{len(runs)} runs, {jobs} at a time, each on its own cores")
     progress = {"run.progress": "false"}  # progress bars of runs side by side would overwrite each other
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_claim_cores, initargs=(groups,)) as pool:
-        futures = {key: pool.submit(_worker, str(out / f"{key[1]}-seed{key[0]}"), preset,
-                                    {**progress, **run_overrides}, asdict(opts))
-                   for key, run_overrides in runs.items()}
+        futures = {(seed, strategy): pool.submit(_worker, str(out / run_name(strategy, seed)), preset,
+                                                 {**progress, **run_overrides}, asdict(opts))
+                   for (seed, strategy), run_overrides in runs.items()}
         try:
             return {key: future.result() for key, future in futures.items()}
         except BaseException:
@@ -236,10 +241,17 @@ def write_report(out: Path, report: dict) -> Path:
         cells = [_cell([r["final"].get(key) for r in runs], fmt) for key, _, fmt in metric_cols]
         fps = _cell([r["summary"].get("frames_per_second") for r in runs], "{:.1f}")
         lines.append(f"| {STRATEGY_NAMES[strategy]} | " + " | ".join(cells) + f" | {fps} |")
-    # the floors and the ceiling, scored on the same clips (the clips depend on the stream, not the run)
-    floors = next((r["final"]["floors"] for runs in results.values() for r in runs if r["final"].get("floors")), {})
-    for name, scores in floors.items():
-        cells = [_cell([scores.get(key)], fmt) for key, _, fmt in metric_cols]
+    # The floors and the ceiling, scored on the same clips as the models. Each seed's stream, and so its held-out
+    # clips, is its own, shared by that seed's strategies: the floors are the mean ± sd over the seeds' clips, as
+    # the models' rows are over their seeds.
+    floors_by_seed: dict[int, dict] = {}
+    for runs in results.values():
+        for r in runs:
+            if r["final"].get("floors"):
+                floors_by_seed.setdefault(r["seed"], r["final"]["floors"])
+    for name in dict.fromkeys(name for floors in floors_by_seed.values() for name in floors):
+        scores = [floors[name] for floors in floors_by_seed.values() if name in floors]
+        cells = [_cell([s.get(key) for s in scores], fmt) for key, _, fmt in metric_cols]
         lines.append(f"| *{name}* | " + " | ".join(cells) + " | |")
     quarters = sorted({q for runs in results.values() for r in runs for q in r["final"]["loss_per_quarter"]})
     lines += [

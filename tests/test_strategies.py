@@ -204,3 +204,24 @@ def test_experiment_refuses_bad_jobs(tmp_path, capsys):
     assert main(_toy_experiment_args(tmp_path / "x", "--jobs", str(more), "--seeds", *seeds)) == 2
     assert "not supported because" in capsys.readouterr().err
     assert not (tmp_path / "x" / "er-seed0").exists()  # refused before any run started
+
+
+def test_report_floors_are_each_seeds_own_clips_averaged(tmp_path):
+    """Each seed's runs are scored on that seed's held-out clips, the floors with them: the report's floor rows
+    are the mean ± sd over the seeds, as the models' rows are, not the first seed's clips."""
+    from fastdiff.experiment import write_report
+
+    def final(minade, floor_minade):
+        return {"loss": 0.01, "minADE": minade, "loss_per_quarter": {"q1": 0.01},
+                "floors": {"repeat last frame": {"minADE": floor_minade}}}
+
+    results = {"er": [{"seed": 0, "summary": {"seconds": 60.0}, "final": final(7.0, 8.0), "curve": []},
+                      {"seed": 1, "summary": {"seconds": 60.0}, "final": final(8.0, 10.0), "curve": []}]}
+    report = {"stream": "balls-c", "frames": 100, "seeds": [0, 1], "strategies": ["er"], "preset": "tiny",
+              "overrides": {}, "eval": {"clips": 2, "levels": 10, "samples": 1, "observed": 5, "length": 50},
+              "minutes": 0.0, "results": results}
+    text = write_report(tmp_path, report).read_text()
+    assert "| ER (5%) | 1.000e-02 ± 0.000e+00 | 7.50 ± 0.71 |" in text
+    assert "| *repeat last frame* | – | 9.00 ± 1.41 |" in text
+    assert "Time: training 2.0 minutes and evaluation 0.0 minutes, summed over the 2 runs (2 evaluations cached " \
+           "without a time), one at a time" in text
