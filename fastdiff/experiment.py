@@ -76,9 +76,8 @@ def train_and_evaluate(run_dir: Path, cfg, opts: EvalOptions, log=print) -> dict
     options read back)."""
     summary = run_strategy(run_dir, cfg, log=log)
     cached = run_dir / "eval" / "eval.json"
-    if cached.exists() and json.loads(cached.read_text())["options"] == asdict(opts):
-        report = json.loads(cached.read_text())
-    else:
+    report = json.loads(cached.read_text()) if cached.exists() else None
+    if report is None or report["options"] != asdict(opts):
         report = evaluate_run(run_dir, opts, log=log)
     # evaluations cached by older versions carry no time
     return {"summary": summary, "final": report["final"], "curve": report["curve"],
@@ -102,11 +101,14 @@ def _claim_cores(groups) -> None:
     """Worker initializer: take one group of cores off the queue and run on those only, one thread per core."""
     import torch
 
+    from fastdiff.build import cpu_threads
+
     cores = groups.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
-    if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(len(cores))
+    threads = cpu_threads(0)  # the cores just claimed, unless OMP_NUM_THREADS says otherwise
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _worker(run_dir: str, preset: str, overrides: dict, opts: dict) -> dict:
@@ -140,14 +142,13 @@ def run_experiment(out: Path, *, stream: str, frames: int, seeds: list[int], str
     preset = build_config(preset, None, {}).preset  # the one the default resolves to, for the report
     runs = {(seed, strategy): {**experiment_overrides(stream, frames, strategy, seed, curve_points), **overrides}
             for seed in seeds for strategy in strategies}
-    for run_overrides in runs.values():
-        build_config(preset, None, run_overrides)  # refuse a bad setting before any run starts
+    configs = {key: build_config(preset, None, run_overrides)  # a bad setting is refused before any run starts
+               for key, run_overrides in runs.items()}
     jobs = min(jobs, len(runs))
     done: dict[tuple[int, str], dict] = {}
     if jobs == 1:
-        for (seed, strategy), run_overrides in runs.items():
-            done[seed, strategy] = train_and_evaluate(out / run_name(strategy, seed),
-                                                      build_config(preset, None, run_overrides), opts, log=log)
+        for (seed, strategy), cfg in configs.items():
+            done[seed, strategy] = train_and_evaluate(out / run_name(strategy, seed), cfg, opts, log=log)
     else:
         done = _run_in_workers(out, runs, preset, opts, jobs, log)
     results: dict[str, list[dict]] = {s: [] for s in strategies}
