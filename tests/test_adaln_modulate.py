@@ -7,6 +7,8 @@ forward and autograd backward) at that precision, measured here on the same inpu
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,7 +98,9 @@ def compare_all(shape, dtype, x, shift, scale, dy):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, *LOWP, torch.float64], ids=str)
 def test_forward_backward_match_fp64_reference(shape, dtype, poisoned):
-    x, shift, scale, dy = make_inputs(shape, dtype, seed=hash((shape, str(dtype))) % 1000)
+    # A seed per case that every run reproduces (hash() of a str changes with PYTHONHASHSEED).
+    seed = zlib.crc32(f"{shape}{dtype}".encode()) % 1000
+    x, shift, scale, dy = make_inputs(shape, dtype, seed=seed)
     compare_all(shape, dtype, x, shift, scale, dy)
 
 
