@@ -107,11 +107,23 @@ def poison(monkeypatch):
 
 
 @pytest.fixture
-def interpreter_truncating_bf16(monkeypatch):
-    """The interpreter's own fp32 -> bf16 cast (truncation), put back for one test: the mutation check of the
-    rounding fix above."""
+def interpreter_truncating_bf16():
+    """A context manager that puts the interpreter's own fp32 -> bf16 cast (truncation) back while it is open: the
+    mutation check of the rounding fix above, and of the bf16 tolerances that rely on it."""
     if _INTERPRETER_TRUNCATING_CAST is None:
         pytest.skip("the Triton interpreter is off (a GPU runs the kernels)")
+    import contextlib
+
     from triton.runtime import interpreter
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", _INTERPRETER_TRUNCATING_CAST)
+    @contextlib.contextmanager
+    def truncating():
+        builder = interpreter.InterpreterBuilder
+        rounding = builder.cast_impl
+        builder.cast_impl = _INTERPRETER_TRUNCATING_CAST
+        try:
+            yield
+        finally:
+            builder.cast_impl = rounding
+
+    return truncating
