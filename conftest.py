@@ -52,7 +52,9 @@ def _interpreter_rounds_bf16_like_the_gpu():
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    original = builder.cast_impl
+    original = getattr(builder, "cast_impl", None)
+    if original is None:  # a Triton whose interpreter casts elsewhere: the rounding test says whether it rounds
+        return
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
@@ -63,7 +65,27 @@ def _interpreter_rounds_bf16_like_the_gpu():
     _INTERPRETER_TRUNCATING_CAST = original
 
 
+def _interpreter_indexes_one_element_tensors():
+    """Triton 3.6's interpreter turns a tensor used as a Python int (a `range` bound computed from program_id, as
+    in the adaLN and temporal-attention backward kernels) into one with int(data), which NumPy 2 refuses for a
+    one-element array that is not 0-d; Triton 3.8 and later squeeze it first. Give every version the later rule."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return
+
+    def patch_tensor_with_squeezing_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_squeezing_index
+
+
 _interpreter_rounds_bf16_like_the_gpu()
+_interpreter_indexes_one_element_tensors()
 
 
 def pytest_collection_modifyitems(config, items):
