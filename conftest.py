@@ -46,8 +46,6 @@ def _interpreter_rounds_bf16_like_the_gpu():
     the interpreter and fail on some inputs. Make the interpreter round as the hardware does; every other cast
     is left to the interpreter. tests/test_interpreter_rounding.py checks this bit for bit."""
     global _INTERPRETER_TRUNCATING_CAST
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -69,8 +67,6 @@ def _interpreter_indexes_one_element_tensors():
     """Triton 3.6's interpreter turns a tensor used as a Python int (a `range` bound computed from program_id, as
     in the adaLN and temporal-attention backward kernels) into one with int(data), which NumPy 2 refuses for a
     one-element array that is not 0-d; Triton 3.8 and later squeeze it first. Give every version the later rule."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
     from triton.runtime import interpreter
 
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
@@ -84,8 +80,9 @@ def _interpreter_indexes_one_element_tensors():
     interpreter._patch_lang_tensor = patch_tensor_with_squeezing_index
 
 
-_interpreter_rounds_bf16_like_the_gpu()
-_interpreter_indexes_one_element_tensors()
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_rounds_bf16_like_the_gpu()
+    _interpreter_indexes_one_element_tensors()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -134,18 +131,8 @@ def interpreter_truncating_bf16():
     mutation check of the rounding fix above, and of the bf16 tolerances that rely on it."""
     if _INTERPRETER_TRUNCATING_CAST is None:
         pytest.skip("the Triton interpreter is off (a GPU runs the kernels)")
-    import contextlib
+    from unittest import mock
 
     from triton.runtime import interpreter
 
-    @contextlib.contextmanager
-    def truncating():
-        builder = interpreter.InterpreterBuilder
-        rounding = builder.cast_impl
-        builder.cast_impl = _INTERPRETER_TRUNCATING_CAST
-        try:
-            yield
-        finally:
-            builder.cast_impl = rounding
-
-    return truncating
+    return lambda: mock.patch.object(interpreter.InterpreterBuilder, "cast_impl", _INTERPRETER_TRUNCATING_CAST)
