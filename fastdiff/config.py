@@ -78,7 +78,9 @@ class DiffusionConfig:
     schedule: str = "linear"  # linear (the paper's, 1000 steps) or cosine
     timesteps: int = 1000
     prediction: str = "eps"  # eps, v or x0
-    loss_weight: str = "uniform"  # uniform or min-snr
+    # uniform, min-snr, or x0 (the MSE of the x0 the prediction implies: with v, a skip through x_t at low noise
+    # and x0's weighting of the levels)
+    loss_weight: str = "uniform"
     min_snr_gamma: float = 5.0
     paper_pattern_prob: float = 0.5  # share of windows in the rollout's pattern (its observed frames clean, the rest
     # at one shared level); the others draw per-frame levels behind a clean prefix of 0 .. max(K/2, those) frames
@@ -300,7 +302,7 @@ CHOICES = {
     "model.pos_embed": ("learned", "sincos"),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "v", "x0"),
-    "diffusion.loss_weight": ("uniform", "min-snr"),
+    "diffusion.loss_weight": ("uniform", "min-snr", "x0"),
     "diffusion.sampler": ("ddim", "heun"),
     "replay.strategy": STRATEGIES,
     "replay.storage": ("latent", "pixel"),
@@ -532,6 +534,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.spatial_bias and cfg.model.joint_attention:
         raise ConfigError("model.spatial_bias with model.joint_attention is not supported because the bias is defined "
                           "between the tokens of one frame, and joint attention spans the whole clip")
+    if cfg.diffusion.loss_weight == "x0" and cfg.diffusion.prediction == "eps":
+        raise ConfigError("diffusion.loss_weight=x0 with diffusion.prediction=eps not supported because eps's x0 "
+                          "weight sigma^2 / alpha^2 is unbounded at the top noise level; predict v or x0")
     if cfg.model.context_skip and cfg.diffusion.prediction != "x0":
         raise ConfigError(f"model.context_skip with diffusion.prediction={cfg.diffusion.prediction} not supported "
                           "because the skip adds the last observed frame to a prediction of the clean frame; "

@@ -99,9 +99,12 @@ def training_stagger(cfg: DiffusionConfig) -> float:
 
 
 def frame_weights(t: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig) -> torch.Tensor:
-    """Per-frame loss weights (B, K): uniform, or min-SNR-gamma (Hang et al. 2023) for the prediction target."""
+    """Per-frame loss weights (B, K): uniform, min-SNR-gamma (Hang et al. 2023) for the prediction target, or x0
+    (the implied x0's error, whatever the model predicts)."""
     if cfg.loss_weight == "uniform":
         return ops.uniform_weight(t)
+    if cfg.loss_weight == "x0":
+        return ops.x0_error_weight(t, schedule.alpha, schedule.sigma, prediction=cfg.prediction)
     return ops.min_snr_weight(t, schedule.alpha, schedule.sigma, gamma=cfg.min_snr_gamma, prediction=cfg.prediction)
 
 

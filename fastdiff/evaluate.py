@@ -269,21 +269,18 @@ def first_windows(clips: HeldoutClips, window: int) -> HeldoutClips:
 
 
 @torch.no_grad()
-def forecast_videos(run: LoadedRun, clips: HeldoutClips, observed: int, batch: int = 96) -> np.ndarray:
+def denoised_videos(run: LoadedRun, clips: HeldoutClips, observed: int, level: int, batch: int = 96) -> np.ndarray:
     """uint8 (N, 1, K, H, W, 3): the first window of each clip, its `observed` real frames followed by the model's
-    one-call forecast of the rest: its x0 prediction with those frames at the top noise level.
+    x0 prediction of the rest in one call, from the true frames noised to `level` (the same noise at every level).
 
-    Why: at the top level the input holds almost nothing of the frames to come (alpha is 0.006 there with the
-    linear schedule), so the prediction is the model's mean guess of the future given the past. The balls move
-    deterministically, so a model that has learned their dynamics predicts the true frames, and how far its balls
-    are from the true ones, frame by frame ahead, measures what it has learned with no sampler in between: one
-    call, no sampling noise, a number that falls smoothly along training where the two-ball rate and minADE of a
-    few rollouts jump by 15 points and 1 px from one draw to the next (profiles/learning/README.md)."""
+    At the top level this is the one-call forecast (:func:`forecast_videos`). At low levels the input already
+    shows the answer, and what the prediction gets wrong is what the model cannot draw: the last steps of every
+    sampler return such a prediction, so whatever it cannot draw no sample shows."""
     k = run.window
     x0 = encode_frames(run.autoencoder, clips.frames[:, :k], run.device)
     n = len(x0)
     known = (torch.arange(k, device=run.device) < observed).expand(n, k)
-    t = torch.full((n, k), run.schedule.timesteps - 1, device=run.device, dtype=torch.long).masked_fill(known, 0)
+    t = torch.full((n, k), level, device=run.device, dtype=torch.long).masked_fill(known, 0)
     gen = torch.Generator(device=run.device).manual_seed(0)
     prediction = run.cfg.diffusion.prediction
     x_t, _ = ops.add_noise(x0, t, known, run.schedule.alpha, run.schedule.sigma, generator=gen, prediction=prediction)
@@ -296,6 +293,19 @@ def forecast_videos(run: LoadedRun, clips: HeldoutClips, observed: int, batch: i
     guess = torch.where(known[:, :, None, None, None], x0, torch.cat(guesses))
     frames = run.autoencoder.decode(guess.flatten(0, 1)).view(n, k, *run.frame_shape).cpu().numpy()
     return frames[:, None]
+
+
+def forecast_videos(run: LoadedRun, clips: HeldoutClips, observed: int, batch: int = 96) -> np.ndarray:
+    """uint8 (N, 1, K, H, W, 3): the first window of each clip, its `observed` real frames followed by the model's
+    one-call forecast of the rest: its x0 prediction with those frames at the top noise level.
+
+    Why: at the top level the input holds almost nothing of the frames to come (alpha is 0.006 there with the
+    linear schedule), so the prediction is the model's mean guess of the future given the past. The balls move
+    deterministically, so a model that has learned their dynamics predicts the true frames, and how far its balls
+    are from the true ones, frame by frame ahead, measures what it has learned with no sampler in between: one
+    call, no sampling noise, a number that falls smoothly along training where the two-ball rate and minADE of a
+    few rollouts jump by 15 points and 1 px from one draw to the next (profiles/learning/README.md)."""
+    return denoised_videos(run, clips, observed, run.schedule.timesteps - 1, batch)
 
 
 def forecast_error(videos: np.ndarray, clips: HeldoutClips, observed: int) -> np.ndarray:
@@ -322,6 +332,19 @@ def contact_windows(clips: HeldoutClips, observed: int, within: float = CONTACT_
     gaps = np.linalg.norm(centres[:, :, :, None] - centres[:, :, None, :], axis=-1)  # (N, T, balls, balls)
     gaps[..., np.arange(balls), np.arange(balls)] = np.inf
     return gaps.min(axis=(1, 2, 3)) < within
+
+
+def touching_frames(clips: HeldoutClips, observed: int, within: float = CONTACT_PX) -> tuple[np.ndarray, np.ndarray]:
+    """Two (N, T - observed) bool masks over the frames after the observed ones: two balls within `within` px of
+    each other (true centres), and among those, two of the same colour. Two touching balls of one colour are one
+    blob with a waist, the hardest thing in the stream to draw (profiles/learning/README.md)."""
+    centres = clips.centres[:, observed:].astype(np.float64)  # (N, T, balls, 2)
+    balls = centres.shape[2]
+    gaps = np.linalg.norm(centres[:, :, :, None] - centres[:, :, None, :], axis=-1)  # (N, T, balls, balls)
+    pairs = (gaps < within) & ~np.eye(balls, dtype=bool)
+    colours = clips.colours[:, observed:]
+    same = pairs & (colours[:, :, :, None] == colours[:, :, None, :])
+    return pairs.any(axis=(2, 3)), same.any(axis=(2, 3))
 
 
 def forecast_scores(run: LoadedRun, clips: HeldoutClips, observed: int) -> dict:

@@ -16,6 +16,7 @@ from fastdiff_kernels.noise_schedule import (
     frame_mse_loss,
     min_snr_weight,
     uniform_weight,
+    x0_error_weight,
 )
 from fastdiff_kernels.temporal_attention import temporal_attention
 
@@ -26,4 +27,5 @@ def use_kernels(name: str) -> None:
 
 
 __all__ = ["adaln_modulate", "add_noise", "ddim_step", "edm_churn", "edm_heun_step", "frame_mse_loss", "min_snr_weight",
-           "temporal_attention", "uniform_weight", "use_kernels"]
+           "temporal_attention", "uniform_weight", "use_kernels",
+           "x0_error_weight"]

@@ -522,6 +522,21 @@ def min_snr_weight(t, alpha, sigma, gamma=5.0, prediction="eps"):
     return clipped
 
 
+def x0_error_weight(t, alpha, sigma, prediction="v"):
+    """The weight per frame that makes the MSE of a `prediction` target equal the MSE of the x0 it implies:
+    x0 -> 1, v -> sigma[t]^2 (x0 = alpha x_t - sigma v). A v model trained with it keeps v's skip through x_t at
+    low noise but learns with x0's emphasis on the noisy levels. Not for eps: there the weight is sigma^2 /
+    alpha^2, which reaches 1 / alpha[T-1]^2 (about 25,000 on the linear schedule) and swamps every other level."""
+    _check_prediction("x0_error_weight", prediction)
+    if prediction == "eps":
+        raise ValueError("x0_error_weight: eps not supported because its x0 weight sigma^2 / alpha^2 is unbounded "
+                         "at the top noise level; use v or x0")
+    if prediction == "x0":
+        return uniform_weight(t)
+    s = sigma[t].float()
+    return s * s
+
+
 # ----------------------------------------------------------------------------------------------------
 # Triton launchers, registered as torch.library.triton_op so torch.compile sees through them
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ clock but not the work it gets done (run one row per core, one thread each).
         [--run RUN_DIR] [--clips 12] [--threads 1]   # one model, other samplers: samples and their scores only
     python scripts/learning_study.py forecast RUN_DIR_OR_CHECKPOINT ...  # the one-call forecast error, seconds each
     python scripts/learning_study.py contacts RUN_DIR_OR_CHECKPOINT ... [--windows 400] [--sampled 60]
-        [--set diffusion.K=V] [--out FILE.json]   # the forecast (and sampled windows) where balls meet and elsewhere
+        [--set diffusion.K=V] [--out FILE.json] [--denoise 10 150 400]   # the forecast (and sampled windows, and
+        # one-call denoising of the true frames) where balls meet and elsewhere
 
 Results go to runs/learning/<NAME>/ (the run directory and result.json).
 """
@@ -180,13 +181,26 @@ def forecast(paths: list[Path], threads: int) -> list[dict]:
     return rows
 
 
+def every_ball_shares(videos, observed: int, balls: int, parts: dict) -> dict[str, float]:
+    """Of the frames after the `observed` ones of `videos` (N, 1, K, H, W, 3), the share that shows every ball,
+    within each part (a name -> (N, K - observed) bool mask)."""
+    from fastdiff import metrics
+
+    counted = metrics.count_balls(videos[:, 0, observed:].reshape(-1, *videos.shape[3:]))
+    whole = (counted == balls).reshape(videos.shape[0], -1)
+    return {part: round(float(whole[mask].mean()), 4) for part, mask in parts.items() if mask.any()}
+
+
 def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str], threads: int,
-             out: Path | None = None) -> list[dict]:
+             out: Path | None = None, denoise: list[int] = ()) -> list[dict]:
     """Where a model's balls go wrong: held-out windows split by whether two balls meet from the last observed
     frame on (fastdiff.evaluate.contact_windows), and for each part the one-call forecast error per frame ahead,
     next to the floors' on the same windows. With `sampled` > 0, also the first `sampled` windows of each part
     rolled out once with the run's sampler (5 real frames, the rest generated; `settings` change the sampling,
-    e.g. diffusion.ddim_eta=0): the share of generated frames with every ball, and the sampled balls' error."""
+    e.g. diffusion.ddim_eta=0): the share of generated frames with every ball, and the sampled balls' error.
+    With `denoise` levels, also the model's one-call x0 prediction of the contact windows from their true frames
+    noised to each level (fastdiff.evaluate.denoised_videos): the share of frames with every ball where two
+    balls of one colour touch (within 9 px), where two of different colours do, and elsewhere, next to the truth's."""
     import numpy as np
     import torch
 
@@ -195,12 +209,14 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
         EvalOptions,
         contact_windows,
         continuations,
+        denoised_videos,
         evaluation_clips,
         floor_videos,
         forecast_error,
         forecast_videos,
         has_colour_shift,
         is_balls,
+        touching_frames,
     )
 
     torch.set_num_threads(threads)
@@ -236,6 +252,16 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
                 part: {"windows": int(mask.sum()), "every_ball_frames": round(float(whole[mask].mean()), 4),
                        "centre_error_px": rounded(forecast_error(video[mask], some.subset(mask), observed))}
                 for part, mask in (("contact", touching[pick]), ("free", ~touching[pick])) if mask.any()}
+        if denoise:
+            met = clips.subset(np.flatnonzero(touching))
+            near, same = touching_frames(met, observed)
+            frame_parts = {"same_colour": same, "other_colour": near & ~same, "apart": ~near}
+            balls = clips.centres.shape[2]
+            row["denoised"] = {
+                "frames": {part: int(mask.sum()) for part, mask in frame_parts.items()},
+                "truth": every_ball_shares(met.frames[:, None, :run.window], observed, balls, frame_parts),
+                "levels": {str(level): every_ball_shares(denoised_videos(run, met, observed, level), observed, balls,
+                                                    frame_parts) for level in denoise}}
         rows.append(row)
         print(f"{path} (frame {run.frame}; {row['contact_windows']} of {row['windows']} windows with a contact)")
         for part, errors in row["forecast_px"].items():
@@ -244,6 +270,11 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
         for part, s in row.get("sampled", {}).items():
             print(f"  sampled, {part:8} ({s['windows']} windows): every ball in {s['every_ball_frames']:.1%} of "
                   f"generated frames, centre error {' '.join(f'{e:.2f}' for e in s['centre_error_px'])} px", flush=True)
+        if denoise:
+            d = row["denoised"]
+            print(f"  denoised contact windows, frames with every ball ({d['frames']}): truth {d['truth']}")
+            for level, shares in d["levels"].items():
+                print(f"    from level {level}: {shares}", flush=True)
     if out:
         out.write_text(json.dumps(rows, indent=2))
     return rows
@@ -338,6 +369,8 @@ def main(argv=None) -> int:
     c.add_argument("--set", action="append", default=[], metavar="diffusion.KEY=VALUE")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--out", type=Path, default=None, help="JSON of the rows")
+    c.add_argument("--denoise", type=int, nargs="*", default=[], metavar="LEVEL",
+                   help="noise levels to denoise the contact windows' true frames from in one call")
     args = parser.parse_args(argv)
     if args.command == "run":
         run_row(args.name, args.budget, args.seed, args.set, EVAL, args.threads)
@@ -348,7 +381,7 @@ def main(argv=None) -> int:
     elif args.command == "forecast":
         forecast(args.paths, args.threads)
     elif args.command == "contacts":
-        contacts(args.paths, args.windows, args.sampled, args.set, args.threads, args.out)
+        contacts(args.paths, args.windows, args.sampled, args.set, args.threads, args.out, args.denoise)
     else:
         sampler_row(args.name, args.steps, args.sampler, {**EVAL, "clips": args.clips}, args.set, args.run,
                     args.threads)

@@ -156,6 +156,44 @@ def test_per_window_loss_is_each_windows_mse_over_its_scored_frames():
     torch.testing.assert_close(per_window, expect, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_x0_loss_weight_scores_the_implied_x0(prediction):
+    """diffusion.loss_weight=x0: the training loss of a v (or x0) model is the MSE of the x0 its output implies
+    against the clean frames, over the frames that are not observed, at every noise level."""
+    from fastdiff import ops
+    from fastdiff.diffusion import frame_weights
+
+    torch.manual_seed(0)
+    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    s = Schedule.make("linear", 1000)
+    x0 = torch.randn(3, 6, 3, 4, 4)
+    t, observed = sample_training_levels(3, 6, 1000, 0.0, torch.Generator().manual_seed(1), "cpu", observed=2)
+    t[0, 5], t[1, 4] = 999, 1  # the ends of the schedule, where v and x0 differ most
+    cfg = DiffusionConfig(prediction=prediction, loss_weight="x0")
+    weight = frame_weights(t, s, cfg)
+    loss = masked_diffusion_loss(model, x0, t, observed, s, prediction, torch.Generator().manual_seed(2),
+                                 weight=weight)
+    x_t, _ = ops.add_noise(x0, t, observed, s.alpha, s.sigma, generator=torch.Generator().manual_seed(2),
+                           prediction=prediction)
+    a, sd = s.alpha[t][..., None, None, None], s.sigma[t][..., None, None, None]
+    with torch.no_grad():
+        implied, _ = predict_x0_eps(model(x_t, t.float(), observed), x_t, a, sd, prediction)
+    per_frame = (implied - x0).pow(2).flatten(2).mean(-1)
+    torch.testing.assert_close(loss.detach(), per_frame[~observed].mean(), rtol=1e-5, atol=1e-7)
+    plain = masked_diffusion_loss(model, x0, t, observed, s, prediction, torch.Generator().manual_seed(2))
+    assert prediction == "x0" or not torch.allclose(plain, loss)  # for v, the weight matters
+
+
+def test_x0_loss_weight_refuses_eps():
+    from fastdiff.config import ConfigError, build_config
+
+    build_config("tiny", None, {"diffusion.loss_weight": "x0", "diffusion.prediction": "v"})
+    with pytest.raises(ConfigError, match="unbounded"):
+        build_config("tiny", None, {"diffusion.loss_weight": "x0", "diffusion.prediction": "eps"})
+
+
 def _gaussian_denoiser(schedule, mu, std, prediction="eps"):
     """Exact eps- (or x0-) prediction for data x0 ~ N(mu, std^2); accepts fractional t."""
 

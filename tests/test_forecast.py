@@ -16,11 +16,13 @@ from fastdiff.evaluate import (
     CONTACT_PX,
     HeldoutClips,
     contact_windows,
+    denoised_videos,
     first_windows,
     floor_videos,
     forecast_error,
     forecast_scores,
     forecast_videos,
+    touching_frames,
 )
 from fastdiff.models.autoencoder import PixelSpace
 from fastdiff.streams import make_stream
@@ -133,6 +135,34 @@ def test_contact_windows_are_where_two_balls_meet_from_the_last_observed_frame_o
     assert contact_windows(_clips_with_centres([one]), OBSERVED).tolist() == [False]
 
 
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+def test_denoising_the_true_frames_calls_the_model_once_at_the_level_asked(clips, prediction):
+    """denoised_videos: one call, the frames to come at `level` and the observed ones clean; a model that knows
+    the answer returns the true frames, and one that returns its noisy input as x0 does not."""
+    future = truth_latents(clips)
+    schedule = Schedule.make("linear", 1000)
+    model = Oracle(lambda x_t, observed: future[: len(x_t)], schedule, prediction)
+    videos = denoised_videos(fake_run(model, prediction), clips, OBSERVED, 37)
+    (t, observed), = model.calls
+    assert torch.equal(t[0], torch.where(observed[0], 0, 37).float())
+    np.testing.assert_allclose(videos[:, 0].astype(int), clips.frames[:, :WINDOW].astype(int), atol=1)
+    noisy = denoised_videos(fake_run(Oracle(lambda x_t, observed: x_t, schedule, prediction), prediction), clips,
+                            OBSERVED, 300)
+    assert np.abs(noisy[:, 0, OBSERVED:].astype(int) - clips.frames[:, OBSERVED:WINDOW].astype(int)).mean() > 10
+    np.testing.assert_array_equal(noisy[:, 0, :OBSERVED], clips.frames[:, :OBSERVED])
+
+
+def test_touching_frames_split_the_frames_after_the_observed_ones_by_distance_and_colour():
+    far, near = [[4.0, 4.0], [24.0, 24.0]], [[10.0, 10.0], [10.0 + CONTACT_PX - 0.5, 10.0]]
+    track = [far] * OBSERVED + [near, far, near, far, [[10.0, 10.0], [10.0 + CONTACT_PX + 0.5, 10.0]]]
+    clips = _clips_with_centres([track, track])
+    clips.colours[1, OBSERVED + 2, 1] = 2  # the second meeting of clip 1 is between two colours
+    clips.colours[0, OBSERVED + 1] = [0, 1]  # colours of balls apart do not matter
+    touching, same = touching_frames(clips, OBSERVED)
+    assert touching.tolist() == [[True, False, True, False, False]] * 2
+    assert same.tolist() == [[True, False, True, False, False], [True, False, False, False, False]]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from fastdiff.config import build_config
@@ -171,7 +201,7 @@ def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_a
     monkeypatch.setattr(evaluate, "continuations", true_future)
     out = tmp_path / "contacts.json"
     row, = learning_study.contacts([tiny_run], windows=120, sampled=6, settings=["diffusion.ddim_eta=0"],
-                                   threads=1, out=out)
+                                   threads=1, out=out, denoise=[10, 600])
     assert row == __import__("json").loads(out.read_text())[0]
     assert row["windows"] == 120 and 6 <= row["contact_windows"] <= 114  # both parts are there to be sampled
     parts = row["forecast_px"]
@@ -189,5 +219,9 @@ def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_a
         sampled = row["sampled"][part]
         assert sampled["windows"] == 6 and sampled["every_ball_frames"] >= 0.9
         assert max(sampled["centre_error_px"]) < 0.3
+    denoised = row["denoised"]  # the contact windows' frames after the observed ones, split three ways
+    assert sum(denoised["frames"].values()) == row["contact_windows"] * (WINDOW - OBSERVED)
+    assert set(denoised["levels"]) == {"10", "600"}  # JSON keys
+    assert denoised["truth"]["apart"] == 1.0 and min(denoised["truth"].values()) >= 0.8
     with pytest.raises(SystemExit, match="not supported because its stream"):
         learning_study.contacts([tiny_run], windows=8, sampled=0, settings=["run.stream=maze"], threads=1)

@@ -462,6 +462,11 @@ def test_loss_weight_helpers():
     torch.testing.assert_close(v[:3], torch.tensor([0.5, 5 / 26, 0.01 / 1.01]))
     torch.testing.assert_close(x0, torch.tensor([1.0, 5.0, 0.01, 5.0]))
     assert torch.equal(ns.uniform_weight(t), torch.ones(2, 2))
+    torch.testing.assert_close(ns.x0_error_weight(t, alpha, sigma, "v").flatten(),
+                               torch.tensor([0.5, 1 / 26, 100 / 101, 0.0]))
+    assert torch.equal(ns.x0_error_weight(t, alpha, sigma, "x0"), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="unbounded"):
+        ns.x0_error_weight(t, alpha, sigma, "eps")
 
 
 # ---------------------------------------------------------------------------------- dispatch, errors
