@@ -99,6 +99,9 @@ class DiffusionConfig:
     # sample_steps more model calls for G new frames. A share, not a count, so that it scales with sample_steps.
     # DDIM only: the Heun sampler steps every frame by one shared sigma schedule, and FIFO has its own diagonal.
     sample_frame_lag: float = 0.0
+    # DDIM's levels: top * (1 - u)^sample_spacing for u evenly spaced in [0, 1]; 1 spaces them evenly, < 1 takes
+    # fewer of the steps at low noise, > 1 more (ddim_sample).
+    sample_spacing: float = 1.0
     # History guidance (classifier-free guidance on the observed frames, as Diffusion Forcing's history guidance):
     # each DDIM call also predicts with the observed frames replaced by pure noise at level T - 1 (a pattern
     # training draws: a window with no clean prefix), and steps with cond + w * (cond - uncond). 0: off; w > 0
@@ -495,6 +498,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.history_guidance: must be >= 0, and is supported with the ddim sampler only "
                           f"(it guides each DDIM call); got {cfg.diffusion.history_guidance} with "
                           f"diffusion.sampler={cfg.diffusion.sampler}")
+    if not cfg.diffusion.sample_spacing > 0:
+        raise ConfigError(f"diffusion.sample_spacing: must be > 0 (an exponent of the ladder of levels); got "
+                          f"{cfg.diffusion.sample_spacing}")
     if not 0.0 <= cfg.diffusion.sample_frame_lag <= 1.0:
         raise ConfigError(f"diffusion.sample_frame_lag: must be in [0, 1], a share of diffusion.sample_steps; "
                           f"got {cfg.diffusion.sample_frame_lag}")

@@ -195,8 +195,12 @@ def clamp_prediction(model_out, x_t, a, s, prediction: str, limit: float):
 def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, *, steps: int,
                 eta: float = 0.0, prediction: str = "eps", generator: torch.Generator | None = None,
                 clip_x0: float | None = None, start: float = 1.0, context_level: int = 0,
-                frame_delay: int = 0, history_guidance: float = 0.0) -> torch.Tensor:
+                frame_delay: int = 0, history_guidance: float = 0.0, spacing: float = 1.0) -> torch.Tensor:
     """Generate the non-observed frames of `clip` (their content is ignored) with DDIM.
+
+    Each frame steps down the levels top * (1 - u)^spacing for u evenly spaced over [0, 1], then to clean:
+    `spacing` 1 spaces them evenly (the usual DDIM ladder), < 1 keeps them high longer and takes fewer steps at
+    low noise, > 1 takes more there (as EDM's schedule does).
 
     `frame_delay` > 0 staggers the generated frames (Diffusion Forcing's pyramid schedule): the j-th generated
     frame begins its `steps` DDIM steps `j * frame_delay` model calls after the first, waiting at the start level
@@ -232,7 +236,11 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
 
         x = torch.where(obs5, clip, q_sample(last_observed(clean, observed), top, noise))
     # ladder[p]: a frame's level after p of its steps; -1 is "clean" (ops.ddim_step's to-clean), held there
-    ladder = torch.cat([torch.linspace(top, 0, steps, device=clip.device).round().long(),
+    if spacing == 1.0:
+        levels = torch.linspace(top, 0, steps, device=clip.device)
+    else:
+        levels = top * (1.0 - torch.linspace(0.0, 1.0, steps, device=clip.device, dtype=torch.float64)) ** spacing
+    ladder = torch.cat([levels.round().long(),
                         torch.full((1,), -1, device=clip.device, dtype=torch.long)])
     # order[b, k]: 0 for the first generated frame of row b, 1 for the next, ...; observed frames are not stepped
     order = (torch.cumsum((~observed).long(), dim=1) - 1).clamp(min=0)
@@ -348,7 +356,8 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
     return ddim_sample(model, clip, observed, schedule, steps=cfg.sample_steps, eta=cfg.ddim_eta,
                        prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start,
                        context_level=context_level(cfg.sample_context_noise, schedule.timesteps),
-                       frame_delay=frame_delay(cfg), history_guidance=cfg.history_guidance)
+                       frame_delay=frame_delay(cfg), history_guidance=cfg.history_guidance,
+                       spacing=cfg.sample_spacing)
 
 
 @torch.no_grad()

@@ -399,6 +399,24 @@ def test_ddim_frame_delay_staggers_the_generated_frames(lag, delay):
             build_config("tiny", None, {"diffusion.sample_frame_lag": bad})
 
 
+@pytest.mark.parametrize("spacing, ladder", [(1.0, [999, 666, 333, 0]), (0.5, [999, 816, 577, 0]),
+                                             (2.0, [999, 444, 111, 0])])
+def test_ddim_spacing_shapes_the_ladder_of_levels(spacing, ladder):
+    """diffusion.sample_spacing: the levels top * (1 - u)^spacing, u = 0, 1/3, 2/3, 1 for 4 steps, then clean."""
+    schedule = Schedule.make("linear", 1000)
+    clip = torch.rand(2, 5, 1, 4, 4)
+    observed = (torch.arange(5) < 2).expand(2, 5)
+    model, seen = _recording_model(0.5)
+    cfg = DiffusionConfig(prediction="x0", sample_steps=4, sample_spacing=spacing)
+    out = sample_window(model, clip, observed, schedule, cfg, generator=torch.Generator().manual_seed(0))
+    assert [int(t[0, 2]) for _, t in seen] == ladder
+    torch.testing.assert_close(out[:, 2:], torch.full_like(out[:, 2:], 0.5))
+    from fastdiff.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="sample_spacing"):
+        build_config("tiny", None, {"diffusion.sample_spacing": "0"})
+
+
 @pytest.mark.parametrize("lag", [0.3, 0.5, 1.0])
 def test_staggered_training_windows_are_the_pyramid_samplers(lag):
     """diffusion.train_staggered: every window the pyramid sampler shows the model (recorded through
