@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from fastdiff.config import AutoencoderConfig, Config, ModelConfig, ReplayConfig
+from fastdiff.config import AutoencoderConfig, Config, DiffusionConfig, ModelConfig, ReplayConfig
+from fastdiff.diffusion import Schedule
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
 from fastdiff.models.dit import VideoDiT
 from fastdiff.replay import ReplayBuffer
@@ -77,13 +78,22 @@ def latent_shape(cfg: AutoencoderConfig, frame_hw: tuple[int, int]) -> tuple[int
 
 
 # --- the video DiT -----------------------------------------------------------------------------------
-def model(cfg: ModelConfig, latent: tuple[int, int, int], window: int, device) -> VideoDiT:
+def model(cfg: ModelConfig, latent: tuple[int, int, int], window: int, device,
+          diffusion: DiffusionConfig | None = None) -> VideoDiT:
+    """The video DiT; `diffusion` gives the noise schedule that model.low_noise_skip needs."""
+    schedule = None
+    if cfg.low_noise_skip > 0:
+        if diffusion is None:
+            raise ValueError("model.low_noise_skip needs the diffusion config (its noise schedule)")
+        table = Schedule.make(diffusion.schedule, diffusion.timesteps)
+        schedule = (table.alpha, table.sigma)
     return VideoDiT(latent[0], latent[1], latent[2], window, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
                     patch=cfg.patch, mlp_ratio=cfg.mlp_ratio, checkpoint_activations=cfg.checkpoint_activations,
                     pos_embed=cfg.pos_embed, context_skip=cfg.context_skip, overlap=cfg.overlap,
                     frame_pos=cfg.frame_pos, joint_attention=cfg.joint_attention,
                     local_mix=cfg.local_mix, local_mix_kernel=cfg.local_mix_kernel,
-                    spatial_bias=cfg.spatial_bias).to(device)
+                    spatial_bias=cfg.spatial_bias, low_noise_skip=cfg.low_noise_skip,
+                    schedule=schedule).to(device)
 
 
 # --- replay buffer and offline bank ------------------------------------------------------------------

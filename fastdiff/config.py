@@ -54,6 +54,9 @@ class ModelConfig:
     # bias). On tiny, 2 seeds: within the spread of the recipe's own draws, at 7-10% more CPU a step (AD1 in
     # profiles/learning/README.md), so off.
     spatial_bias: bool = False
+    # > 0 (x0 prediction only): the noise-to-signal ratio below which the input passes through to the x0
+    # prediction and the network only corrects it (EDM's skip, sigma_data = this); 0: the network draws x0 alone.
+    low_noise_skip: float = 0.0
 
 
 @dataclass
@@ -543,6 +546,12 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.loss_weight == "x0" and cfg.diffusion.prediction == "eps":
         raise ConfigError("diffusion.loss_weight=x0 with diffusion.prediction=eps not supported because eps's x0 "
                           "weight sigma^2 / alpha^2 is unbounded at the top noise level; predict v or x0")
+    if cfg.model.low_noise_skip < 0:
+        raise ConfigError(f"model.low_noise_skip: must be >= 0; got {cfg.model.low_noise_skip}")
+    if cfg.model.low_noise_skip > 0 and cfg.diffusion.prediction != "x0":
+        raise ConfigError(f"model.low_noise_skip with diffusion.prediction={cfg.diffusion.prediction} not supported "
+                          "because the skip is part of an x0 prediction (v already passes its input through); "
+                          "set diffusion.prediction=x0")
     if cfg.model.context_skip and cfg.diffusion.prediction != "x0":
         raise ConfigError(f"model.context_skip with diffusion.prediction={cfg.diffusion.prediction} not supported "
                           "because the skip adds the last observed frame to a prediction of the clean frame; "

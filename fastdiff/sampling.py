@@ -50,7 +50,8 @@ def load_run(run_dir: Path, device: str = "auto", checkpoint: Path | None = None
     info = state["stream"]["info"]
     window = cfg.run.window or info["window"]
     ae = build.load_autoencoder(cfg.autoencoder, run_dir / "autoencoder.pt", dev)
-    model = build.model(cfg.model, build.latent_shape(cfg.autoencoder, (info["height"], info["width"])), window, dev)
+    model = build.model(cfg.model, build.latent_shape(cfg.autoencoder, (info["height"], info["width"])), window, dev,
+                        cfg.diffusion)
     model.load_state_dict(state["ema"])
     model.eval().requires_grad_(False)
     schedule = Schedule.make(cfg.diffusion.schedule, cfg.diffusion.timesteps, dev)

@@ -104,7 +104,7 @@ class OnlineTrainer:
 
         # --- the online step: model, EMA, optimizer, schedule, replay, live ring --------------------------------
         self.step = OnlineStep(
-            cfg, build.model(cfg.model, self.latent_shape, self.window, self.device),
+            cfg, build.model(cfg.model, self.latent_shape, self.window, self.device, cfg.diffusion),
             optimizer_name=config.optimizer_name(cfg, self.device.type),
             window=self.window, latent_shape=self.latent_shape, frame_shape=self.frame_shape, device=self.device,
             total_frames=self.total_frames, generator=generator,

@@ -285,6 +285,68 @@ def test_context_skip_needs_x0_prediction():
         build_config("tiny", None, {"model.context_skip": "true", "diffusion.prediction": "eps"})
 
 
+def test_low_noise_skip_passes_a_clean_input_through_and_leaves_high_noise_to_the_network():
+    """model.low_noise_skip s_d: x0 = c_skip x_t / alpha + c_out F with r = sigma / alpha, c_skip = s_d^2 /
+    (r^2 + s_d^2), c_out = r / sqrt(r^2 + s_d^2). Checked against those formulas in float64 with a network whose
+    output F is known, at levels from clean to pure noise."""
+    from fastdiff.diffusion import Schedule
+
+    schedule = Schedule.make("linear", 1000)
+    model = VideoDiT(3, 8, 8, 4, width=32, depth=1, heads=1, patch=4, low_noise_skip=0.1,
+                     schedule=(schedule.alpha, schedule.sigma)).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8)
+    t = torch.tensor([[0, 10, 50, 150], [400, 700, 999, 3]])
+    observed = torch.zeros(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        plain = VideoDiT(3, 8, 8, 4, width=32, depth=1, heads=1, patch=4)
+        plain.load_state_dict(model.state_dict())
+        for p in plain.out.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        model.out.load_state_dict(plain.out.state_dict())
+        network = plain(x, t.float(), observed).double()
+        got = model(x, t.float(), observed).double()
+    a, s = schedule.alpha.double()[t], schedule.sigma.double()[t]
+    r = s / a
+    c_skip, c_out = 0.01 / (r**2 + 0.01), r / (r**2 + 0.01).sqrt()
+    expect = (c_skip / a)[..., None, None, None] * x.double() + c_out[..., None, None, None] * network
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    assert c_skip[0, 1] > 0.8 and c_skip[0, 3] < 0.05 and c_out[1, 2] > 0.9999  # skip low, network high
+
+
+def test_a_run_with_the_low_noise_skip_trains_and_loads_with_it(tmp_path):
+    """The trainer and load_run both build the skip from the run's own schedule (here cosine)."""
+    from fastdiff.build import model as build_model
+    from fastdiff.config import build_config
+    from fastdiff.diffusion import Schedule
+    from fastdiff.sampling import load_run
+    from fastdiff.train import OnlineTrainer, write_config
+
+    cfg = build_config("tiny", None, {
+        "model.width": "32", "model.depth": "1", "model.heads": "1", "model.low_noise_skip": "0.2",
+        "diffusion.schedule": "cosine", "run.frames": "24", "run.threads": "1", "run.stream_frames": "3000",
+        "run.final_clips": "0", "run.sample_every": "0", "run.progress": "false", "run.out": str(tmp_path)})
+    write_config(cfg, tmp_path)
+    OnlineTrainer(cfg, tmp_path, log=lambda *_: None).train()
+    run = load_run(tmp_path, device="cpu")
+    cosine = Schedule.make("cosine", 1000)
+    assert run.model.low_noise_skip == 0.2
+    torch.testing.assert_close(run.model.skip_output, (cosine.sigma / cosine.alpha) / (
+        (cosine.sigma / cosine.alpha) ** 2 + 0.04).sqrt())
+    with pytest.raises(ValueError, match="diffusion config"):
+        build_model(cfg.model, (3, 32, 32), 10, "cpu")
+
+
+def test_low_noise_skip_needs_x0_prediction():
+    from fastdiff.config import ConfigError, build_config
+
+    build_config("tiny", None, {"model.low_noise_skip": "0.1"})
+    with pytest.raises(ConfigError, match="diffusion.prediction=x0"):
+        build_config("tiny", None, {"model.low_noise_skip": "0.1", "diffusion.prediction": "v"})
+    with pytest.raises(ConfigError, match="low_noise_skip"):
+        build_config("tiny", None, {"model.low_noise_skip": "-1"})
+
+
 @pytest.mark.parametrize("patch", [1, 2, 4])
 def test_overlapping_patches_read_and_draw_across_patch_edges(patch):
     """With model.overlap a token reads its patch and half a patch around it, and draws there: a pixel at the corner

@@ -258,7 +258,8 @@ class VideoDiT(nn.Module):
                  depth: int = 4, heads: int = 4, patch: int = 1, mlp_ratio: float = 4.0,
                  checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False,
                  overlap: bool = False, frame_pos: bool = False, joint_attention: bool = False,
-                 local_mix: bool = False, local_mix_kernel: int = 3, spatial_bias: bool = False):
+                 local_mix: bool = False, local_mix_kernel: int = 3, spatial_bias: bool = False,
+                 low_noise_skip: float = 0.0, schedule: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
@@ -304,6 +305,22 @@ class VideoDiT(nn.Module):
         for layer in (self.final_ada[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # low_noise_skip s_d > 0 (an x0 model): x0 = c_skip x_t / alpha + c_out F, with the noise-to-signal ratio
+        # r = sigma / alpha of each frame's level, c_skip = s_d^2 / (r^2 + s_d^2) and c_out = r / sqrt(r^2 + s_d^2)
+        # (EDM's skip, with c_out -> 1 at high noise so that there the network predicts x0 as before). Where r is
+        # well below s_d the input passes through and the network adds a correction; above it, it draws x0 alone.
+        # Why: an x0 network redraws every pixel also from an almost clean input, and draws two touching balls of
+        # one colour as one from it (profiles/learning/README.md, "What the denoiser cannot draw").
+        self.low_noise_skip = low_noise_skip
+        if low_noise_skip > 0:
+            if schedule is None:
+                raise ValueError("low_noise_skip needs the schedule's (alpha, sigma) tables")
+            alpha, sigma = (table.double() for table in schedule)
+            ratio = sigma / alpha
+            c_skip = low_noise_skip**2 / (ratio**2 + low_noise_skip**2)
+            self.register_buffer("skip_input", (c_skip / alpha).float(), persistent=False)
+            self.register_buffer("skip_output", (ratio / (ratio**2 + low_noise_skip**2).sqrt()).float(),
+                                 persistent=False)
 
     def hidden_matrices(self) -> list[nn.Parameter]:
         """The weights of the transformer blocks' linear layers (attention projections, MLP, adaLN): what
@@ -356,6 +373,9 @@ class VideoDiT(nn.Module):
                 tokens = block(tokens, cond)
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
         out = self.to_frames(ops.adaln_modulate(tokens, shift, scale, self.final_norm.eps))
+        if self.low_noise_skip > 0:
+            level = t.round().long().clamp(0, self.skip_input.numel() - 1)[:, :, None, None, None]
+            return (self.skip_input[level] * x + self.skip_output[level] * out).to(out.dtype)
         return out + last_observed(x, observed) if self.context_skip else out
 
 
