@@ -552,6 +552,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.low_noise_skip with diffusion.prediction={cfg.diffusion.prediction} not supported "
                           "because the skip is part of an x0 prediction (v already passes its input through); "
                           "set diffusion.prediction=x0")
+    if cfg.model.low_noise_skip > 0 and cfg.model.context_skip:
+        raise ConfigError("model.low_noise_skip with model.context_skip not supported because each is a skip into "
+                          "the x0 prediction (from the noisy frame, or from the last observed one); pick one")
     if cfg.model.context_skip and cfg.diffusion.prediction != "x0":
         raise ConfigError(f"model.context_skip with diffusion.prediction={cfg.diffusion.prediction} not supported "
                           "because the skip adds the last observed frame to a prediction of the clean frame; "

@@ -274,8 +274,11 @@ def denoised_videos(run: LoadedRun, clips: HeldoutClips, observed: int, level: i
     x0 prediction of the rest in one call, from the true frames noised to `level` (the same noise at every level).
 
     At the top level this is the one-call forecast (:func:`forecast_videos`). At low levels the input already
-    shows the answer, and what the prediction gets wrong is what the model cannot draw: the last steps of every
-    sampler return such a prediction, so whatever it cannot draw no sample shows."""
+    shows the answer, and what the prediction gets wrong is what the model cannot draw: the last step of every
+    sampler returns such a prediction, so what the model cannot draw from an almost clean input, no sample shows."""
+    if not 0 <= level < run.schedule.timesteps:
+        raise ValueError(f"denoised_videos: level {level} is not a noise level of the schedule (0 .. "
+                         f"{run.schedule.timesteps - 1})")
     k = run.window
     x0 = encode_frames(run.autoencoder, clips.frames[:, :k], run.device)
     n = len(x0)

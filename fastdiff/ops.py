@@ -27,5 +27,4 @@ def use_kernels(name: str) -> None:
 
 
 __all__ = ["adaln_modulate", "add_noise", "ddim_step", "edm_churn", "edm_heun_step", "frame_mse_loss", "min_snr_weight",
-           "temporal_attention", "uniform_weight", "use_kernels",
-           "x0_error_weight"]
+           "temporal_attention", "uniform_weight", "use_kernels", "x0_error_weight"]

@@ -150,6 +150,8 @@ def test_denoising_the_true_frames_calls_the_model_once_at_the_level_asked(clips
                             OBSERVED, 300)
     assert np.abs(noisy[:, 0, OBSERVED:].astype(int) - clips.frames[:, OBSERVED:WINDOW].astype(int)).mean() > 10
     np.testing.assert_array_equal(noisy[:, 0, :OBSERVED], clips.frames[:, :OBSERVED])
+    with pytest.raises(ValueError, match="not a noise level"):
+        denoised_videos(fake_run(model, prediction), clips, OBSERVED, 1000)
 
 
 def test_touching_frames_split_the_frames_after_the_observed_ones_by_distance_and_colour():

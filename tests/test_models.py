@@ -345,6 +345,8 @@ def test_low_noise_skip_needs_x0_prediction():
         build_config("tiny", None, {"model.low_noise_skip": "0.1", "diffusion.prediction": "v"})
     with pytest.raises(ConfigError, match="low_noise_skip"):
         build_config("tiny", None, {"model.low_noise_skip": "-1"})
+    with pytest.raises(ConfigError, match="pick one"):
+        build_config("tiny", None, {"model.low_noise_skip": "0.1", "model.context_skip": "true"})
 
 
 @pytest.mark.parametrize("patch", [1, 2, 4])

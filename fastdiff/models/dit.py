@@ -313,8 +313,8 @@ class VideoDiT(nn.Module):
         # one colour as one from it (profiles/learning/README.md, "What the denoiser cannot draw").
         self.low_noise_skip = low_noise_skip
         if low_noise_skip > 0:
-            if schedule is None:
-                raise ValueError("low_noise_skip needs the schedule's (alpha, sigma) tables")
+            if schedule is None or context_skip:
+                raise ValueError("low_noise_skip needs the schedule's (alpha, sigma) tables, and no context_skip")
             alpha, sigma = (table.double() for table in schedule)
             ratio = sigma / alpha
             c_skip = low_noise_skip**2 / (ratio**2 + low_noise_skip**2)
