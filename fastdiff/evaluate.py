@@ -324,27 +324,28 @@ def forecast_error(videos: np.ndarray, clips: HeldoutClips, observed: int) -> np
 CONTACT_PX = 9.0  # centres this close: two balls (radius 3.84 px) touching or about to, give or take a pixel
 
 
+def ball_gaps(centres: np.ndarray) -> np.ndarray:
+    """(N, T, balls, balls) distances (px) between every two balls of each frame of `centres` (N, T, balls, 2);
+    inf between a ball and itself."""
+    centres = centres.astype(np.float64)
+    gaps = np.linalg.norm(centres[:, :, :, None] - centres[:, :, None, :], axis=-1)
+    balls = centres.shape[2]
+    gaps[..., np.arange(balls), np.arange(balls)] = np.inf
+    return gaps
+
+
 def contact_windows(clips: HeldoutClips, observed: int, within: float = CONTACT_PX) -> np.ndarray:
     """(N,) bool: the clips in which two balls come within `within` px of each other (true centres) from the last
     observed frame on. There a ball-ball collision decides what happens next, which the balls' motion alone does
     not tell; these windows are where the study's models lose a ball (profiles/learning/README.md)."""
-    centres = clips.centres[:, observed - 1:].astype(np.float64)  # (N, T, balls, 2)
-    balls = centres.shape[2]
-    if balls < 2:
-        return np.zeros(len(centres), dtype=bool)
-    gaps = np.linalg.norm(centres[:, :, :, None] - centres[:, :, None, :], axis=-1)  # (N, T, balls, balls)
-    gaps[..., np.arange(balls), np.arange(balls)] = np.inf
-    return gaps.min(axis=(1, 2, 3)) < within
+    return (ball_gaps(clips.centres[:, observed - 1:]) < within).any(axis=(1, 2, 3))
 
 
 def touching_frames(clips: HeldoutClips, observed: int, within: float = CONTACT_PX) -> tuple[np.ndarray, np.ndarray]:
     """Two (N, T - observed) bool masks over the frames after the observed ones: two balls within `within` px of
     each other (true centres), and among those, two of the same colour. Two touching balls of one colour are one
     blob with a waist, the hardest thing in the stream to draw (profiles/learning/README.md)."""
-    centres = clips.centres[:, observed:].astype(np.float64)  # (N, T, balls, 2)
-    balls = centres.shape[2]
-    gaps = np.linalg.norm(centres[:, :, :, None] - centres[:, :, None, :], axis=-1)  # (N, T, balls, balls)
-    pairs = (gaps < within) & ~np.eye(balls, dtype=bool)
+    pairs = ball_gaps(clips.centres[:, observed:]) < within
     colours = clips.colours[:, observed:]
     same = pairs & (colours[:, :, :, None] == colours[:, :, None, :])
     return pairs.any(axis=(2, 3)), same.any(axis=(2, 3))

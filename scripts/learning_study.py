@@ -204,7 +204,6 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
     import numpy as np
     import torch
 
-    from fastdiff import metrics
     from fastdiff.evaluate import (
         EvalOptions,
         contact_windows,
@@ -246,12 +245,13 @@ def contacts(paths: list[Path], windows: int, sampled: int, settings: list[str],
             opts = EvalOptions(samples=1, observed=observed, length=run.window, batch=len(pick))
             video = continuations(run, some, opts)
             balls = clips.centres.shape[2]
-            counted = metrics.count_balls(video[:, 0, observed:].reshape(-1, *video.shape[3:]))
-            whole = (counted == balls).reshape(len(pick), -1)
+            window_parts = {"contact": touching[pick], "free": ~touching[pick]}
+            shares = every_ball_shares(video, observed, balls, {part: np.repeat(mask[:, None], run.window - observed, 1)
+                                                                for part, mask in window_parts.items()})
             row["sampled"] = {
-                part: {"windows": int(mask.sum()), "every_ball_frames": round(float(whole[mask].mean()), 4),
+                part: {"windows": int(mask.sum()), "every_ball_frames": shares[part],
                        "centre_error_px": rounded(forecast_error(video[mask], some.subset(mask), observed))}
-                for part, mask in (("contact", touching[pick]), ("free", ~touching[pick])) if mask.any()}
+                for part, mask in window_parts.items() if mask.any()}
         if denoise:
             met = clips.subset(np.flatnonzero(touching))
             near, same = touching_frames(met, observed)

@@ -126,18 +126,24 @@ def test_observed_frames_never_contribute(prediction):
     assert torch.all(noise.grad[~observed].abs().flatten(1).sum(1) > 0)
 
 
+def _random_loss_case(paper_prob: float):
+    """A small model with random weights (its output layer too), the linear schedule, 3 clean clips of 6 frames
+    and training levels behind a clean prefix of 2: (model, schedule, x0, t, observed)."""
+    torch.manual_seed(0)
+    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x0 = torch.randn(3, 6, 3, 4, 4)
+    t, observed = sample_training_levels(3, 6, 1000, paper_prob, torch.Generator().manual_seed(1), "cpu", observed=2)
+    return model, Schedule.make("linear", 1000), x0, t, observed
+
+
 def test_per_window_loss_is_each_windows_mse_over_its_scored_frames():
     """masked_diffusion_loss(per_window=True): the same loss, and each window's unweighted MSE over the frames that
     are neither observed nor excluded, which prioritised replay scores windows by."""
     from fastdiff import ops
 
-    torch.manual_seed(0)
-    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    s = Schedule.make("linear", 1000)
-    x0 = torch.randn(3, 6, 3, 4, 4)
-    t, observed = sample_training_levels(3, 6, 1000, 1.0, torch.Generator().manual_seed(1), "cpu", observed=2)
+    model, s, x0, t, observed = _random_loss_case(paper_prob=1.0)
     excluded = torch.zeros_like(observed)
     excluded[1, 5] = True
     weight = torch.rand(3, 6) + 0.5
@@ -163,13 +169,7 @@ def test_x0_loss_weight_scores_the_implied_x0(prediction):
     from fastdiff import ops
     from fastdiff.diffusion import frame_weights
 
-    torch.manual_seed(0)
-    model = VideoDiT(3, 4, 4, 6, width=32, depth=1, heads=1)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    s = Schedule.make("linear", 1000)
-    x0 = torch.randn(3, 6, 3, 4, 4)
-    t, observed = sample_training_levels(3, 6, 1000, 0.0, torch.Generator().manual_seed(1), "cpu", observed=2)
+    model, s, x0, t, observed = _random_loss_case(paper_prob=0.0)
     t[0, 5], t[1, 4] = 999, 1  # the ends of the schedule, where v and x0 differ most
     cfg = DiffusionConfig(prediction=prediction, loss_weight="x0")
     weight = frame_weights(t, s, cfg)
