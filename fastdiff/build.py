@@ -93,7 +93,7 @@ def model(cfg: ModelConfig, latent: tuple[int, int, int], window: int, device,
                     frame_pos=cfg.frame_pos, joint_attention=cfg.joint_attention,
                     local_mix=cfg.local_mix, local_mix_kernel=cfg.local_mix_kernel,
                     spatial_bias=cfg.spatial_bias, low_noise_skip=cfg.low_noise_skip,
-                    schedule=schedule).to(device)
+                    pixel_head=cfg.pixel_head, schedule=schedule).to(device)
 
 
 # --- replay buffer and offline bank ------------------------------------------------------------------

@@ -57,6 +57,11 @@ class ModelConfig:
     # > 0 (x0 prediction only): the noise-to-signal ratio below which the input passes through to the x0
     # prediction and the network only corrects it (EDM's skip, sigma_data = this); 0: the network draws x0 alone.
     low_noise_skip: float = 0.0
+    # > 0: the patch output is refined at pixel resolution by two 3x3 convolutions of this many channels that read
+    # it beside the noisy input and the observed-frame indicator, their hidden channels modulated by the frame's
+    # timestep embedding (VideoDiT.refine). Why: a token draws its 4x4 pixels from one vector, and the gap between
+    # two touching balls of one colour is a pixel or two inside or between tokens. 0: none.
+    pixel_head: int = 0
 
 
 @dataclass
@@ -85,6 +90,10 @@ class DiffusionConfig:
     # and x0's weighting of the levels)
     loss_weight: str = "uniform"
     min_snr_gamma: float = 5.0
+    # Each pixel's squared error near the frame's foreground counts 1 + foreground_weight times a background
+    # pixel's (diffusion.foreground_weights; 0: every pixel alike). Balls are a few percent of a black frame, and
+    # two touching balls of one colour differ from one blob in a handful of pixels that the plain MSE barely sees.
+    foreground_weight: float = 0.0
     paper_pattern_prob: float = 0.5  # share of windows in the rollout's pattern (its observed frames clean, the rest
     # at one shared level); the others draw per-frame levels behind a clean prefix of 0 .. max(K/2, those) frames
     # Frames each autoregressive rollout window observes (0: K/2, as the paper samples); it generates the other
@@ -546,6 +555,10 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.loss_weight == "x0" and cfg.diffusion.prediction == "eps":
         raise ConfigError("diffusion.loss_weight=x0 with diffusion.prediction=eps not supported because eps's x0 "
                           "weight sigma^2 / alpha^2 is unbounded at the top noise level; predict v or x0")
+    if cfg.diffusion.foreground_weight < 0:
+        raise ConfigError(f"diffusion.foreground_weight: must be >= 0; got {cfg.diffusion.foreground_weight}")
+    if cfg.model.pixel_head < 0:
+        raise ConfigError(f"model.pixel_head: must be >= 0 (channels; 0: none); got {cfg.model.pixel_head}")
     if cfg.model.low_noise_skip < 0:
         raise ConfigError(f"model.low_noise_skip: must be >= 0; got {cfg.model.low_noise_skip}")
     if cfg.model.low_noise_skip > 0 and cfg.diffusion.prediction != "x0":

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.config import HEUN_REFUSES_CONTEXT_NOISE, DiffusionConfig
@@ -108,22 +109,48 @@ def frame_weights(t: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig) -> 
     return ops.min_snr_weight(t, schedule.alpha, schedule.sigma, gamma=cfg.min_snr_gamma, prediction=cfg.prediction)
 
 
+# A pixel is foreground where some channel differs from the frame's median by more than this (model units, [-1, 1]:
+# 0.1 is 13 of 255 uint8 levels, above the balls renderer's faint anti-aliased edge).
+FOREGROUND_THRESHOLD = 0.1
+
+
+def foreground_weights(x0: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, K, 1, H, W) of clean clips x0 (B, K, C, H, W): 1 + foreground_weight near the
+    foreground, 1 elsewhere, scaled to mean 1 in every frame (so the loss keeps the plain MSE's scale, and grad_clip
+    its meaning). Foreground: the pixels whose colour differs from the frame's median colour (its background, where
+    that covers most of the frame, as balls' black) in some channel, grown by one pixel, so that every object's rim
+    and the background between two objects that touch count as foreground."""
+    b, k, _, h, w = x0.shape
+    flat = x0.detach().flatten(3).float()  # (B, K, C, H*W)
+    background = flat.median(dim=3, keepdim=True).values
+    mask = ((flat - background).abs() > FOREGROUND_THRESHOLD).any(dim=2).float().view(b * k, 1, h, w)
+    mask = F.max_pool2d(mask, 3, stride=1, padding=1).view(b, k, 1, h, w)
+    pixel = 1.0 + foreground_weight * mask
+    return pixel / pixel.mean(dim=(3, 4), keepdim=True)
+
+
 def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: torch.Tensor, schedule: Schedule,
                           prediction: str, generator: torch.Generator | None, *, weight: torch.Tensor | None = None,
                           excluded: torch.Tensor | None = None, retarget=None,
-                          context_noised: bool = False, per_window: bool = False):
+                          context_noised: bool = False, per_window: bool = False,
+                          pixel_weight: torch.Tensor | None = None):
     """The loss every caller trains or measures with: noise clean clips x0 (B, K, C, H, W) to per-frame levels t
     (B, K), observed frames kept clean, predict, and take the (weighted) MSE over the frames that are neither
     observed nor `excluded`. `retarget(x_t, target)` may replace the regression target (generative
     distillation regresses onto its teacher). With `context_noised`, observed frames whose level in t is above 0
     are noised to it too (context noise); they stay out of the loss. With `per_window`, returns (loss, each
-    window's unweighted MSE over the same frames (B,), detached), the scores of prioritised replay."""
+    window's unweighted MSE over the same frames (B,), detached), the scores of prioritised replay.
+    `pixel_weight` (broadcast to x0's shape, e.g. :func:`foreground_weights`) weighs each pixel's squared error
+    (the per-window scores too)."""
     clean = observed & (t == 0) if context_noised else observed
     x_t, target = ops.add_noise(x0, t, clean, schedule.alpha, schedule.sigma, generator=generator,
                                 prediction=prediction)
     if retarget is not None:
         target = retarget(x_t, target)
     pred = model(x_t, t.float(), observed)
+    if pixel_weight is not None:  # sum w (pred - target)^2 == sum (sqrt(w) pred - sqrt(w) target)^2: the same kernel
+        root = pixel_weight.sqrt()
+        pred, target = pred * root, target * root
     masked = observed if excluded is None else observed | excluded
     if not per_window:
         return ops.frame_mse_loss(pred, target, weight, masked)
@@ -151,8 +178,9 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
         top = max(1, context_level(cfg.context_noise, schedule.timesteps))
         level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
         t = torch.where(observed, level, t)
+    pixel_weight = foreground_weights(x0, cfg.foreground_weight) if cfg.foreground_weight > 0 else None
     return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
-                                 context_noised=noised, per_window=per_window)
+                                 context_noised=noised, per_window=per_window, pixel_weight=pixel_weight)
 
 
 @torch.no_grad()

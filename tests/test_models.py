@@ -349,6 +349,62 @@ def test_low_noise_skip_needs_x0_prediction():
         build_config("tiny", None, {"model.low_noise_skip": "0.1", "model.context_skip": "true"})
 
 
+def test_untrained_pixel_head_passes_the_patch_output_through():
+    """model.pixel_head starts as the identity: the same weights with and without it give the same output."""
+    torch.manual_seed(0)
+    plain = VideoDiT(3, 8, 12, 4, width=32, depth=1, heads=1, patch=4)
+    headed = VideoDiT(3, 8, 12, 4, width=32, depth=1, heads=1, patch=4, pixel_head=6)
+    for p in plain.out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    missing = headed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith("head_") for key in missing)
+    x, t = torch.randn(2, 4, 3, 8, 12), torch.randint(0, 1000, (2, 4)).float()
+    observed = torch.tensor([[True, True, False, False]] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(headed(x, t, observed), plain(x, t, observed), rtol=0, atol=0)
+
+
+def test_pixel_head_refines_each_pixel_from_its_neighbourhood_at_the_frames_level():
+    """VideoDiT.refine: a pixel of the input reaches the output within two pixels (two 3x3 convolutions) in its own
+    frame only, and the frame's conditioning (its timestep) changes what the head adds."""
+    torch.manual_seed(0)
+    model = VideoDiT(3, 8, 12, 3, width=32, depth=1, heads=1, patch=4, pixel_head=5)
+    for layer in (model.head_film, model.head_out):
+        torch.nn.init.normal_(layer.weight, std=0.3)
+    out, inputs, cond = torch.randn(1, 3, 3, 8, 12), torch.randn(1, 3, 4, 8, 12), torch.randn(1, 3, 32)
+    moved = inputs.clone()
+    moved[0, 1, 2, 4, 6] += 1.0
+    with torch.no_grad():
+        changed = (model.refine(out, moved, cond) - model.refine(out, inputs, cond)).abs().sum(2)[0]  # (K, H, W)
+        assert changed[0].sum() == 0 and changed[2].sum() == 0
+        rows, cols = torch.nonzero(changed[1]).unbind(1)
+        assert (rows.min(), rows.max(), cols.min(), cols.max()) == (2, 6, 4, 8)
+        other = cond.clone()
+        other[0, 1] += 1.0
+        by_level = (model.refine(out, inputs, other) - model.refine(out, inputs, cond)).abs().flatten(2).sum(-1)[0]
+    assert by_level[1] > 0 and by_level[0] == 0 and by_level[2] == 0
+
+
+def test_a_run_with_the_pixel_head_trains_it_and_loads_with_it(tmp_path):
+    from fastdiff.config import ConfigError, build_config
+    from fastdiff.sampling import load_run
+    from fastdiff.train import OnlineTrainer, write_config
+
+    cfg = build_config("tiny", None, {
+        "model.width": "32", "model.depth": "1", "model.heads": "1", "model.pixel_head": "4", "optim.warmup": "0",
+        "run.frames": "24", "run.threads": "1", "run.stream_frames": "3000", "run.final_clips": "0",
+        "run.sample_every": "0", "run.progress": "false", "run.out": str(tmp_path)})
+    write_config(cfg, tmp_path)
+    trainer = OnlineTrainer(cfg, tmp_path, log=lambda *_: None)
+    trainer.train()
+    assert trainer.step.model.head_out.weight.abs().sum() > 0  # trained away from its zero start
+    run = load_run(tmp_path, device="cpu")
+    assert run.model.head_in.out_channels == 4
+    torch.testing.assert_close(run.model.head_out.weight, trainer.step.ema.head_out.weight)
+    with pytest.raises(ConfigError, match="pixel_head"):
+        build_config("tiny", None, {"model.pixel_head": "-2"})
+
+
 @pytest.mark.parametrize("patch", [1, 2, 4])
 def test_overlapping_patches_read_and_draw_across_patch_edges(patch):
     """With model.overlap a token reads its patch and half a patch around it, and draws there: a pixel at the corner

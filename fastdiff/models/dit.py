@@ -259,7 +259,8 @@ class VideoDiT(nn.Module):
                  checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False,
                  overlap: bool = False, frame_pos: bool = False, joint_attention: bool = False,
                  local_mix: bool = False, local_mix_kernel: int = 3, spatial_bias: bool = False,
-                 low_noise_skip: float = 0.0, schedule: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 low_noise_skip: float = 0.0, pixel_head: int = 0,
+                 schedule: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if height % patch or width_px % patch:
             raise ValueError(f"frame {height}x{width_px} is not divisible by patch {patch}")
@@ -302,7 +303,17 @@ class VideoDiT(nn.Module):
             self.out = nn.ConvTranspose2d(width, channels, patch + 2 * pad, stride=patch, padding=pad)
         else:
             self.out = nn.Linear(width, channels * patch * patch)
-        for layer in (self.final_ada[1], self.out):
+        # pixel_head > 0: refine the patch output at pixel resolution (see refine); its last convolution starts at
+        # zero, so that an untrained head passes the patch output through unchanged.
+        if pixel_head > 0:
+            self.head_in = nn.Conv2d(2 * channels + 1, pixel_head, 3, padding=1)
+            self.head_film = nn.Linear(width, 2 * pixel_head)
+            self.head_out = nn.Conv2d(pixel_head, channels, 3, padding=1)
+            zeroed = (self.final_ada[1], self.out, self.head_film, self.head_out)
+        else:
+            self.head_in = None
+            zeroed = (self.final_ada[1], self.out)
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         # low_noise_skip s_d > 0 (an x0 model): x0 = c_skip x_t / alpha + c_out F, with the noise-to-signal ratio
@@ -353,6 +364,16 @@ class VideoDiT(nn.Module):
         out = self.out(tokens.reshape(b * k, *self.grid, d).permute(0, 3, 1, 2))
         return out.view(b, k, *out.shape[1:])
 
+    def refine(self, out: torch.Tensor, inputs: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The pixel head: out (B, K, C, H, W) plus two 3x3 convolutions of [out, inputs] (inputs: the noisy frames
+        and the observed indicator, (B, K, C+1, H, W)), whose hidden channels are scaled and shifted per frame by
+        the timestep conditioning cond (B, K, D), so that the head knows how far to trust the noisy input."""
+        b, k = out.shape[:2]
+        hidden = self.head_in(torch.cat([out, inputs], dim=2).flatten(0, 1))  # (B*K, P, H, W)
+        scale, shift = self.head_film(cond).flatten(0, 1)[:, :, None, None].chunk(2, dim=1)
+        hidden = F.silu(hidden * (1 + scale) + shift)
+        return out + self.head_out(hidden).view_as(out)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         b, k, c, h, w = x.shape
         if c != self.channels or (h // self.patch, w // self.patch) != self.grid:
@@ -362,7 +383,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"timesteps and observed mask must be (B, K)=({b}, {k}); "
                              f"got {tuple(t.shape)} and {tuple(observed.shape)}")
         indicator = observed.to(x.dtype)[:, :, None, None, None].expand(b, k, 1, h, w)
-        tokens = self.to_tokens(torch.cat([x, indicator], dim=2)) + self.pos
+        inputs = torch.cat([x, indicator], dim=2)
+        tokens = self.to_tokens(inputs) + self.pos
         if self.frame_pos is not None:
             tokens = tokens + self.frame_pos[:k]
         cond = self.time_mlp(timestep_embedding(t, 256)) + self.observed_embed(observed.long())
@@ -373,6 +395,8 @@ class VideoDiT(nn.Module):
                 tokens = block(tokens, cond)
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
         out = self.to_frames(ops.adaln_modulate(tokens, shift, scale, self.final_norm.eps))
+        if self.head_in is not None:
+            out = self.refine(out, inputs, cond)
         if self.low_noise_skip > 0:
             level = t.round().long().clamp(0, self.skip_input.numel() - 1)[:, :, None, None, None]
             return (self.skip_input[level] * x + self.skip_output[level] * out).to(out.dtype)
