@@ -32,7 +32,8 @@ STRATEGIES = ("er", "none", "full", "offline", "gen-distill")  # replay.strategy
 ADAMW_OPTIMIZERS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")
 OPTIMIZERS = (*ADAMW_OPTIMIZERS, "muon")
 DEVICE_SKIP_OPTIMIZERS = ("adamw", "adamw8bit-fused")  # the ones that skip a non-finite step on the device
-SAMPLE_MODES = ("autoregressive", "fifo")  # fastdiff sample --mode (fastdiff/sampling.py)
+SAMPLE_MODES = ("autoregressive", "fifo")
+AUGMENTS = ("none", "flips", "d4")  # run.augment (fastdiff/augment.py)  # fastdiff sample --mode (fastdiff/sampling.py)
 
 
 @dataclass
@@ -183,6 +184,9 @@ class RunConfig:
     minutes: float = 0.0
     stream_frames: int = 0  # the stream's nominal length (drift of balls-c completes over it); 0: = frames
     window: int = 0  # K; 0: the stream's natural window (balls 10, maze 20)
+    # Each training window mirrored at random (fastdiff/augment.py): none; flips (left-right, upside down); d4 (also
+    # transposed). Only for streams with no preferred direction, as balls; pixel space only.
+    augment: str = "none"
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
@@ -325,6 +329,7 @@ CHOICES = {
     "run.precision": ("auto", "bf16", "fp32"),
     "run.kernels": KERNEL_BACKENDS,
     "run.nan_policy": ("skip", "stop"),
+    "run.augment": AUGMENTS,
     "run.step": STEP_MODES,
     "run.disk_full_policy": ("continue", "stop"),
 }
@@ -555,6 +560,10 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.loss_weight == "x0" and cfg.diffusion.prediction == "eps":
         raise ConfigError("diffusion.loss_weight=x0 with diffusion.prediction=eps not supported because eps's x0 "
                           "weight sigma^2 / alpha^2 is unbounded at the top noise level; predict v or x0")
+    if cfg.run.augment != "none" and cfg.autoencoder.latent != "none":
+        raise ConfigError(f"run.augment={cfg.run.augment} with autoencoder.latent={cfg.autoencoder.latent} not "
+                          "supported because the autoencoder's latents do not mirror with the frames; train in pixel "
+                          "space (autoencoder.latent=none)")
     if cfg.diffusion.foreground_weight < 0:
         raise ConfigError(f"diffusion.foreground_weight: must be >= 0; got {cfg.diffusion.foreground_weight}")
     if cfg.model.pixel_head < 0:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.config import DEVICE_SKIP_OPTIMIZERS, Config
+from fastdiff.augment import symmetry_augment
 from fastdiff.diffusion import Schedule, training_loss
 from fastdiff.models.autoencoder import encode_frames
 from fastdiff.optim import build_optimizer
@@ -205,7 +206,7 @@ class OnlineStep:
         """Batch -> loss -> backward -> clip -> optimizer -> EMA -> counters -> reservoir insert. Device work only,
         except in eager mode, whose host check is the one place it syncs."""
         self.model.train()
-        loss = self._loss(self.batch(self.live_windows()))
+        loss = self._loss(symmetry_augment(self.batch(self.live_windows()), self.cfg.run.augment, self.generator))
         # The sync-free step zeroes the gradients in place: they keep their storage from step to step, which a
         # captured graph needs and which spares the 8-bit optimizer re-uploading its pointer table every step.
         self.optimizer.zero_grad(set_to_none=self.mode == "eager")
