@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff.config import DEVICE_SKIP_OPTIMIZERS, Config
 from fastdiff.augment import symmetry_augment
+from fastdiff.config import DEVICE_SKIP_OPTIMIZERS, Config
 from fastdiff.diffusion import Schedule, training_loss
 from fastdiff.models.autoencoder import encode_frames
 from fastdiff.optim import build_optimizer
