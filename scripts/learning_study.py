@@ -16,6 +16,7 @@ clock but not the work it gets done (run one row per core, one thread each).
     python scripts/learning_study.py sampler NAME [--steps 10 20 50] [--sampler ddim heun] [--set diffusion.K=V]
         [--run RUN_DIR] [--clips 12] [--threads 1]   # one model, other samplers: samples and their scores only
     python scripts/learning_study.py forecast RUN_DIR_OR_CHECKPOINT ...  # the one-call forecast error, seconds each
+    python scripts/learning_study.py loss RUN_DIR_OR_CHECKPOINT ... [--windows 64]  # the plain held-out loss
     python scripts/learning_study.py contacts RUN_DIR_OR_CHECKPOINT ... [--windows 400] [--sampled 60]
         [--set diffusion.K=V] [--out FILE.json] [--denoise 10 150 400]   # the forecast (and sampled windows, and
         # one-call denoising of the true frames) where balls meet and elsewhere
@@ -178,6 +179,25 @@ def forecast(paths: list[Path], threads: int) -> list[dict]:
         per_frame = "  ".join(f"{name} {' '.join(f'{e:.2f}' for e in errors)}"
                               for name, errors in scores["forecast_error_per_frame"].items())
         print(f"{path} (frame {run.frame}): mean {scores['forecast_error']:.3f} px | {per_frame}", flush=True)
+    return rows
+
+
+def heldout(paths: list[Path], windows: int, threads: int) -> list[dict]:
+    """The plain held-out loss (fastdiff.evaluate.heldout_loss: unweighted, at eval's 10 fixed noise levels and
+    seed) of run directories or checkpoint files on `windows` held-out windows of each run's stream: the study's
+    held-out loss for models trained outside `run` (a default job with one change), whatever loss they trained
+    with. Seconds each."""
+    import torch
+
+    from fastdiff.evaluate import EvalOptions, evaluation_clips, heldout_loss
+
+    torch.set_num_threads(threads)
+    rows = []
+    for path in paths:
+        run = load_model(path)
+        scores = heldout_loss(run, evaluation_clips(run, windows, run.window), EvalOptions(clips=windows))
+        rows.append({"run": str(path), "frame": run.frame, "windows": windows, **scores})
+        print(f"{path} (frame {run.frame}): held-out loss {scores['loss']:.4f} on {windows} windows", flush=True)
     return rows
 
 
@@ -362,6 +382,10 @@ def main(argv=None) -> int:
     f = sub.add_parser("forecast")
     f.add_argument("paths", type=Path, nargs="+", help="run directories or checkpoint files")
     f.add_argument("--threads", type=int, default=1)
+    h = sub.add_parser("loss")
+    h.add_argument("paths", type=Path, nargs="+", help="run directories or checkpoint files")
+    h.add_argument("--windows", type=int, default=64, help="held-out windows, spread over the test stream")
+    h.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("contacts")
     c.add_argument("paths", type=Path, nargs="+", help="run directories or checkpoint files")
     c.add_argument("--windows", type=int, default=400, help="held-out windows, spread over the test stream")
@@ -380,6 +404,8 @@ def main(argv=None) -> int:
         table(args.out)
     elif args.command == "forecast":
         forecast(args.paths, args.threads)
+    elif args.command == "loss":
+        heldout(args.paths, args.windows, args.threads)
     elif args.command == "contacts":
         contacts(args.paths, args.windows, args.sampled, args.set, args.threads, args.out, args.denoise)
     else:

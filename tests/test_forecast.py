@@ -227,3 +227,36 @@ def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_a
     assert denoised["truth"]["apart"] == 1.0 and min(denoised["truth"].values()) >= 0.8
     with pytest.raises(SystemExit, match="not supported because its stream"):
         learning_study.contacts([tiny_run], windows=8, sampled=0, settings=["run.stream=maze"], threads=1)
+
+
+def test_the_studys_heldout_loss_is_the_plain_mse_of_the_x0_prediction(tiny_run, monkeypatch):
+    """scripts/learning_study.py loss: a model that predicts x0 = 0 everywhere (tiny predicts x0) scores, at every
+    level, the mean square of the held-out windows' frames after the observed half; the trained run scores less."""
+    import fastdiff.evaluate as evaluate
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import learning_study
+    finally:
+        sys.path.pop(0)
+    trained, = learning_study.heldout([tiny_run], windows=12, threads=1)
+    load = learning_study.load_model
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, observed):
+            return torch.zeros_like(x)
+
+    def zero_model(path, settings=()):
+        run = load(path, settings)
+        run.model = Zero()
+        return run
+
+    monkeypatch.setattr(learning_study, "load_model", zero_model)
+    zero, = learning_study.heldout([tiny_run], windows=12, threads=1)
+    run = load(tiny_run)
+    frames = evaluate.evaluation_clips(run, 12, run.window).frames  # (N, K, H, W, 3) uint8
+    expect = torch.as_tensor(frames[:, run.window // 2:], dtype=torch.float64).div(127.5).sub(1.0).pow(2).mean()
+    assert zero["windows"] == 12 and len(zero["loss_per_level"]) == 10
+    for loss in zero["loss_per_level"].values():
+        assert loss == pytest.approx(float(expect), rel=1e-5)
+    assert 0 < trained["loss"] < zero["loss"]
