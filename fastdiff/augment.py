@@ -18,8 +18,9 @@ from fastdiff.config import AUGMENTS
 def symmetry_augment(clips: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """Each window of clips (B, K, C, H, W) flipped left-right, upside down and (d4) transposed, each with
     probability 1/2, drawn per window and the same for all its frames. Device ops only (no host sync), so the
-    captured step draws new symmetries on every replay. Always draws three numbers per window, whatever `kind`
-    uses, so that the rest of a run's random stream does not depend on it."""
+    captured step draws new symmetries on every replay. flips and d4 both draw three numbers per window, so
+    that they leave the same random stream to the rest of the step; none draws nothing (a run without
+    augmentation is the run it was before this option)."""
     if kind not in AUGMENTS:
         raise ValueError(f"run.augment {kind!r} is not one of {', '.join(AUGMENTS)}")
     if kind == "none":

@@ -32,8 +32,8 @@ STRATEGIES = ("er", "none", "full", "offline", "gen-distill")  # replay.strategy
 ADAMW_OPTIMIZERS = ("adamw8bit-fused", "adamw8bit-bnb", "adamw")
 OPTIMIZERS = (*ADAMW_OPTIMIZERS, "muon")
 DEVICE_SKIP_OPTIMIZERS = ("adamw", "adamw8bit-fused")  # the ones that skip a non-finite step on the device
-SAMPLE_MODES = ("autoregressive", "fifo")
-AUGMENTS = ("none", "flips", "d4")  # run.augment (fastdiff/augment.py)  # fastdiff sample --mode (fastdiff/sampling.py)
+SAMPLE_MODES = ("autoregressive", "fifo")  # fastdiff sample --mode (fastdiff/sampling.py)
+AUGMENTS = ("none", "flips", "d4")  # run.augment (fastdiff/augment.py)
 
 
 @dataclass
@@ -61,7 +61,8 @@ class ModelConfig:
     # > 0: the patch output is refined at pixel resolution by two 3x3 convolutions of this many channels that read
     # it beside the noisy input and the observed-frame indicator, their hidden channels modulated by the frame's
     # timestep embedding (VideoDiT.refine). Why: a token draws its 4x4 pixels from one vector, and the gap between
-    # two touching balls of one colour is a pixel or two inside or between tokens. 0: none.
+    # two touching balls of one colour is a pixel or two inside or between tokens. 0: none. On tiny (P 16), 2 seeds:
+    # fewer two-ball frames (50% / 62% against 73% / 74%; profiles/learning/README.md, ninth session), so off.
     pixel_head: int = 0
 
 
@@ -92,8 +93,10 @@ class DiffusionConfig:
     loss_weight: str = "uniform"
     min_snr_gamma: float = 5.0
     # Each pixel's squared error near the frame's foreground counts 1 + foreground_weight times a background
-    # pixel's (diffusion.foreground_weights; 0: every pixel alike). Balls are a few percent of a black frame, and
+    # pixel's (diffusion.foreground_weights; 0: every pixel alike). Balls are about a tenth of a black frame, and
     # two touching balls of one colour differ from one blob in a handful of pixels that the plain MSE barely sees.
+    # On tiny, 3 seeds at 4 and at 9: two-ball frames and minADE within the seeds' spread of the plain loss
+    # (profiles/learning/README.md, ninth session), so 0.
     foreground_weight: float = 0.0
     paper_pattern_prob: float = 0.5  # share of windows in the rollout's pattern (its observed frames clean, the rest
     # at one shared level); the others draw per-frame levels behind a clean prefix of 0 .. max(K/2, those) frames
@@ -185,7 +188,8 @@ class RunConfig:
     stream_frames: int = 0  # the stream's nominal length (drift of balls-c completes over it); 0: = frames
     window: int = 0  # K; 0: the stream's natural window (balls 10, maze 20)
     # Each training window mirrored at random (fastdiff/augment.py): none; flips (left-right, upside down); d4 (also
-    # transposed). Only for streams with no preferred direction, as balls; pixel space only.
+    # transposed). Only for streams with no preferred direction, as balls; pixel space only. On tiny (d4), 2 seeds:
+    # held-out loss as good, fewer two-ball frames (59% / 69% against 73% / 74%) at 4,500 frames, so none.
     augment: str = "none"
     seed: int = 0
     device: str = "auto"
