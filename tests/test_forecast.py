@@ -182,18 +182,24 @@ def tiny_run(tmp_path_factory):
     return path
 
 
-def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_as_exact(tiny_run, tmp_path,
-                                                                                          monkeypatch):
-    """scripts/learning_study.py contacts on a trained run: the forecast of each part (contact, free) next to the
-    floors on the same windows, the parts adding up to the whole; the sampled windows, here a sampler that returns
-    the true future, score the detector's own error with every ball in (almost) every frame."""
-    import fastdiff.evaluate as evaluate
-
+@pytest.fixture(scope="module")
+def learning_study():
+    """scripts/learning_study.py, imported as a module."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     try:
         import learning_study
     finally:
         sys.path.pop(0)
+    return learning_study
+
+
+def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_as_exact(tiny_run, tmp_path,
+                                                                                          monkeypatch, learning_study):
+    """scripts/learning_study.py contacts on a trained run: the forecast of each part (contact, free) next to the
+    floors on the same windows, the parts adding up to the whole; the sampled windows, here a sampler that returns
+    the true future, score the detector's own error with every ball in (almost) every frame."""
+    import fastdiff.evaluate as evaluate
+
     calls = []
 
     def true_future(run, clips, opts):
@@ -229,16 +235,11 @@ def test_the_studys_contact_split_scores_each_part_and_samples_the_true_future_a
         learning_study.contacts([tiny_run], windows=8, sampled=0, settings=["run.stream=maze"], threads=1)
 
 
-def test_the_studys_heldout_loss_is_the_plain_mse_of_the_x0_prediction(tiny_run, monkeypatch):
+def test_the_studys_heldout_loss_is_the_plain_mse_of_the_x0_prediction(tiny_run, monkeypatch, learning_study):
     """scripts/learning_study.py loss: a model that predicts x0 = 0 everywhere (tiny predicts x0) scores, at every
     level, the mean square of the held-out windows' frames after the observed half; the trained run scores less."""
     import fastdiff.evaluate as evaluate
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    try:
-        import learning_study
-    finally:
-        sys.path.pop(0)
     trained, = learning_study.heldout([tiny_run], windows=12, threads=1)
     load = learning_study.load_model
 
