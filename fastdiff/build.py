@@ -80,7 +80,8 @@ def latent_shape(cfg: AutoencoderConfig, frame_hw: tuple[int, int]) -> tuple[int
 # --- the video DiT -----------------------------------------------------------------------------------
 def model(cfg: ModelConfig, latent: tuple[int, int, int], window: int, device,
           diffusion: DiffusionConfig | None = None) -> VideoDiT:
-    """The video DiT; `diffusion` gives the noise schedule that model.low_noise_skip needs."""
+    """The video DiT; `diffusion` gives the noise schedule that model.low_noise_skip needs, and whether the model
+    reads a self-conditioning estimate (diffusion.self_condition)."""
     schedule = None
     if cfg.low_noise_skip > 0:
         if diffusion is None:
@@ -93,7 +94,8 @@ def model(cfg: ModelConfig, latent: tuple[int, int, int], window: int, device,
                     frame_pos=cfg.frame_pos, joint_attention=cfg.joint_attention,
                     local_mix=cfg.local_mix, local_mix_kernel=cfg.local_mix_kernel,
                     spatial_bias=cfg.spatial_bias, low_noise_skip=cfg.low_noise_skip,
-                    pixel_head=cfg.pixel_head, schedule=schedule).to(device)
+                    pixel_head=cfg.pixel_head,
+                    self_condition=diffusion is not None and diffusion.self_condition, schedule=schedule).to(device)
 
 
 # --- replay buffer and offline bank ------------------------------------------------------------------

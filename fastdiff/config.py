@@ -135,6 +135,13 @@ class DiffusionConfig:
     # sample_context_noise * T; FIFO gives its emitted frames clean, as the model also sees at low context levels.
     context_noise: float = 0.0
     sample_context_noise: float = 0.0
+    # Self-conditioning (Chen, Zhang and Hinton, "Analog Bits"): the model also reads an estimate of the clean
+    # frames. In training, half the windows get the model's own x0 estimate from a first, gradient-free call at the
+    # same input (the others zeros); DDIM hands each call the x0 of the call before it, so the layout a sample
+    # has drawn so far (where two touching balls are) is an input, not only a memory of the noisy frames. Costs
+    # one more forward a training step; sampling costs nothing more. Heun and FIFO sample with the zero estimate,
+    # a pattern trained on half the windows.
+    self_condition: bool = False
 
 
 @dataclass
@@ -568,6 +575,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.augment={cfg.run.augment} with autoencoder.latent={cfg.autoencoder.latent} not "
                           "supported because the autoencoder's latents do not mirror with the frames; train in pixel "
                           "space (autoencoder.latent=none)")
+    if cfg.diffusion.self_condition and cfg.replay.strategy == "gen-distill":
+        raise ConfigError("diffusion.self_condition with replay.strategy=gen-distill not supported because the "
+                          "distillation loss regresses onto the teacher's targets without the estimate pass; "
+                          "train with er, none, full or offline")
     if cfg.diffusion.foreground_weight < 0:
         raise ConfigError(f"diffusion.foreground_weight: must be >= 0; got {cfg.diffusion.foreground_weight}")
     if cfg.model.pixel_head < 0:

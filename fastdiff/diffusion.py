@@ -133,7 +133,7 @@ def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: to
                           prediction: str, generator: torch.Generator | None, *, weight: torch.Tensor | None = None,
                           excluded: torch.Tensor | None = None, retarget=None,
                           context_noised: bool = False, per_window: bool = False,
-                          pixel_weight: torch.Tensor | None = None):
+                          pixel_weight: torch.Tensor | None = None, self_condition: bool = False):
     """The loss every caller trains or measures with: noise clean clips x0 (B, K, C, H, W) to per-frame levels t
     (B, K), observed frames kept clean, predict, and take the (weighted) MSE over the frames that are neither
     observed nor `excluded`. `retarget(x_t, target)` may replace the regression target (generative
@@ -141,13 +141,17 @@ def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: to
     are noised to it too (context noise); they stay out of the loss. With `per_window`, returns (loss, each
     window's unweighted MSE over the same frames (B,), detached), the scores of prioritised replay.
     `pixel_weight` (broadcast to x0's shape, e.g. :func:`foreground_weights`) weighs each pixel's squared error
-    (the per-window scores too)."""
+    (the per-window scores too). With `self_condition`, the model also reads :func:`self_condition_estimate`."""
     clean = observed & (t == 0) if context_noised else observed
     x_t, target = ops.add_noise(x0, t, clean, schedule.alpha, schedule.sigma, generator=generator,
                                 prediction=prediction)
     if retarget is not None:
         target = retarget(x_t, target)
-    pred = model(x_t, t.float(), observed)
+    if self_condition:
+        estimate = self_condition_estimate(model, x_t, t, observed, schedule, prediction, generator)
+        pred = model(x_t, t.float(), observed, estimate)
+    else:
+        pred = model(x_t, t.float(), observed)
     if pixel_weight is not None:  # sum w (pred - target)^2 == sum (sqrt(w) pred - sqrt(w) target)^2: the same kernel
         root = pixel_weight.sqrt()
         pred, target = pred * root, target * root
@@ -157,6 +161,29 @@ def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: to
     loss, per_frame = ops.frame_mse_loss(pred, target, weight, masked, per_frame=True)  # (B, K), the same pass
     kept = (~masked).float()
     return loss, (per_frame * kept).sum(1) / kept.sum(1).clamp(min=1.0)
+
+
+def clean_estimate(model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, observed: torch.Tensor,
+                   schedule: Schedule, prediction: str) -> torch.Tensor:
+    """The x0 that a model output (B, K, C, H, W) at noisy frames x_t and levels t (B, K) implies, zero on the
+    observed frames (whose clean content the input already holds): the self-conditioning estimate."""
+    a = schedule.alpha[t][..., None, None, None]
+    s = schedule.sigma[t][..., None, None, None]
+    dtype = torch.promote_types(x_t.dtype, torch.float32)  # bf16 inputs: the division by alpha in float32
+    x0, _ = predict_x0_eps(model_out.to(dtype), x_t.to(dtype), a, s, prediction)
+    return x0.masked_fill(observed[:, :, None, None, None], 0.0).to(x_t.dtype)
+
+
+def self_condition_estimate(model, x_t: torch.Tensor, t: torch.Tensor, observed: torch.Tensor, schedule: Schedule,
+                            prediction: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Training's self-conditioning input: in a random half of the windows the model's own x0 estimate from a
+    gradient-free call at the same noisy input (with the zero estimate), zeros in the others, so the model learns
+    both to start a sample and to refine its previous estimate (Chen et al., "Analog Bits"). Drawn per window on
+    the device, so the step stays capturable."""
+    keep = torch.rand(t.shape[0], generator=generator, device=t.device) < 0.5
+    with torch.no_grad():
+        estimate = clean_estimate(model(x_t, t.float(), observed), x_t, t, observed, schedule, prediction)
+    return estimate * keep[:, None, None, None, None].to(estimate.dtype)
 
 
 def context_level(share: float, timesteps: int) -> int:
@@ -180,7 +207,8 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
         t = torch.where(observed, level, t)
     pixel_weight = foreground_weights(x0, cfg.foreground_weight) if cfg.foreground_weight > 0 else None
     return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
-                                 context_noised=noised, per_window=per_window, pixel_weight=pixel_weight)
+                                 context_noised=noised, per_window=per_window, pixel_weight=pixel_weight,
+                                 self_condition=cfg.self_condition)
 
 
 @torch.no_grad()
@@ -223,7 +251,8 @@ def clamp_prediction(model_out, x_t, a, s, prediction: str, limit: float):
 def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Schedule, *, steps: int,
                 eta: float = 0.0, prediction: str = "eps", generator: torch.Generator | None = None,
                 clip_x0: float | None = None, start: float = 1.0, context_level: int = 0,
-                frame_delay: int = 0, history_guidance: float = 0.0, spacing: float = 1.0) -> torch.Tensor:
+                frame_delay: int = 0, history_guidance: float = 0.0, spacing: float = 1.0,
+                self_condition: bool = False) -> torch.Tensor:
     """Generate the non-observed frames of `clip` (their content is ignored) with DDIM.
 
     Each frame steps down the levels top * (1 - u)^spacing for u evenly spaced over [0, 1], then to clean:
@@ -243,7 +272,10 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     context noise); the returned observed frames are then the noised ones.
 
     `history_guidance` w > 0 also predicts each call without the history (the observed frames pure noise at
-    T - 1, unobserved) and steps with cond + w * (cond - uncond), in one model call over both batches."""
+    T - 1, unobserved) and steps with cond + w * (cond - uncond), in one model call over both batches.
+
+    `self_condition` (a model built with it) hands every call the clean estimate of the call before it
+    (:func:`clean_estimate` of its stepped output; zeros at the first call)."""
     b, k = clip.shape[:2]
     obs5 = observed[:, :, None, None, None]
     noise = torch.randn(clip.shape, generator=generator, device=clip.device)
@@ -276,6 +308,7 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     if history_guidance > 0:  # what the unconditional calls see in place of the history: noise, not observed
         history_noise = torch.randn(clip.shape, generator=generator, device=clip.device)
         observed_both = torch.cat([observed, torch.zeros_like(observed)])
+    estimate = torch.zeros_like(x) if self_condition else None
     for i in range(calls):
         progress = i - order * frame_delay  # steps this frame has taken (< 0: not begun, >= steps: clean)
         # a frame that has not begun waits at `top`; a finished one is clean and goes in at level 0; observed
@@ -286,14 +319,17 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         if history_guidance > 0:
             x_free = torch.where(obs5, history_noise, x)
             t_free = torch.where(observed, schedule.timesteps - 1, t)
-            both = model(torch.cat([x, x_free]), torch.cat([t, t_free]).float(), observed_both)
+            extra = () if estimate is None else (torch.cat([estimate, estimate]),)
+            both = model(torch.cat([x, x_free]), torch.cat([t, t_free]).float(), observed_both, *extra)
             cond, uncond = both.float().chunk(2)
             out = cond + history_guidance * (cond - uncond)
         else:
-            out = model(x, t.float(), observed)
+            out = model(x, t.float(), observed, *(() if estimate is None else (estimate,)))
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]
             out = clamp_prediction(out.float(), x, a, s, prediction, clip_x0)
+        if estimate is not None:
+            estimate = clean_estimate(out, x, t, observed, schedule, prediction)
         noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
         stepped = ops.ddim_step(x, out.float(), t, t_prev, schedule.alpha, schedule.sigma, eta=eta, noise=noise,
                                 prediction=prediction)
@@ -385,7 +421,7 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
                        prediction=cfg.prediction, generator=generator, clip_x0=clip_x0, start=cfg.sample_start,
                        context_level=context_level(cfg.sample_context_noise, schedule.timesteps),
                        frame_delay=frame_delay(cfg), history_guidance=cfg.history_guidance,
-                       spacing=cfg.sample_spacing)
+                       spacing=cfg.sample_spacing, self_condition=cfg.self_condition)
 
 
 @torch.no_grad()

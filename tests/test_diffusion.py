@@ -7,6 +7,7 @@ from fastdiff.config import DiffusionConfig
 from fastdiff.diffusion import (
     Schedule,
     clamp_prediction,
+    clean_estimate,
     ddim_sample,
     heun_sample,
     masked_diffusion_loss,
@@ -16,6 +17,7 @@ from fastdiff.diffusion import (
     rollout_model_calls,
     sample_training_levels,
     sample_window,
+    self_condition_estimate,
     training_loss,
 )
 from fastdiff.models.dit import VideoDiT
@@ -593,3 +595,106 @@ def test_history_guidance_steps_with_cond_plus_w_times_cond_minus_uncond(w):
     assert torch.equal(x[2:, 3:], x[:2, 3:])
     unguided = ddim_sample(model, clip, observed, schedule, steps=1, prediction="x0")
     assert torch.allclose(unguided[:, 3:], torch.ones_like(unguided[:, 3:]))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_clean_estimate_is_the_implied_x0_with_observed_frames_zeroed(prediction):
+    """A model output that is exactly right in its parameterisation gives back the clean frames (float64), except
+    on the observed frames, which the estimate leaves at zero."""
+    alpha = Schedule.make("linear", 1000).alpha.double()
+    double = Schedule(alpha=alpha, sigma=(1 - alpha**2).sqrt())  # alpha^2 + sigma^2 = 1 to float64's precision
+    x0, eps = torch.randn(3, 5, 2, 3, 4, dtype=torch.float64), torch.randn(3, 5, 2, 3, 4, dtype=torch.float64)
+    t = torch.randint(1, 1000, (3, 5))
+    observed = torch.tensor([[True, False, False, True, False]] * 3)
+    a = double.alpha[t][..., None, None, None]
+    s = double.sigma[t][..., None, None, None]
+    x_t = a * x0 + s * eps
+    out = {"eps": eps, "v": a * eps - s * x0, "x0": x0}[prediction]
+    got = clean_estimate(out, x_t, t, observed, double, prediction)
+    torch.testing.assert_close(got[~observed], x0[~observed], rtol=1e-9, atol=1e-9)
+    assert torch.all(got[observed] == 0)
+
+
+class _EstimateSpy(torch.nn.Module):
+    """An x0 model that records every call's inputs and returns x * 2 + 0.1 * t, plus the estimate when one is
+    given (so its output tells an estimate-reading call from one without)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
+        self.calls = []
+
+    def forward(self, x, t, observed, estimate=None):
+        self.calls.append({"x": x.detach().clone(), "t": t.clone(), "observed": observed.clone(),
+                           "estimate": None if estimate is None else estimate.detach().clone(),
+                           "grad": torch.is_grad_enabled()})
+        out = x * self.scale + 0.001 * t[:, :, None, None, None]
+        return out if estimate is None else out + estimate
+
+
+def test_training_self_condition_estimate_is_the_models_own_gradient_free_x0_in_half_the_windows():
+    """self_condition_estimate: one gradient-free call at the same noisy input, level and observed frames, with no
+    estimate; its x0 (observed frames zeroed) in some windows, zeros in the others, both drawn over 200 windows;
+    the returned estimate carries no gradient."""
+    schedule = Schedule.make("linear", 1000)
+    x_t = torch.randn(200, 4, 1, 2, 2)
+    t = torch.randint(1, 1000, (200, 4))
+    observed = (torch.arange(4) < 2).expand(200, 4)
+    spy = _EstimateSpy()
+    estimate = self_condition_estimate(spy, x_t, t, observed, schedule, "x0", torch.Generator().manual_seed(0))
+    assert len(spy.calls) == 1
+    call = spy.calls[0]
+    assert not call["grad"] and call["estimate"] is None
+    assert torch.equal(call["x"], x_t) and torch.equal(call["t"], t.float()) and torch.equal(call["observed"], observed)
+    assert not estimate.requires_grad
+    own = (x_t * 2 + 0.001 * t[:, :, None, None, None]).masked_fill(observed[:, :, None, None, None], 0.0)
+    kept = estimate.flatten(1).abs().amax(1) > 0
+    assert 60 < int(kept.sum()) < 140  # both kinds, about half
+    torch.testing.assert_close(estimate[kept], own[kept])
+    assert torch.all(estimate[~kept] == 0) and torch.all(estimate[:, :2] == 0)
+
+
+def test_self_conditioned_loss_trains_the_second_call_on_the_first_calls_estimate():
+    """masked_diffusion_loss(self_condition=True): the graded call reads the estimate of the gradient-free one (the
+    same x_t and levels), and the loss is its masked MSE; without, one call and no estimate."""
+    schedule = Schedule.make("linear", 1000)
+    x0 = torch.randn(16, 4, 1, 2, 2)
+    t = torch.randint(1, 1000, (16, 4)).masked_fill((torch.arange(4) < 2).expand(16, 4), 0)
+    observed = (torch.arange(4) < 2).expand(16, 4)
+    spy = _EstimateSpy()
+    loss = masked_diffusion_loss(spy, x0, t, observed, schedule, "x0", torch.Generator().manual_seed(1),
+                                 self_condition=True)
+    first, second = spy.calls
+    assert torch.equal(first["x"], second["x"]) and torch.equal(first["t"], second["t"])
+    assert first["estimate"] is None and second["grad"]
+    implied = (first["x"] * 2 + 0.001 * first["t"][:, :, None, None, None]).masked_fill(
+        observed[:, :, None, None, None], 0.0)
+    kept = second["estimate"].flatten(1).abs().amax(1) > 0
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(second["estimate"][kept], implied[kept])
+    pred = first["x"] * 2 + 0.001 * first["t"][:, :, None, None, None] + second["estimate"]
+    torch.testing.assert_close(loss, ((pred - x0)[:, 2:] ** 2).mean())
+    loss.backward()  # the gradient flows through the graded call only
+    assert spy.scale.grad is not None
+    spy.calls.clear()
+    masked_diffusion_loss(spy, x0, t, observed, schedule, "x0", torch.Generator().manual_seed(1))
+    assert len(spy.calls) == 1 and spy.calls[0]["estimate"] is None
+
+
+def test_ddim_hands_each_call_the_clean_estimate_of_the_call_before():
+    """ddim_sample(self_condition=True): zeros at the first call; every later call reads the x0 the previous call
+    predicted (an x0 model: its output), zero on the observed frames; also through the pyramid schedule."""
+    schedule = Schedule.make("linear", 1000)
+    clip = torch.randn(2, 6, 1, 2, 2)
+    observed = (torch.arange(6) < 3).expand(2, 6)
+    spy = _EstimateSpy()
+    ddim_sample(spy, clip, observed, schedule, steps=4, prediction="x0", eta=1.0, frame_delay=1,
+                generator=torch.Generator().manual_seed(0), self_condition=True)
+    assert len(spy.calls) == 4 + 2
+    assert torch.all(spy.calls[0]["estimate"] == 0)
+    for before, after in zip(spy.calls, spy.calls[1:]):
+        out = before["x"] * 2 + 0.001 * before["t"][:, :, None, None, None] + before["estimate"]
+        torch.testing.assert_close(after["estimate"], out.masked_fill(observed[:, :, None, None, None], 0.0))
+    spy.calls.clear()
+    ddim_sample(spy, clip, observed, schedule, steps=2, prediction="x0")
+    assert all(call["estimate"] is None for call in spy.calls)

@@ -437,3 +437,58 @@ def test_overlapping_patches_start_at_zero():
     model = VideoDiT(3, 8, 12, 4, width=64, depth=1, heads=2, patch=4, overlap=True)
     out = model(torch.randn(2, 4, 3, 8, 12), torch.rand(2, 4) * 1000, torch.tensor([[True, True, False, False]] * 2))
     assert out.shape == (2, 4, 3, 8, 12) and torch.count_nonzero(out) == 0
+
+
+def test_self_conditioned_dit_reads_its_estimate_and_refuses_a_stray_one():
+    """model with self_condition: no estimate is the zero estimate; an estimate in one frame changes the output
+    (the embedding reads it); a wrongly shaped one is refused. A model without it refuses any estimate."""
+    torch.manual_seed(0)
+    model = VideoDiT(3, 8, 12, 4, width=32, depth=1, heads=1, patch=4, self_condition=True)
+    assert model.embed.in_features == (2 * 3 + 1) * 16
+    for p in model.out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 4, 3, 8, 12), torch.randint(0, 1000, (2, 4)).float()
+    observed = torch.tensor([[True, True, False, False]] * 2)
+    estimate = torch.zeros_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, observed), model(x, t, observed, estimate), rtol=0, atol=0)
+        estimate[:, 2] = torch.randn(2, 3, 8, 12)
+        assert not torch.allclose(model(x, t, observed, estimate), model(x, t, observed))
+        with pytest.raises(ValueError, match="estimate must be shaped"):
+            model(x, t, observed, estimate[:, :3])
+        plain = VideoDiT(3, 8, 12, 4, width=32, depth=1, heads=1, patch=4)
+        with pytest.raises(ValueError, match="built without self_condition"):
+            plain(x, t, observed, estimate)
+
+
+def test_a_self_conditioned_run_trains_samples_and_loads_with_it(tmp_path):
+    """diffusion.self_condition=true end to end: the model is built to read the estimate, each step calls it twice,
+    the run reloads with it and samples; gen-distill refuses it."""
+    from fastdiff.config import ConfigError, build_config
+    from fastdiff.diffusion import sample_window
+    from fastdiff.sampling import load_run
+    from fastdiff.train import OnlineTrainer, write_config
+
+    cfg = build_config("tiny", None, {
+        "model.width": "32", "model.depth": "1", "model.heads": "1", "diffusion.self_condition": "true",
+        "optim.warmup": "0", "run.frames": "16", "run.threads": "1", "run.stream_frames": "3000",
+        "run.final_clips": "0", "run.sample_every": "0", "run.progress": "false", "run.out": str(tmp_path)})
+    write_config(cfg, tmp_path)
+    trainer = OnlineTrainer(cfg, tmp_path, log=lambda *_: None)
+    calls = []
+    trainer.step.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(len(args) + len(kwargs)),
+                                             with_kwargs=True)
+    trainer.train()
+    assert calls and set(calls) == {3, 4} and len(calls) % 2 == 0  # estimate pass (3 args), graded pass (4)
+    run = load_run(tmp_path, device="cpu")
+    assert run.model.self_condition and run.model.embed.in_features == 7 * 16
+    clip = torch.rand(1, run.window, 3, run.model.grid[0] * 4, run.model.grid[1] * 4)
+    observed = (torch.arange(run.window) < run.window // 2)[None]
+    calls.clear()
+    run.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(len(args) + len(kwargs)),
+                                    with_kwargs=True)
+    out = sample_window(run.model, clip, observed, run.schedule, run.cfg.diffusion, generator=torch.Generator())
+    assert out.shape == clip.shape and torch.isfinite(out).all()
+    assert set(calls) == {4}  # the sampler hands every call its estimate
+    with pytest.raises(ConfigError, match="self_condition"):
+        build_config("tiny", None, {"diffusion.self_condition": "true", "replay.strategy": "gen-distill"})

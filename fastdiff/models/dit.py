@@ -259,7 +259,7 @@ class VideoDiT(nn.Module):
                  checkpoint_activations: bool = False, pos_embed: str = "learned", context_skip: bool = False,
                  overlap: bool = False, frame_pos: bool = False, joint_attention: bool = False,
                  local_mix: bool = False, local_mix_kernel: int = 3, spatial_bias: bool = False,
-                 low_noise_skip: float = 0.0, pixel_head: int = 0,
+                 low_noise_skip: float = 0.0, pixel_head: int = 0, self_condition: bool = False,
                  schedule: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         if height % patch or width_px % patch:
@@ -268,15 +268,19 @@ class VideoDiT(nn.Module):
         self.grid = (height // patch, width_px // patch)
         self.checkpoint_activations = checkpoint_activations
         self.context_skip = context_skip
+        # self_condition: the input also carries an estimate of the clean frames (C more channels; zeros where there
+        # is none), see fastdiff/diffusion.py masked_diffusion_loss and ddim_sample.
+        self.self_condition = self_condition
+        inputs = (2 if self_condition else 1) * channels + 1  # +1: the observed-frame indicator channel
         # overlap: each token reads, and draws, its patch and half a patch around it (a strided conv in, its transpose
         # out), so a ball that straddles a patch edge is seen by the tokens on both sides and drawn by them together,
         # not as blocks that each token fills alone and that need not meet.
         self.overlap = overlap
         if overlap:
             pad = overlap_margin(patch)
-            self.embed = nn.Conv2d(channels + 1, width, patch + 2 * pad, stride=patch, padding=pad)
+            self.embed = nn.Conv2d(inputs, width, patch + 2 * pad, stride=patch, padding=pad)
         else:
-            self.embed = nn.Linear((channels + 1) * patch * patch, width)  # +1: the observed-frame indicator channel
+            self.embed = nn.Linear(inputs * patch * patch, width)
         if pos_embed == "sincos":  # fixed: where every token sits is known from the first step
             self.register_buffer("pos", sincos_2d(self.grid, width), persistent=False)
         elif pos_embed == "learned":
@@ -306,7 +310,7 @@ class VideoDiT(nn.Module):
         # pixel_head > 0: refine the patch output at pixel resolution (see refine); its last convolution starts at
         # zero, so that an untrained head passes the patch output through unchanged.
         if pixel_head > 0:
-            self.head_in = nn.Conv2d(2 * channels + 1, pixel_head, 3, padding=1)
+            self.head_in = nn.Conv2d(channels + inputs, pixel_head, 3, padding=1)
             self.head_film = nn.Linear(width, 2 * pixel_head)
             self.head_out = nn.Conv2d(pixel_head, channels, 3, padding=1)
             zeroed = (self.final_ada[1], self.out, self.head_film, self.head_out)
@@ -351,7 +355,7 @@ class VideoDiT(nn.Module):
         x = x.reshape(b, k, gh, gw, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, k, c, gh * p, gw * p)
 
-    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, C+1, H, W) -> (B, K, S, D)
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, inputs, H, W) -> (B, K, S, D)
         if not self.overlap:
             return self.embed(self.patchify(x))
         b, k = x.shape[:2]
@@ -365,16 +369,21 @@ class VideoDiT(nn.Module):
         return out.view(b, k, *out.shape[1:])
 
     def refine(self, out: torch.Tensor, inputs: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The pixel head: out (B, K, C, H, W) plus two 3x3 convolutions of [out, inputs] (inputs: the noisy frames
-        and the observed indicator, (B, K, C+1, H, W)), whose hidden channels are scaled and shifted per frame by
-        the timestep conditioning cond (B, K, D), so that the head knows how far to trust the noisy input."""
+        """The pixel head: out (B, K, C, H, W) plus two 3x3 convolutions of [out, inputs] (inputs: the noisy frames,
+        the self-conditioning estimate if any and the observed indicator, (B, K, inputs, H, W)), whose hidden
+        channels are scaled and shifted per frame by the timestep conditioning cond (B, K, D), so that the head knows
+        how far to trust the noisy input."""
         b, k = out.shape[:2]
         hidden = self.head_in(torch.cat([out, inputs], dim=2).flatten(0, 1))  # (B*K, P, H, W)
         scale, shift = self.head_film(cond).flatten(0, 1)[:, :, None, None].chunk(2, dim=1)
         hidden = F.silu(hidden * (1 + scale) + shift)
         return out + self.head_out(hidden).view_as(out)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, observed: torch.Tensor,
+                estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 (or eps, v) of noisy frames x (B, K, C, H, W) at levels t (B, K), `observed` (B, K) marking the frames
+        given clean. `estimate` (like x): the self-conditioning input of a model built with self_condition (None:
+        zeros, the model's prediction without one); refused by a model without it."""
         b, k, c, h, w = x.shape
         if c != self.channels or (h // self.patch, w // self.patch) != self.grid:
             raise ValueError(f"expected (B, K, {self.channels}, {self.grid[0] * self.patch}, "
@@ -383,7 +392,18 @@ class VideoDiT(nn.Module):
             raise ValueError(f"timesteps and observed mask must be (B, K)=({b}, {k}); "
                              f"got {tuple(t.shape)} and {tuple(observed.shape)}")
         indicator = observed.to(x.dtype)[:, :, None, None, None].expand(b, k, 1, h, w)
-        inputs = torch.cat([x, indicator], dim=2)
+        if self.self_condition:
+            if estimate is None:
+                estimate = torch.zeros_like(x)
+            elif estimate.shape != x.shape:
+                raise ValueError(f"the self-conditioning estimate must be shaped as x {tuple(x.shape)}; "
+                                 f"got {tuple(estimate.shape)}")
+            inputs = torch.cat([x, estimate.to(x.dtype), indicator], dim=2)
+        elif estimate is not None:
+            raise ValueError("a self-conditioning estimate was given to a model built without self_condition "
+                             "(diffusion.self_condition=false)")
+        else:
+            inputs = torch.cat([x, indicator], dim=2)
         tokens = self.to_tokens(inputs) + self.pos
         if self.frame_pos is not None:
             tokens = tokens + self.frame_pos[:k]
