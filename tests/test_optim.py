@@ -230,7 +230,6 @@ def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adam
     adamw = torch.optim.AdamW([p for p in twin.parameters() if id(p) not in chosen], lr=o.lr,
                               betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=True)
     lrs = [2e-3, 1e-3, 5e-4, 2e-3]
-    _dit_steps(model, ours, 4, seed=3, lrs=lrs)
 
     class Both:
         param_groups = muon.param_groups + adamw.param_groups
@@ -241,16 +240,27 @@ def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adam
         def step(self):
             muon.step(), adamw.step()
 
-    _dit_steps(twin, Both(), 4, seed=3, lrs=lrs)
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        if id(q) in chosen:  # BatchedMuon: the same iteration batched, equal up to bf16 matmul rounding
-            assert torch.allclose(p, q, rtol=0, atol=1e-3 * o.lr), name
-        else:
-            assert torch.equal(p, q), name
+    # Step by step from the same parameters: BatchedMuon runs torch's iteration batched, equal up to bf16 matmul
+    # rounding (measured on an AVX2-only AMD EPYC: up to 0.019 lr per element, on the adaLN matrices, where a
+    # Muon step moves an element by about 0.2 lr RMS), and the rest takes AdamW's step bit for bit. (Over several steps without re-syncing, that rounding
+    # reaches every parameter through the gradients, by as much as a tenth of lr on CPUs without AVX-512.) The
+    # momentum and Adam states see the same gradients, so they stay equal.
+    for step, lr in enumerate(lrs):
+        _dit_steps(model, ours, 1, seed=3 + step, lrs=[lr])
+        _dit_steps(twin, Both(), 1, seed=3 + step, lrs=[lr])
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            if id(q) in chosen:
+                assert torch.allclose(p, q, rtol=0, atol=0.05 * lr), (step, name)
+            else:
+                assert torch.equal(p, q), (step, name)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                q.copy_(p)
 
     plain = _dit()
-    _dit_steps(plain, build_optimizer("adamw", plain.parameters(), lr=o.lr, weight_decay=o.weight_decay), 4, seed=3,
-               lrs=lrs)
+    adamw_only = build_optimizer("adamw", plain.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    for step, lr in enumerate(lrs):
+        _dit_steps(plain, adamw_only, 1, seed=3 + step, lrs=[lr])
     moved = [(p - q).abs().amax() for p, q in zip(model.hidden_matrices(), plain.hidden_matrices())]
     assert max(moved) > 1e-4  # the matrices took Muon's step, not AdamW's
 

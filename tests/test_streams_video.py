@@ -55,7 +55,13 @@ def videos(tmp_path_factory):
     out["folder"] = folder
     data = out["rgb"].read_bytes()
     bad = bytearray(data)
-    bad[len(bad) // 2:len(bad) // 2 + 300] = bytes(range(256)) + bytes(44)  # fixed garbage
+    # fixed garbage in the middle of the frames' data (the mdat box), never in the index (moov): where the file's
+    # midpoint falls depends on the encoder's thread count, and a damaged index makes the file unopenable
+    mdat = data.index(b"mdat") - 4
+    payload = int.from_bytes(data[mdat:mdat + 4], "big") - 8
+    assert payload > 1000, payload
+    middle = mdat + 8 + payload // 2
+    bad[middle:middle + 300] = bytes(range(256)) + bytes(44)
     (d / "garbage.mp4").write_bytes(bytes(bad))
     out["garbage"] = d / "garbage.mp4"
     (d / "trunc.mp4").write_bytes(data[: len(data) // 2])  # moov index at the end: unopenable
