@@ -241,10 +241,10 @@ def test_muon_steps_the_blocks_matrices_as_torch_muon_and_the_rest_as_torch_adam
             muon.step(), adamw.step()
 
     # Step by step from the same parameters: BatchedMuon runs torch's iteration batched, equal up to bf16 matmul
-    # rounding (measured on an AVX2-only AMD EPYC: up to 0.019 lr per element, on the adaLN matrices, where a
-    # Muon step moves an element by about 0.2 lr RMS), and the rest takes AdamW's step bit for bit. (Over several steps without re-syncing, that rounding
-    # reaches every parameter through the gradients, by as much as a tenth of lr on CPUs without AVX-512.) The
-    # momentum and Adam states see the same gradients, so they stay equal.
+    # rounding (measured on an AVX2-only AMD EPYC: up to 0.019 lr per element, on the adaLN matrices, where a Muon
+    # step moves an element by about 0.2 lr RMS), and the rest takes AdamW's step bit for bit. The parameters are
+    # re-synced after each step because over several steps that rounding reaches every parameter through the
+    # gradients (by up to a tenth of lr there); the momentum and Adam states see the same gradients, so stay equal.
     for step, lr in enumerate(lrs):
         _dit_steps(model, ours, 1, seed=3 + step, lrs=[lr])
         _dit_steps(twin, Both(), 1, seed=3 + step, lrs=[lr])
