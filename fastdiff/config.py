@@ -142,8 +142,8 @@ class DiffusionConfig:
     # one more forward a training step (35% more time per frame on tiny); sampling costs nothing more. Heun and
     # FIFO sample with the zero estimate, a pattern trained on half the windows. On tiny at 4,500 frames, 4 seeds:
     # two-ball frames 77.9% against 73.7% (paired differences -10 to +15 points), minADE 7.52 against 8.16 px,
-    # ColorKL worse on two seeds; in the default job's 9.5 minutes it trains a third of the frames
-    # (profiles/learning/README.md, tenth session), so off.
+    # ColorKL worse on two seeds; in the default job's 9.5 minutes at 2 threads it trained 1,516 frames against
+    # the plain job's 3,272 on the same box (profiles/learning/README.md, tenth session), so off.
     self_condition: bool = False
 
 
