@@ -275,7 +275,7 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
     T - 1, unobserved) and steps with cond + w * (cond - uncond), in one model call over both batches.
 
     `self_condition` (a model built with it) hands every call the clean estimate of the call before it
-    (:func:`clean_estimate` of its stepped output; zeros at the first call)."""
+    (:func:`clean_estimate` of its output, after the clamp; zeros at the first call)."""
     b, k = clip.shape[:2]
     obs5 = observed[:, :, None, None, None]
     noise = torch.randn(clip.shape, generator=generator, device=clip.device)
