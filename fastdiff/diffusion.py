@@ -147,11 +147,10 @@ def masked_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, observed: to
                                 prediction=prediction)
     if retarget is not None:
         target = retarget(x_t, target)
-    if self_condition:
-        estimate = self_condition_estimate(model, x_t, t, observed, schedule, prediction, generator)
-        pred = model(x_t, t.float(), observed, estimate)
-    else:
-        pred = model(x_t, t.float(), observed)
+    # self-conditioning: the graded call also reads the estimate of a first, gradient-free one
+    extra = ((self_condition_estimate(model, x_t, t, observed, schedule, prediction, generator),)
+             if self_condition else ())
+    pred = model(x_t, t.float(), observed, *extra)
     if pixel_weight is not None:  # sum w (pred - target)^2 == sum (sqrt(w) pred - sqrt(w) target)^2: the same kernel
         root = pixel_weight.sqrt()
         pred, target = pred * root, target * root
@@ -316,15 +315,16 @@ def ddim_sample(model, clip: torch.Tensor, observed: torch.Tensor, schedule: Sch
         t = ladder[progress.clamp(0, steps)].clamp(min=0).masked_fill(observed, context_level)
         stepping = (progress >= 0) & (progress < steps) & ~observed
         t_prev = torch.where(stepping, ladder[(progress + 1).clamp(0, steps)], t)  # observed: t, context_level
+        extra = () if estimate is None else (estimate,)
         if history_guidance > 0:
             x_free = torch.where(obs5, history_noise, x)
             t_free = torch.where(observed, schedule.timesteps - 1, t)
-            extra = () if estimate is None else (torch.cat([estimate, estimate]),)
-            both = model(torch.cat([x, x_free]), torch.cat([t, t_free]).float(), observed_both, *extra)
+            both = model(torch.cat([x, x_free]), torch.cat([t, t_free]).float(), observed_both,
+                         *(torch.cat([e, e]) for e in extra))
             cond, uncond = both.float().chunk(2)
             out = cond + history_guidance * (cond - uncond)
         else:
-            out = model(x, t.float(), observed, *(() if estimate is None else (estimate,)))
+            out = model(x, t.float(), observed, *extra)
         if clip_x0 is not None:  # pixel space: keep x0 in range by re-deriving the prediction
             a, s = schedule.alpha[t][..., None, None, None], schedule.sigma[t][..., None, None, None]
             out = clamp_prediction(out.float(), x, a, s, prediction, clip_x0)

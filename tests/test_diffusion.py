@@ -616,20 +616,24 @@ def test_clean_estimate_is_the_implied_x0_with_observed_frames_zeroed(prediction
 
 
 class _EstimateSpy(torch.nn.Module):
-    """An x0 model that records every call's inputs and returns x * 2 + 0.1 * t, plus the estimate when one is
-    given (so its output tells an estimate-reading call from one without)."""
+    """An x0 model that records every call's inputs and returns :meth:`output`: x * 2 + 0.001 * t, plus the
+    estimate when one is given (so its output tells an estimate-reading call from one without)."""
 
     def __init__(self):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(2.0))
         self.calls = []
 
+    @staticmethod
+    def output(x, t, estimate=None, scale=2.0):
+        out = x * scale + 0.001 * t[:, :, None, None, None]
+        return out if estimate is None else out + estimate
+
     def forward(self, x, t, observed, estimate=None):
         self.calls.append({"x": x.detach().clone(), "t": t.clone(), "observed": observed.clone(),
                            "estimate": None if estimate is None else estimate.detach().clone(),
                            "grad": torch.is_grad_enabled()})
-        out = x * self.scale + 0.001 * t[:, :, None, None, None]
-        return out if estimate is None else out + estimate
+        return self.output(x, t, estimate, self.scale)
 
 
 def test_training_self_condition_estimate_is_the_models_own_gradient_free_x0_in_half_the_windows():
@@ -647,7 +651,7 @@ def test_training_self_condition_estimate_is_the_models_own_gradient_free_x0_in_
     assert not call["grad"] and call["estimate"] is None
     assert torch.equal(call["x"], x_t) and torch.equal(call["t"], t.float()) and torch.equal(call["observed"], observed)
     assert not estimate.requires_grad
-    own = (x_t * 2 + 0.001 * t[:, :, None, None, None]).masked_fill(observed[:, :, None, None, None], 0.0)
+    own = _EstimateSpy.output(x_t, t).masked_fill(observed[:, :, None, None, None], 0.0)
     kept = estimate.flatten(1).abs().amax(1) > 0
     assert 60 < int(kept.sum()) < 140  # both kinds, about half
     torch.testing.assert_close(estimate[kept], own[kept])
@@ -667,12 +671,11 @@ def test_self_conditioned_loss_trains_the_second_call_on_the_first_calls_estimat
     first, second = spy.calls
     assert torch.equal(first["x"], second["x"]) and torch.equal(first["t"], second["t"])
     assert first["estimate"] is None and second["grad"]
-    implied = (first["x"] * 2 + 0.001 * first["t"][:, :, None, None, None]).masked_fill(
-        observed[:, :, None, None, None], 0.0)
+    implied = _EstimateSpy.output(first["x"], first["t"]).masked_fill(observed[:, :, None, None, None], 0.0)
     kept = second["estimate"].flatten(1).abs().amax(1) > 0
     assert kept.any() and (~kept).any()
     torch.testing.assert_close(second["estimate"][kept], implied[kept])
-    pred = first["x"] * 2 + 0.001 * first["t"][:, :, None, None, None] + second["estimate"]
+    pred = _EstimateSpy.output(second["x"], second["t"], second["estimate"])
     torch.testing.assert_close(loss, ((pred - x0)[:, 2:] ** 2).mean())
     loss.backward()  # the gradient flows through the graded call only
     assert spy.scale.grad is not None
@@ -693,7 +696,7 @@ def test_ddim_hands_each_call_the_clean_estimate_of_the_call_before():
     assert len(spy.calls) == 4 + 2
     assert torch.all(spy.calls[0]["estimate"] == 0)
     for before, after in zip(spy.calls, spy.calls[1:]):
-        out = before["x"] * 2 + 0.001 * before["t"][:, :, None, None, None] + before["estimate"]
+        out = _EstimateSpy.output(before["x"], before["t"], before["estimate"])
         torch.testing.assert_close(after["estimate"], out.masked_fill(observed[:, :, None, None, None], 0.0))
     spy.calls.clear()
     ddim_sample(spy, clip, observed, schedule, steps=2, prediction="x0")

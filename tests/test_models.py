@@ -475,9 +475,12 @@ def test_a_self_conditioned_run_trains_samples_and_loads_with_it(tmp_path):
         "run.final_clips": "0", "run.sample_every": "0", "run.progress": "false", "run.out": str(tmp_path)})
     write_config(cfg, tmp_path)
     trainer = OnlineTrainer(cfg, tmp_path, log=lambda *_: None)
-    calls = []
-    trainer.step.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(len(args) + len(kwargs)),
-                                             with_kwargs=True)
+    calls = []  # how many inputs each forward call was given
+
+    def count_inputs(module, args, kwargs, out):
+        calls.append(len(args) + len(kwargs))
+
+    trainer.step.model.register_forward_hook(count_inputs, with_kwargs=True)
     trainer.train()
     assert calls and set(calls) == {3, 4} and len(calls) % 2 == 0  # estimate pass (3 args), graded pass (4)
     run = load_run(tmp_path, device="cpu")
@@ -485,8 +488,7 @@ def test_a_self_conditioned_run_trains_samples_and_loads_with_it(tmp_path):
     clip = torch.rand(1, run.window, 3, run.model.grid[0] * 4, run.model.grid[1] * 4)
     observed = (torch.arange(run.window) < run.window // 2)[None]
     calls.clear()
-    run.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(len(args) + len(kwargs)),
-                                    with_kwargs=True)
+    run.model.register_forward_hook(count_inputs, with_kwargs=True)
     out = sample_window(run.model, clip, observed, run.schedule, run.cfg.diffusion, generator=torch.Generator())
     assert out.shape == clip.shape and torch.isfinite(out).all()
     assert set(calls) == {4}  # the sampler hands every call its estimate
