@@ -145,6 +145,15 @@ class DiffusionConfig:
     # ColorKL worse on two seeds; in the default job's 9.5 minutes at 2 threads it trained 1,516 frames against
     # the plain job's 3,272 on the same box (profiles/learning/README.md, tenth session), so off.
     self_condition: bool = False
+    # Redrawn context (scheduled sampling, for a denoiser): in this share of training windows the observed frames
+    # are the model's own drawing of them, its x0 from one gradient-free call with those frames noised to one level
+    # per window below context_redraw_level * T and the frames to predict pure noise (as the rollout's window before
+    # drew them, without seeing their future), while the frames to predict keep their true targets. A rollout
+    # conditions on frames the model drew; where it drew two touching balls of one colour as one blob, the next
+    # window continues one ball. Trained this way the model meets its own drawing errors in the context, with the
+    # truth after them. Costs one more forward a training step. 0: off.
+    context_redraw: float = 0.0
+    context_redraw_level: float = 0.5
 
 
 @dataclass
@@ -536,7 +545,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.sample_frame_lag: must be in [0, 1], a share of diffusion.sample_steps; "
                           f"got {cfg.diffusion.sample_frame_lag}")
     for dotted, share in (("diffusion.context_noise", cfg.diffusion.context_noise),
-                          ("diffusion.sample_context_noise", cfg.diffusion.sample_context_noise)):
+                          ("diffusion.sample_context_noise", cfg.diffusion.sample_context_noise),
+                          ("diffusion.context_redraw_level", cfg.diffusion.context_redraw_level)):
         if not 0.0 <= share < 1.0:
             raise ConfigError(f"{dotted}: must be in [0, 1), a share of diffusion.timesteps; got {share}")
     pyramid_from_noise = (cfg.diffusion.sampler == "ddim" and cfg.diffusion.sample_frame_lag > 0
@@ -581,6 +591,13 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.self_condition and cfg.replay.strategy == "gen-distill":
         raise ConfigError("diffusion.self_condition with replay.strategy=gen-distill not supported because the "
                           "distillation loss regresses onto the teacher's targets without the estimate pass; "
+                          "train with er, none, full or offline")
+    if not 0.0 <= cfg.diffusion.context_redraw <= 1.0:
+        raise ConfigError(f"diffusion.context_redraw: must be in [0, 1], a share of the training windows; got "
+                          f"{cfg.diffusion.context_redraw}")
+    if cfg.diffusion.context_redraw > 0 and cfg.replay.strategy == "gen-distill":
+        raise ConfigError("diffusion.context_redraw with replay.strategy=gen-distill not supported because the "
+                          "distillation loss regresses onto the teacher's targets, not through training_loss; "
                           "train with er, none, full or offline")
     if cfg.diffusion.foreground_weight < 0:
         raise ConfigError(f"diffusion.foreground_weight: must be >= 0; got {cfg.diffusion.foreground_weight}")

@@ -185,6 +185,27 @@ def self_condition_estimate(model, x_t: torch.Tensor, t: torch.Tensor, observed:
     return estimate * keep[:, None, None, None, None].to(estimate.dtype)
 
 
+def redrawn_context(model, x0: torch.Tensor, t: torch.Tensor, observed: torch.Tensor, schedule: Schedule,
+                    cfg: DiffusionConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Training's redrawn context (`diffusion.context_redraw`): clean clips x0 (B, K, C, H, W) whose observed
+    frames, in a random share of the windows, are the model's own x0 of them from one gradient-free call. That
+    call sees the observed frames noised to one level per window in [0, context_redraw_level * T) and the other
+    frames pure noise (their future hidden, as the rollout's window before drew them), no frame held clean. The
+    frames to predict keep their true content. Drawn per window on the device, so the step stays capturable."""
+    b = x0.shape[0]
+    top = max(1, context_level(cfg.context_redraw_level, schedule.timesteps))
+    level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
+    redraw = torch.rand(b, 1, generator=generator, device=x0.device) < cfg.context_redraw
+    t_draw = torch.where(observed, level, schedule.timesteps - 1)
+    none_clean = torch.zeros_like(observed)
+    with torch.no_grad():
+        x_t, _ = ops.add_noise(x0, t_draw, none_clean, schedule.alpha, schedule.sigma, generator=generator,
+                               prediction=cfg.prediction)
+        drawn = clean_estimate(model(x_t, t_draw.float(), none_clean), x_t, t_draw, none_clean, schedule,
+                               cfg.prediction)
+    return torch.where((redraw & observed)[:, :, None, None, None], drawn.to(x0.dtype), x0)
+
+
 def context_level(share: float, timesteps: int) -> int:
     """The noise level that a context-noise share of T names. Training draws each window's context level below it
     (`diffusion.context_noise`); the DDIM rollouts condition at it (`diffusion.sample_context_noise`)."""
@@ -205,6 +226,8 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
         level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
         t = torch.where(observed, level, t)
     pixel_weight = foreground_weights(x0, cfg.foreground_weight) if cfg.foreground_weight > 0 else None
+    if cfg.context_redraw > 0:  # after the weights: those follow the true frames, and the redraw is context only
+        x0 = redrawn_context(model, x0, t, observed, schedule, cfg, generator)
     return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
                                  context_noised=noised, per_window=per_window, pixel_weight=pixel_weight,
                                  self_condition=cfg.self_condition)

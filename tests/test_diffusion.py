@@ -12,6 +12,7 @@ from fastdiff.diffusion import (
     heun_sample,
     masked_diffusion_loss,
     predict_x0_eps,
+    redrawn_context,
     rollout,
     rollout_chunks,
     rollout_model_calls,
@@ -514,7 +515,7 @@ def test_staggered_training_windows_are_the_pyramid_samplers(lag):
 def test_context_noise_settings_are_checked():
     from fastdiff.config import ConfigError, build_config
 
-    for field in ("diffusion.context_noise", "diffusion.sample_context_noise"):
+    for field in ("diffusion.context_noise", "diffusion.sample_context_noise", "diffusion.context_redraw_level"):
         for bad in ("-0.1", "1.0"):
             with pytest.raises(ConfigError, match=field):
                 build_config("tiny", None, {field: bad})
@@ -701,3 +702,67 @@ def test_ddim_hands_each_call_the_clean_estimate_of_the_call_before():
     spy.calls.clear()
     ddim_sample(spy, clip, observed, schedule, steps=2, prediction="x0")
     assert all(call["estimate"] is None for call in spy.calls)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_redrawn_context_is_the_models_gradient_free_drawing_of_the_observed_frames(share):
+    """redrawn_context: one gradient-free call that holds no frame clean, the observed frames at one level per
+    window below context_redraw_level * T and the others at T - 1; its x0 replaces the observed frames of a share
+    of the windows (about half of 200, or all), and every other frame keeps the clean clip's content."""
+    schedule = Schedule.make("linear", 1000)
+    cfg = DiffusionConfig(prediction="x0", context_redraw=share, context_redraw_level=0.3)
+    x0 = torch.randn(200, 4, 1, 2, 2)
+    observed = (torch.arange(4) < 2).expand(200, 4)
+    t = torch.randint(1, 1000, (200, 4)).masked_fill(observed, 0)
+    spy = _EstimateSpy()
+    got = redrawn_context(spy, x0, t, observed, schedule, cfg, torch.Generator().manual_seed(0))
+    assert len(spy.calls) == 1
+    call = spy.calls[0]
+    assert not call["grad"] and call["estimate"] is None and not call["observed"].any()
+    level = call["t"][:, :2].long()
+    assert torch.equal(level, level[:, :1].expand(200, 2)) and level.max() < 300 and level.max() > 200
+    assert torch.all(call["t"][:, 2:] == 999)
+    a = schedule.alpha[level][..., None, None, None]
+    s = schedule.sigma[level][..., None, None, None]
+    noise = (call["x"][:, :2] - a * x0[:, :2]) / s  # the call's input is x0 noised at its level
+    assert 0.9 < float(noise.std()) < 1.1
+    drawn = _EstimateSpy.output(call["x"], call["t"])[:, :2]
+    redrawn = (got[:, :2] != x0[:, :2]).flatten(1).any(1)
+    if share == 1.0:
+        assert redrawn.all()
+    else:
+        assert 60 < int(redrawn.sum()) < 140
+    torch.testing.assert_close(got[redrawn, :2], drawn[redrawn])
+    assert torch.equal(got[~redrawn], x0[~redrawn]) and torch.equal(got[:, 2:], x0[:, 2:])
+
+
+def test_training_loss_with_redrawn_context_grades_the_true_frames_after_the_drawn_ones():
+    """training_loss(context_redraw=1): the graded call observes the first call's drawing of the context, and the
+    loss is its MSE against the true frames to predict; with context_redraw 0, one call on the true clip."""
+    schedule = Schedule.make("linear", 1000)
+    x0 = torch.randn(16, 4, 1, 2, 2)
+    spy = _EstimateSpy()
+    cfg = DiffusionConfig(prediction="x0", paper_pattern_prob=1.0, context_redraw=1.0)
+    loss = training_loss(spy, x0, schedule, cfg, torch.Generator().manual_seed(1))
+    first, second = spy.calls
+    assert not first["grad"] and second["grad"]
+    observed = second["observed"]
+    assert torch.equal(observed, (torch.arange(4) < 2).expand(16, 4))
+    torch.testing.assert_close(second["x"][:, :2], _EstimateSpy.output(first["x"], first["t"])[:, :2])
+    pred = _EstimateSpy.output(second["x"], second["t"])
+    torch.testing.assert_close(loss, ((pred - x0)[:, 2:] ** 2).mean())
+    spy.calls.clear()
+    training_loss(spy, x0, schedule, DiffusionConfig(prediction="x0", paper_pattern_prob=1.0),
+                  torch.Generator().manual_seed(1))
+    assert len(spy.calls) == 1 and torch.equal(spy.calls[0]["x"][:, :2], x0[:, :2])
+
+
+def test_context_redraw_settings_are_checked():
+    from fastdiff.config import ConfigError, build_config
+
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match="diffusion.context_redraw: must be in"):
+            build_config("tiny", None, {"diffusion.context_redraw": bad})
+    with pytest.raises(ConfigError, match="context_redraw with replay.strategy=gen-distill not supported"):
+        build_config("tiny", None, {"diffusion.context_redraw": "0.5", "replay.strategy": "gen-distill"})
+    assert build_config("tiny", None, {"diffusion.context_redraw": "1"}).diffusion.context_redraw == 1.0
