@@ -185,8 +185,8 @@ def self_condition_estimate(model, x_t: torch.Tensor, t: torch.Tensor, observed:
     return estimate * keep[:, None, None, None, None].to(estimate.dtype)
 
 
-def redrawn_context(model, x0: torch.Tensor, t: torch.Tensor, observed: torch.Tensor, schedule: Schedule,
-                    cfg: DiffusionConfig, generator: torch.Generator | None) -> torch.Tensor:
+def redrawn_context(model, x0: torch.Tensor, observed: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
+                    generator: torch.Generator | None) -> torch.Tensor:
     """Training's redrawn context (`diffusion.context_redraw`): clean clips x0 (B, K, C, H, W) whose observed
     frames, in a random share of the windows, are the model's own x0 of them from one gradient-free call. That
     call sees the observed frames noised to one level per window in [0, context_redraw_level * T) and the other
@@ -227,7 +227,7 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
         t = torch.where(observed, level, t)
     pixel_weight = foreground_weights(x0, cfg.foreground_weight) if cfg.foreground_weight > 0 else None
     if cfg.context_redraw > 0:  # after the weights: those follow the true frames, and the redraw is context only
-        x0 = redrawn_context(model, x0, t, observed, schedule, cfg, generator)
+        x0 = redrawn_context(model, x0, observed, schedule, cfg, generator)
     return masked_diffusion_loss(model, x0, t, observed, schedule, cfg.prediction, generator, weight=weight,
                                  context_noised=noised, per_window=per_window, pixel_weight=pixel_weight,
                                  self_condition=cfg.self_condition)
