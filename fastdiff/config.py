@@ -590,17 +590,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.augment={cfg.run.augment} with autoencoder.latent={cfg.autoencoder.latent} not "
                           "supported because the autoencoder's latents do not mirror with the frames; train in pixel "
                           "space (autoencoder.latent=none)")
-    if cfg.diffusion.self_condition and cfg.replay.strategy == "gen-distill":
-        raise ConfigError("diffusion.self_condition with replay.strategy=gen-distill not supported because the "
-                          "distillation loss regresses onto the teacher's targets without the estimate pass; "
-                          "train with er, none, full or offline")
+    # options of the training loss that generative distillation's own loss does not go through
+    for option, on in (("diffusion.self_condition", cfg.diffusion.self_condition),
+                       ("diffusion.context_redraw", cfg.diffusion.context_redraw > 0)):
+        if on and cfg.replay.strategy == "gen-distill":
+            raise ConfigError(f"{option} with replay.strategy=gen-distill not supported because the distillation "
+                              "loss regresses onto the teacher's targets in its own loss, not through "
+                              "training_loss, which applies it; train with er, none, full or offline")
     if not 0.0 <= cfg.diffusion.context_redraw <= 1.0:
         raise ConfigError(f"diffusion.context_redraw: must be in [0, 1], a share of the training windows; got "
                           f"{cfg.diffusion.context_redraw}")
-    if cfg.diffusion.context_redraw > 0 and cfg.replay.strategy == "gen-distill":
-        raise ConfigError("diffusion.context_redraw with replay.strategy=gen-distill not supported because the "
-                          "distillation loss regresses onto the teacher's targets, not through training_loss; "
-                          "train with er, none, full or offline")
     if cfg.diffusion.foreground_weight < 0:
         raise ConfigError(f"diffusion.foreground_weight: must be >= 0; got {cfg.diffusion.foreground_weight}")
     if cfg.model.pixel_head < 0:

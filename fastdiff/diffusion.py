@@ -193,8 +193,7 @@ def redrawn_context(model, x0: torch.Tensor, observed: torch.Tensor, schedule: S
     frames pure noise (their future hidden, as the rollout's window before drew them), no frame held clean. The
     frames to predict keep their true content. Drawn per window on the device, so the step stays capturable."""
     b = x0.shape[0]
-    top = max(1, context_level(cfg.context_redraw_level, schedule.timesteps))
-    level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
+    level = window_context_levels(cfg.context_redraw_level, b, schedule.timesteps, generator, x0.device)
     redraw = torch.rand(b, 1, generator=generator, device=x0.device) < cfg.context_redraw
     t_draw = torch.where(observed, level, schedule.timesteps - 1)
     none_clean = torch.zeros_like(observed)
@@ -212,6 +211,14 @@ def context_level(share: float, timesteps: int) -> int:
     return int(share * timesteps)
 
 
+def window_context_levels(share: float, batch: int, timesteps: int, generator: torch.Generator | None,
+                          device) -> torch.Tensor:
+    """(batch, 1): one noise level per training window, uniform in [0, share * T) (at least level 0): the level
+    context noise noises the observed frames to, and the one the redrawn context is drawn from."""
+    top = max(1, context_level(share, timesteps))
+    return torch.randint(0, top, (batch, 1), generator=generator, device=device)
+
+
 def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionConfig,
                   generator: torch.Generator, *, per_window: bool = False):
     """The masked diffusion loss of one batch of clean clips x0 (B, K, C, H, W) at the training noise levels
@@ -221,10 +228,9 @@ def training_loss(model, x0: torch.Tensor, schedule: Schedule, cfg: DiffusionCon
                                          observed_frames(cfg, k), training_stagger(cfg))
     weight = frame_weights(t, schedule, cfg)
     noised = cfg.context_noise > 0
-    if noised:  # one context level per window, in [0, context_noise * T)
-        top = max(1, context_level(cfg.context_noise, schedule.timesteps))
-        level = torch.randint(0, top, (b, 1), generator=generator, device=x0.device)
-        t = torch.where(observed, level, t)
+    if noised:
+        t = torch.where(observed, window_context_levels(cfg.context_noise, b, schedule.timesteps, generator,
+                                                        x0.device), t)
     pixel_weight = foreground_weights(x0, cfg.foreground_weight) if cfg.foreground_weight > 0 else None
     if cfg.context_redraw > 0:  # after the weights: those follow the true frames, and the redraw is context only
         x0 = redrawn_context(model, x0, observed, schedule, cfg, generator)
