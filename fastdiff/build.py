@@ -59,7 +59,7 @@ def autoencoder(cfg: AutoencoderConfig, device) -> FrameAutoencoder | PixelSpace
     of pixel space (`autoencoder.latent=none`)."""
     if cfg.latent == "none":
         return PixelSpace()
-    return FrameAutoencoder(cfg.channels, cfg.factor, cfg.hidden).to(device)
+    return FrameAutoencoder(cfg.channels, cfg.factor, cfg.hidden, colour=cfg.colour).to(device)
 
 
 def load_autoencoder(cfg: AutoencoderConfig, path, device) -> FrameAutoencoder | PixelSpace:
@@ -73,7 +73,7 @@ def load_autoencoder(cfg: AutoencoderConfig, path, device) -> FrameAutoencoder |
 
 def latent_shape(cfg: AutoencoderConfig, frame_hw: tuple[int, int]) -> tuple[int, int, int]:
     """(channels, height, width) of one frame's latent."""
-    channels, factor = (3, 1) if cfg.latent == "none" else (cfg.channels, cfg.factor)
+    channels, factor = cfg.latent_channels_and_factor()
     return channels, frame_hw[0] // factor, frame_hw[1] // factor
 
 

@@ -70,12 +70,24 @@ class ModelConfig:
 class AutoencoderConfig:
     latent: str = "ae"  # "ae": frozen conv autoencoder; "none": pixel space, as in the paper
     factor: int = 4  # spatial downsampling (1, 2, 4 or 8)
-    channels: int = 4
+    channels: int = 4  # learned latent channels
+    # "learned": the encoder sees colour and codes it as it likes. "pooled": the learned channels come from a
+    # colour-blind encoder (each pixel's brightest channel) and three more channels carry each factor x factor
+    # block's mean RGB, so that a colour costs in the latent diffusion loss what it costs in pixels. Why: fitted
+    # on balls, the learned code moves 6x less from red to green than from a ball to black (in pixels: 2x more),
+    # and latent models lose the colour rule (profiles/learning/README.md, twelfth session).
+    colour: str = "learned"
     hidden: int = 32
     warmup_frames: int = 1000  # stream prefix the autoencoder is fitted on, then frozen
     fit_steps: int = 400
     fit_batch: int = 32
     lr: float = 2e-3
+
+    def latent_channels_and_factor(self) -> tuple[int, int]:
+        """(channels, spatial factor) of one frame's latent; pixel space is (3, 1)."""
+        if self.latent == "none":
+            return 3, 1
+        return self.channels + (3 if self.colour == "pooled" else 0), self.factor
 
 
 # Why the Heun sampler cannot condition on noised context; said by config validation and by sample_window (whose
@@ -343,6 +355,7 @@ PRESET_BUDGET_GIB = {"gpu-8gb": 8, "gpu-12gb": 12, "gpu-24gb": 24, "h100": 80}
 
 CHOICES = {
     "autoencoder.latent": ("ae", "none"),
+    "autoencoder.colour": ("learned", "pooled"),
     "model.pos_embed": ("learned", "sincos"),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "v", "x0"),
@@ -586,6 +599,9 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.loss_weight == "x0" and cfg.diffusion.prediction == "eps":
         raise ConfigError("diffusion.loss_weight=x0 with diffusion.prediction=eps not supported because eps's x0 "
                           "weight sigma^2 / alpha^2 is unbounded at the top noise level; predict v or x0")
+    if cfg.autoencoder.colour == "pooled" and cfg.autoencoder.latent == "none":
+        raise ConfigError("autoencoder.colour=pooled with autoencoder.latent=none not supported because pixel space "
+                          "has no autoencoder to code colour; pick autoencoder.latent=ae")
     if cfg.run.augment != "none" and cfg.autoencoder.latent != "none":
         raise ConfigError(f"run.augment={cfg.run.augment} with autoencoder.latent={cfg.autoencoder.latent} not "
                           "supported because the autoencoder's latents do not mirror with the frames; train in pixel "

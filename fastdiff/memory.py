@@ -62,7 +62,7 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
              buffer_bytes: int | None = None, bank_bytes: int = 0) -> dict[str, float]:
     """Memory of one training step's steady state, in MiB per component and in total."""
     ae = cfg.autoencoder
-    channels, factor = (3, 1) if ae.latent == "none" else (ae.channels, ae.factor)
+    channels, factor = ae.latent_channels_and_factor()
     h, w = frame_hw[0] // factor, frame_hw[1] // factor
     patches = (h // cfg.model.patch) * (w // cfg.model.patch)
     params = dit_parameters(cfg, channels, patches, window)

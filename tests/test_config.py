@@ -42,6 +42,8 @@ def test_overrides_coerce_types():
         ({"model.local_mix_kernel": "4"}, "model.local_mix_kernel"),
         ({"model.local_mix_kernel": "-1"}, "model.local_mix_kernel"),
         ({"diffusion.rollout_observed": "10", "run.window": "10"}, "diffusion.rollout_observed"),
+        ({"autoencoder.colour": "rgb"}, "autoencoder.colour"),
+        ({"autoencoder.colour": "pooled", "autoencoder.latent": "none"}, "autoencoder.colour"),
     ],
 )
 def test_invalid_configs_name_the_field(override, field):

@@ -239,6 +239,62 @@ def test_autoencoder_fits_and_freezes():
     assert ae.decode(z).dtype == torch.uint8
 
 
+def test_pooled_colour_latent_is_a_colour_blind_code_plus_block_means():
+    """autoencoder.colour=pooled: the learned channels cannot see colour (a red and a green ball in one place get
+    one code), and the three appended channels are each block's mean RGB, so red against green costs in the latent
+    what it costs in pixels."""
+    import numpy as np
+
+    from fastdiff.config import AutoencoderConfig
+    from fastdiff.streams.balls import COLOR_RGB, render
+
+    rng = np.random.default_rng(0)
+    pos = rng.uniform(2, 8, size=(6, 2, 2))
+    frames = {name: render(pos, np.broadcast_to(COLOR_RGB[c], (6, 2, 3)).astype(np.float64))
+              for c, name in enumerate(("red", "yellow", "green"))}
+    ae = FrameAutoencoder(channels=4, factor=4, hidden=8, colour="pooled")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ae.shift.normal_()
+        ae.scale.uniform_(0.5, 2.0)
+        z = {name: ae.encode(torch.from_numpy(f)) for name, f in frames.items()}
+    assert z["red"].shape == (6, 7, 8, 8)
+    assert AutoencoderConfig(colour="pooled").latent_channels_and_factor() == (7, 4)
+    assert torch.equal(z["red"][:, :4], z["green"][:, :4])  # colour-blind: the same code
+    for name, f in frames.items():
+        means = torch.nn.functional.avg_pool2d(pixels_to_unit(torch.from_numpy(f)), 4)
+        raw = z[name][:, 4:] * ae.scale[4:, None, None] + ae.shift[4:, None, None]
+        torch.testing.assert_close(raw, means, rtol=0, atol=1e-5)
+    assert float((z["red"] - z["green"])[:, 4:].abs().amax()) > 0.5
+
+
+def test_pooled_colour_autoencoder_fits_colours():
+    """The decoder takes colour from the block means: fitted on red and green squares, it reconstructs them far
+    better than the mean frame does, and draws a square red or green as its input is, though the colour-blind
+    learned channels of the two inputs are the same."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    frames = np.zeros((64, 16, 16, 3), np.uint8)
+    places = rng.integers(0, 12, (64, 2))
+    for f, (y, x), c in zip(frames, places, rng.integers(0, 2, 64)):
+        f[y : y + 4, x : x + 4, c] = 255
+    torch.manual_seed(0)
+    ae = FrameAutoencoder(channels=2, factor=4, hidden=16, colour="pooled")
+    mse = ae.fit(frames, steps=300, batch=16, lr=1e-3, generator=torch.Generator().manual_seed(0),
+                 device=torch.device("cpu"))
+    baseline = float(pixels_to_unit(torch.from_numpy(frames)).var())
+    assert mse < 0.75 * baseline, (mse, baseline)
+    red, green = np.zeros((2, 8, 16, 16, 3), np.uint8)
+    for k, (y, x) in enumerate(places[:8]):
+        red[k, y : y + 4, x : x + 4, 0] = 255
+        green[k, y : y + 4, x : x + 4, 1] = 255
+    lit = torch.from_numpy(red).amax(-1) > 0
+    for square, sign in ((red, 1), (green, -1)):
+        out = ae.decode(ae.encode(torch.from_numpy(square))).float()[lit]
+        assert sign * float((out[:, 0] - out[:, 1]).mean()) > 64, out.mean(0)
+
+
 def test_autoencoder_reconstructs_balls_with_the_default_settings():
     """The default fit schedule (lr, warm-up, clipping) on real stream frames must beat "predict the mean
     frame" by far: ~90% of a balls frame is black, and an unstable fit settles on the mean colour (seen

@@ -24,30 +24,43 @@ def unit_to_pixels(x: torch.Tensor) -> torch.Tensor:
     return x.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
 
 
+COLOUR_CODES = ("learned", "pooled")
+
+
 class FrameAutoencoder(nn.Module):
-    def __init__(self, channels: int = 4, factor: int = 4, hidden: int = 32):
+    """`colour="pooled"`: the encoder sees each pixel's brightest channel only, and the latent appends three
+    channels of each factor x factor block's mean RGB (fixed, linear), from which the decoder must take colour.
+    The latent then has channels + 3 channels."""
+
+    def __init__(self, channels: int = 4, factor: int = 4, hidden: int = 32, colour: str = "learned"):
         super().__init__()
-        self.channels, self.factor = channels, factor
+        if colour not in COLOUR_CODES:
+            raise ValueError(f"colour: {colour!r} is not one of {', '.join(COLOUR_CODES)}")
+        self.pooled_colour = colour == "pooled"
+        self.factor = factor
+        self.channels = channels + (3 if self.pooled_colour else 0)
         downs = int(math.log2(factor))
-        enc: list[nn.Module] = [nn.Conv2d(3, hidden, 3, padding=1), nn.SiLU()]
+        enc: list[nn.Module] = [nn.Conv2d(1 if self.pooled_colour else 3, hidden, 3, padding=1), nn.SiLU()]
         width = hidden
         for _ in range(downs):
             enc += [nn.Conv2d(width, width * 2, 4, stride=2, padding=1), nn.SiLU(),
                     nn.Conv2d(width * 2, width * 2, 3, padding=1), nn.SiLU()]
             width *= 2
         enc.append(nn.Conv2d(width, channels, 1))
-        dec: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU()]
+        dec: list[nn.Module] = [nn.Conv2d(self.channels, width, 3, padding=1), nn.SiLU()]
         for _ in range(downs):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width // 2, 3, padding=1),
                     nn.SiLU(), nn.Conv2d(width // 2, width // 2, 3, padding=1), nn.SiLU()]
             width //= 2
         dec.append(nn.Conv2d(width, 3, 3, padding=1))
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
-        self.register_buffer("shift", torch.zeros(channels))
-        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("shift", torch.zeros(self.channels))
+        self.register_buffer("scale", torch.ones(self.channels))
 
     def _raw_encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        if not self.pooled_colour:
+            return self.encoder(x)
+        return torch.cat([self.encoder(x.amax(dim=1, keepdim=True)), F.avg_pool2d(x, self.factor)], dim=1)
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised latents (N, C, h, w)."""
@@ -91,6 +104,10 @@ class FrameAutoencoder(nn.Module):
             z = torch.cat([self._raw_encode(pixels_to_unit(chunk)) for chunk in data.split(256)])
             self.shift.copy_(z.mean(dim=(0, 2, 3)))
             self.scale.copy_(z.std(dim=(0, 2, 3)).clamp_min(1e-3))
+            if self.pooled_colour:
+                # One scale for the three colour channels, so that colour distances stay pixel distances (a
+                # channel that barely varies in the warm-up, as blue in balls, is not blown up).
+                self.scale[-3:] = z[:, -3:].var(dim=(0, 2, 3)).mean().sqrt().clamp_min(1e-3)
             recon = torch.cat([self.decoder(self._raw_encode(pixels_to_unit(c))) for c in data[:512].split(256)])
             loss_value = F.mse_loss(recon, pixels_to_unit(data[:512])).item()
         for p in self.parameters():
