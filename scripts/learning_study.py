@@ -201,6 +201,38 @@ def heldout(paths: list[Path], windows: int, threads: int) -> list[dict]:
     return rows
 
 
+def colour_distances(paths: list[Path], frames: int = 200, seed: int = 0) -> list[dict]:
+    """How far a run's latent moves when a ball changes colour, against when it appears: the mean squared distance
+    between the latents (and the pixels, in [-1, 1] units) of `frames` one-ball frames that differ only in the
+    ball's colour, or in whether the ball is there, the ball at random places. The diffusion loss is a squared
+    latent distance: where red against green is small next to ball against black, colour weighs little."""
+    import numpy as np
+    import torch
+
+    from fastdiff.models.autoencoder import encode_frames, pixels_to_unit
+    from fastdiff.streams.balls import COLOR_RGB, render
+
+    rng = np.random.RandomState(seed)
+    places = rng.uniform(2, 8, size=(frames, 1, 2))
+    images = {name: render(places, np.broadcast_to(COLOR_RGB[c], (frames, 1, 3)).astype(np.float64))
+              for c, name in enumerate(("red", "yellow", "green"))}
+    images["none"] = np.zeros_like(images["red"])
+    pairs = (("red", "none"), ("red", "green"), ("red", "yellow"), ("yellow", "green"))
+    rows = []
+    for path in paths:
+        run = load_model(path)
+        latents = {name: encode_frames(run.autoencoder, f, run.device).cpu() for name, f in images.items()}
+        row = {"run": str(path)}
+        for a, b in pairs:
+            pixel = pixels_to_unit(torch.from_numpy(images[a])) - pixels_to_unit(torch.from_numpy(images[b]))
+            row[f"{a}-{b}"] = {"latent": round(float((latents[a] - latents[b]).pow(2).flatten(1).sum(1).mean()), 2),
+                               "pixels": round(float(pixel.pow(2).flatten(1).sum(1).mean()), 2)}
+        rows.append(row)
+        print(f"{path}: " + "  ".join(f"{k} latent {v['latent']:.1f} / pixels {v['pixels']:.1f}"
+                                      for k, v in row.items() if k != "run"), flush=True)
+    return rows
+
+
 def every_ball_shares(videos, observed: int, balls: int, parts: dict) -> dict[str, float]:
     """Of the frames after the `observed` ones of `videos` (N, 1, K, H, W, 3), the share that shows every ball,
     within each part (a name -> (N, K - observed) bool mask)."""
@@ -395,6 +427,8 @@ def main(argv=None) -> int:
     c.add_argument("--out", type=Path, default=None, help="JSON of the rows")
     c.add_argument("--denoise", type=int, nargs="*", default=[], metavar="LEVEL",
                    help="noise levels to denoise the contact windows' true frames from in one call")
+    d = sub.add_parser("colours")
+    d.add_argument("paths", type=Path, nargs="+", help="run directories or checkpoint files")
     args = parser.parse_args(argv)
     if args.command == "run":
         run_row(args.name, args.budget, args.seed, args.set, EVAL, args.threads)
@@ -406,6 +440,8 @@ def main(argv=None) -> int:
         forecast(args.paths, args.threads)
     elif args.command == "loss":
         heldout(args.paths, args.windows, args.threads)
+    elif args.command == "colours":
+        colour_distances(args.paths)
     elif args.command == "contacts":
         contacts(args.paths, args.windows, args.sampled, args.set, args.threads, args.out, args.denoise)
     else:

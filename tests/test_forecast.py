@@ -261,3 +261,14 @@ def test_the_studys_heldout_loss_is_the_plain_mse_of_the_x0_prediction(tiny_run,
     for loss in zero["loss_per_level"].values():
         assert loss == pytest.approx(float(expect), rel=1e-5)
     assert 0 < trained["loss"] < zero["loss"]
+
+
+def test_the_studys_colour_distances_are_pixel_distances_in_pixel_space(tiny_run, learning_study):
+    """scripts/learning_study.py colours: in pixel space the latent is the frame, so each pair's latent distance is
+    its pixel distance; red against green changes two channels of the ball where red against black changes one."""
+    row, = learning_study.colour_distances([tiny_run], frames=16)
+    for pair in ("red-none", "red-green", "red-yellow", "yellow-green"):
+        assert row[pair]["latent"] == pytest.approx(row[pair]["pixels"], rel=1e-4), pair
+    assert row["red-green"]["pixels"] == pytest.approx(2 * row["red-none"]["pixels"], rel=1e-3)
+    assert row["red-none"]["pixels"] == pytest.approx(row["yellow-green"]["pixels"], rel=1e-3)
+    assert row["red-none"]["pixels"] > 10  # a ball of radius 3.8 px, about 40 lit pixels
