@@ -59,7 +59,7 @@ def autoencoder(cfg: AutoencoderConfig, device) -> FrameAutoencoder | PixelSpace
     of pixel space (`autoencoder.latent=none`)."""
     if cfg.latent == "none":
         return PixelSpace()
-    return FrameAutoencoder(cfg.channels, cfg.factor, cfg.hidden, colour=cfg.colour).to(device)
+    return FrameAutoencoder(cfg.channels, cfg.factor, cfg.hidden, pooled_colour=cfg.colour == "pooled").to(device)
 
 
 def load_autoencoder(cfg: AutoencoderConfig, path, device) -> FrameAutoencoder | PixelSpace:

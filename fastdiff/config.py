@@ -73,9 +73,11 @@ class AutoencoderConfig:
     channels: int = 4  # learned latent channels
     # "learned": the encoder sees colour and codes it as it likes. "pooled": the learned channels come from a
     # colour-blind encoder (each pixel's brightest channel) and three more channels carry each factor x factor
-    # block's mean RGB, so that a colour costs in the latent diffusion loss what it costs in pixels. Why: fitted
-    # on balls, the learned code moves 6x less from red to green than from a ball to black (in pixels: 2x more),
-    # and latent models lose the colour rule (profiles/learning/README.md, twelfth session).
+    # block's mean RGB, so that a colour costs in the latent diffusion loss about what it costs in pixels. Why:
+    # fitted on balls, the learned code moves 3-6x less from red to green than from a ball to black (in pixels:
+    # 2x more), and its samples turn yellow. On balls at 4,500 frames, 4 seeds: more two-ball frames and lower
+    # minADE than pixels on every seed, colours kept but ColorKL still worse (profiles/learning/README.md,
+    # "Colour in the latent"). Off: the maze and video latents are unmeasured with it.
     colour: str = "learned"
     hidden: int = 32
     warmup_frames: int = 1000  # stream prefix the autoencoder is fitted on, then frozen

@@ -252,7 +252,7 @@ def test_pooled_colour_latent_is_a_colour_blind_code_plus_block_means():
     pos = rng.uniform(2, 8, size=(6, 2, 2))
     frames = {name: render(pos, np.broadcast_to(COLOR_RGB[c], (6, 2, 3)).astype(np.float64))
               for c, name in enumerate(("red", "yellow", "green"))}
-    ae = FrameAutoencoder(channels=4, factor=4, hidden=8, colour="pooled")
+    ae = FrameAutoencoder(channels=4, factor=4, hidden=8, pooled_colour=True)
     torch.manual_seed(0)
     with torch.no_grad():
         ae.shift.normal_()
@@ -268,6 +268,23 @@ def test_pooled_colour_latent_is_a_colour_blind_code_plus_block_means():
     assert float((z["red"] - z["green"])[:, 4:].abs().amax()) > 0.5
 
 
+def test_the_config_builds_the_pooled_colour_autoencoder_and_its_latent_shape():
+    from fastdiff import build
+    from fastdiff.config import build_config
+    from fastdiff.memory import estimate
+
+    cfg = build_config("tiny", None, {"autoencoder.latent": "ae", "autoencoder.colour": "pooled", "model.patch": "1"})
+    ae = build.autoencoder(cfg.autoencoder, torch.device("cpu"))
+    assert ae.pooled_colour and ae.channels == 7
+    assert build.latent_shape(cfg.autoencoder, (32, 32)) == (7, 8, 8)
+    z = ae.encode(torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+    assert z.shape == (2, 7, 8, 8)
+    model = build.model(cfg.model, build.latent_shape(cfg.autoencoder, (32, 32)), 10, torch.device("cpu"))
+    assert model(z[:1, None].expand(1, 10, 7, 8, 8).contiguous(), torch.zeros(1, 10, dtype=torch.long),
+                 torch.zeros(1, 10, dtype=torch.bool)).shape == (1, 10, 7, 8, 8)
+    assert estimate(cfg, (32, 32), 10, "cpu")["total"] > 0
+
+
 def test_pooled_colour_autoencoder_fits_colours():
     """The decoder takes colour from the block means: fitted on red and green squares, it reconstructs them far
     better than the mean frame does, and draws a square red or green as its input is, though the colour-blind
@@ -280,11 +297,13 @@ def test_pooled_colour_autoencoder_fits_colours():
     for f, (y, x), c in zip(frames, places, rng.integers(0, 2, 64)):
         f[y : y + 4, x : x + 4, c] = 255
     torch.manual_seed(0)
-    ae = FrameAutoencoder(channels=2, factor=4, hidden=16, colour="pooled")
+    ae = FrameAutoencoder(channels=2, factor=4, hidden=16, pooled_colour=True)
     mse = ae.fit(frames, steps=300, batch=16, lr=1e-3, generator=torch.Generator().manual_seed(0),
                  device=torch.device("cpu"))
     baseline = float(pixels_to_unit(torch.from_numpy(frames)).var())
     assert mse < 0.75 * baseline, (mse, baseline)
+    # One scale for the three colour channels: blue, never lit here, is not blown up to unit variance.
+    assert float(ae.scale[-3]) == float(ae.scale[-1]) > 0.1
     red, green = np.zeros((2, 8, 16, 16, 3), np.uint8)
     for k, (y, x) in enumerate(places[:8]):
         red[k, y : y + 4, x : x + 4, 0] = 255

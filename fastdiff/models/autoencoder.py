@@ -24,19 +24,14 @@ def unit_to_pixels(x: torch.Tensor) -> torch.Tensor:
     return x.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
 
 
-COLOUR_CODES = ("learned", "pooled")
-
-
 class FrameAutoencoder(nn.Module):
-    """`colour="pooled"`: the encoder sees each pixel's brightest channel only, and the latent appends three
-    channels of each factor x factor block's mean RGB (fixed, linear), from which the decoder must take colour.
-    The latent then has channels + 3 channels."""
+    """`pooled_colour` (autoencoder.colour=pooled): the encoder sees each pixel's brightest channel only, and the
+    latent appends three channels of each factor x factor block's mean RGB (fixed, linear), from which the decoder
+    must take colour. The latent then has channels + 3 channels."""
 
-    def __init__(self, channels: int = 4, factor: int = 4, hidden: int = 32, colour: str = "learned"):
+    def __init__(self, channels: int = 4, factor: int = 4, hidden: int = 32, pooled_colour: bool = False):
         super().__init__()
-        if colour not in COLOUR_CODES:
-            raise ValueError(f"colour: {colour!r} is not one of {', '.join(COLOUR_CODES)}")
-        self.pooled_colour = colour == "pooled"
+        self.pooled_colour = pooled_colour
         self.factor = factor
         self.channels = channels + (3 if self.pooled_colour else 0)
         downs = int(math.log2(factor))
