@@ -218,15 +218,19 @@ def colour_distances(paths: list[Path], frames: int = 200, seed: int = 0) -> lis
               for c, name in enumerate(("red", "yellow", "green"))}
     images["none"] = np.zeros_like(images["red"])
     pairs = (("red", "none"), ("red", "green"), ("red", "yellow"), ("yellow", "green"))
+
+    def distance(first: torch.Tensor, second: torch.Tensor) -> float:
+        return round(float((first - second).pow(2).flatten(1).sum(1).mean()), 2)
+
+    unit = {name: pixels_to_unit(torch.from_numpy(f)) for name, f in images.items()}
+    pixel_distances = {(a, b): distance(unit[a], unit[b]) for a, b in pairs}  # the same for every run
     rows = []
     for path in paths:
         run = load_model(path)
         latents = {name: encode_frames(run.autoencoder, f, run.device).cpu() for name, f in images.items()}
         row = {"run": str(path)}
         for a, b in pairs:
-            pixel = pixels_to_unit(torch.from_numpy(images[a])) - pixels_to_unit(torch.from_numpy(images[b]))
-            row[f"{a}-{b}"] = {"latent": round(float((latents[a] - latents[b]).pow(2).flatten(1).sum(1).mean()), 2),
-                               "pixels": round(float(pixel.pow(2).flatten(1).sum(1).mean()), 2)}
+            row[f"{a}-{b}"] = {"latent": distance(latents[a], latents[b]), "pixels": pixel_distances[a, b]}
         rows.append(row)
         print(f"{path}: " + "  ".join(f"{k} latent {v['latent']:.1f} / pixels {v['pixels']:.1f}"
                                       for k, v in row.items() if k != "run"), flush=True)
