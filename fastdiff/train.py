@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,10 @@ from fastdiff.streams import make_stream, parse_stream_options
 
 # run.minutes: frames trained in this process before the pace is trusted to plan the run's end
 PACE_FRAMES = 100
+# run.minutes: the recent pace is measured over about this many frames. A CPU slows under sustained load (the
+# latent default job on 2 idle cores: 11 frames/s at its start, 8.3 at its end, and the sample's model calls 1.33x
+# slower than when they were timed at frame 100), so the plan follows the recent pace, not only the mean.
+RECENT_FRAMES = 250
 
 
 class OnlineTrainer:
@@ -117,6 +122,9 @@ class OnlineTrainer:
             autoencoder=self.autoencoder, world=self.world, log=self.log)
         self.frame_limit = self.total_frames  # what run.minutes may shorten the run from, never exceed
         self.final_sample_seconds: float | None = None  # run.minutes: the final sample's estimated time
+        self.final_sample_pace: float | None = None  # run.minutes: the recent seconds a frame when it was estimated
+        self.final_sample_planned: float | None = None  # run.minutes: the estimate at the recent pace, last planned
+        self.pace_marks: deque[tuple[float, int]] = deque()  # run.minutes: (clock, frames) at recent checks
         self.checkpoint_failures = 0
         self._tb = None
         self.resumed_at: int | None = None  # the checkpoint's frame, when this process resumed the run
@@ -268,6 +276,7 @@ class OnlineTrainer:
             summary["time_limit"] = {"minutes": self.cfg.run.minutes, "frame_limit": self.frame_limit,
                                      "shortened": self.total_frames < self.frame_limit,
                                      "final_sample_estimate_seconds": self.final_sample_seconds,
+                                     "final_sample_planned_seconds": self.final_sample_planned,
                                      "seconds_left": round(self.deadline - self.clock(), 1)}
         if self.world.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -311,22 +320,38 @@ class OnlineTrainer:
 
     def _fit_to_deadline(self, since: float, frames_then: int) -> None:
         """run.minutes: plan the run's last frame so that the rest of training and the final sample end by the
-        deadline, at the pace measured since `since` (checkpoints and samples included), between now and the
-        frame limit. The cool-down is replanned with it. Rank 0 decides for every rank."""
+        deadline, between now and the frame limit. Frames go at the slower of the pace since `since` (checkpoints
+        and samples included) and the pace over the last RECENT_FRAMES; the final sample's estimate grows as the
+        recent pace slows from where it was when the sample was timed. The cool-down is replanned with it. Rank 0
+        decides for every rank."""
+        now = self.clock()
+        marks = self.pace_marks
+        if not marks:
+            marks.append((since, frames_then))
+        marks.append((now, self.frames_seen))
+        while len(marks) > 2 and self.frames_seen - marks[1][1] >= RECENT_FRAMES:
+            marks.popleft()
         trained = self.frames_seen - frames_then
         if trained < PACE_FRAMES:
             return
+        recent = (now - marks[0][0]) / max(self.frames_seen - marks[0][1], 1)
         if self.final_sample_seconds is None:
             self.final_sample_seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
-        now = self.clock()
-        pace = (now - since) / trained
-        fits = self.frames_seen + int((self.deadline - now - self.final_sample_seconds) / pace)
+            now = self.clock()
+        if self.final_sample_pace is None:
+            self.final_sample_pace = recent
+        # the sample's calls slow down with the training steps, the plan's frames go at the slower of the mean
+        # and the recent pace
+        sample_seconds = self.final_sample_seconds * max(1.0, recent / self.final_sample_pace)
+        self.final_sample_planned = sample_seconds
+        pace = max((now - since) / trained, recent)
+        fits = self.frames_seen + int((self.deadline - now - sample_seconds) / pace)
         total = self.world.broadcast_object(min(max(fits, self.frames_seen), self.frame_limit))
         if total == self.total_frames:
             return
         if abs(total - self.total_frames) >= 0.02 * self.frame_limit or total == self.frames_seen:
             self.log(f"run.minutes={self.cfg.run.minutes:g}: at {1 / pace:.1f} frames/s, leaving "
-                     f"{self.final_sample_seconds:.0f} s for the final sample, the run ends at frame {total} "
+                     f"{sample_seconds:.0f} s for the final sample, the run ends at frame {total} "
                      f"(run.frames={self.frame_limit})")
         self.total_frames = total
         self.step.plan(total)

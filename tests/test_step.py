@@ -233,6 +233,30 @@ def test_a_time_limited_run_ends_where_its_pace_says_and_replans_its_cool_down(t
     assert lrs == pytest.approx([base] + [base * (16 - i) / 16 for i in range(1, 16)], rel=1e-6)
 
 
+def test_a_time_limited_run_follows_a_machine_that_slows_down(tmp_path, monkeypatch):
+    """A clock that runs one second a frame to frame 20 and two after it, the final sample timed at 5 s while
+    frames took one second. Once the last RECENT_FRAMES (10 here) all took two seconds, the sample is planned at
+    10 s and the remaining frames at 2 s: at frame 30 (40 s gone) 60 - 40 - 10 s leave 5 frames, and the run ends
+    at frame 35. Planning with the mean pace and the sample as timed ends at frame 37, 54 s gone, and the 10 s
+    sample runs 4 s past the limit."""
+    import fastdiff.train as train_module
+
+    monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
+    monkeypatch.setattr(train_module, "RECENT_FRAMES", 10)
+    extra = {"optim__warmup": 0, "run__frames": 100, "run__log_every": 1, "run__minutes": 1.0}
+    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
+    trainer.clock = lambda: float(min(trainer.frames_seen, 20) + 2 * max(trainer.frames_seen - 20, 0))
+    trainer.final_sample_seconds = 5.0
+    plans = {}  # frame -> the last frame planned there
+    plan = trainer.step.plan
+    trainer.step.plan = lambda total: plans.__setitem__(trainer.frames_seen, total) or plan(total)
+    summary = trainer.train()
+    last_change = max(plans)
+    assert summary["frames"] == 35 and plans[last_change] == 35
+    assert last_change <= 30  # planned once the recent frames all took 2 s; the mean pace kept replanning to 35
+    assert trainer.final_sample_pace == pytest.approx(1.0) and trainer.final_sample_planned == pytest.approx(10.0)
+
+
 def test_a_time_limit_that_the_run_fits_in_changes_nothing(tmp_path):
     """The same run with 5 minutes: all 60 frames, the cool-down planned over them from the first step."""
     extra = {"optim__warmup": 0, "optim__cooldown": 1.0, "run__frames": 60, "run__log_every": 1, "run__minutes": 5}
