@@ -59,7 +59,8 @@ def autoencoder(cfg: AutoencoderConfig, device) -> FrameAutoencoder | PixelSpace
     of pixel space (`autoencoder.latent=none`)."""
     if cfg.latent == "none":
         return PixelSpace()
-    return FrameAutoencoder(cfg.channels, cfg.factor, cfg.hidden, pooled_colour=cfg.colour == "pooled").to(device)
+    return FrameAutoencoder(cfg.channels, cfg.factor, cfg.hidden, pooled_colour=cfg.colour == "pooled",
+                            colour_gain=cfg.colour_gain).to(device)
 
 
 def load_autoencoder(cfg: AutoencoderConfig, path, device) -> FrameAutoencoder | PixelSpace:

@@ -79,6 +79,11 @@ class AutoencoderConfig:
     # minADE than pixels on every seed, colours kept but ColorKL still worse (profiles/learning/README.md,
     # "Colour in the latent"). Off: the maze and video latents are unmeasured with it.
     colour: str = "learned"
+    # colour=pooled: the three colour channels' scale is divided by this, so that a colour change weighs more in the
+    # latent diffusion loss (and is drawn at higher noise) against the learned channels' shape. At 1, red against
+    # green is 0.8x a ball against black (pixels: 2x); at 2, 1.5x; the ratio cannot reach 2 while the learned
+    # channels also see the ball.
+    colour_gain: float = 1.0
     hidden: int = 32
     warmup_frames: int = 1000  # stream prefix the autoencoder is fitted on, then frozen
     fit_steps: int = 400
@@ -509,7 +514,8 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,
         "model.patch": cfg.model.patch, "autoencoder.channels": cfg.autoencoder.channels,
-        "autoencoder.hidden": cfg.autoencoder.hidden, "diffusion.timesteps": cfg.diffusion.timesteps,
+        "autoencoder.hidden": cfg.autoencoder.hidden, "autoencoder.colour_gain": cfg.autoencoder.colour_gain,
+        "diffusion.timesteps": cfg.diffusion.timesteps,
         "diffusion.sample_steps": cfg.diffusion.sample_steps, "replay.live": cfg.replay.live,
         "run.checkpoint_every": cfg.run.checkpoint_every, "run.keep_checkpoints": cfg.run.keep_checkpoints,
         "run.log_every": cfg.run.log_every, "run.sample_frames": cfg.run.sample_frames,
@@ -601,6 +607,9 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.loss_weight == "x0" and cfg.diffusion.prediction == "eps":
         raise ConfigError("diffusion.loss_weight=x0 with diffusion.prediction=eps not supported because eps's x0 "
                           "weight sigma^2 / alpha^2 is unbounded at the top noise level; predict v or x0")
+    if cfg.autoencoder.colour_gain != 1.0 and cfg.autoencoder.colour != "pooled":
+        raise ConfigError("autoencoder.colour_gain with autoencoder.colour=learned not supported because the learned "
+                          "code has no colour channels of its own to weigh; pick autoencoder.colour=pooled")
     if cfg.autoencoder.colour == "pooled" and cfg.autoencoder.latent == "none":
         raise ConfigError("autoencoder.colour=pooled with autoencoder.latent=none not supported because pixel space "
                           "has no autoencoder to code colour; pick autoencoder.latent=ae")

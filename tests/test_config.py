@@ -44,6 +44,9 @@ def test_overrides_coerce_types():
         ({"diffusion.rollout_observed": "10", "run.window": "10"}, "diffusion.rollout_observed"),
         ({"autoencoder.colour": "rgb"}, "autoencoder.colour"),
         ({"autoencoder.colour": "pooled", "autoencoder.latent": "none"}, "autoencoder.colour"),
+        ({"autoencoder.colour_gain": "2", "autoencoder.latent": "ae"}, "autoencoder.colour_gain"),
+        ({"autoencoder.colour_gain": "0", "autoencoder.latent": "ae", "autoencoder.colour": "pooled"},
+         "autoencoder.colour_gain"),
     ],
 )
 def test_invalid_configs_name_the_field(override, field):

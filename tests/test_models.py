@@ -314,6 +314,26 @@ def test_pooled_colour_autoencoder_fits_colours():
         assert sign * float((out[:, 0] - out[:, 1]).mean()) > 64, out.mean(0)
 
 
+def test_colour_gain_divides_the_colour_channels_scale_only():
+    """autoencoder.colour_gain: the same fit (same seed, same frames) with gain 2 has half the colour channels'
+    scale and the learned channels' scale unchanged, so a colour change is twice as far in the latent; the gain
+    is refused without pooled colour channels."""
+    import numpy as np
+
+    frames = np.random.default_rng(2).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    scales = {}
+    for gain in (1.0, 2.0):
+        torch.manual_seed(0)
+        ae = FrameAutoencoder(channels=2, factor=4, hidden=8, pooled_colour=True, colour_gain=gain)
+        ae.fit(frames, steps=2, batch=8, lr=1e-3, generator=torch.Generator().manual_seed(0),
+               device=torch.device("cpu"))
+        scales[gain] = ae.scale.clone()
+    torch.testing.assert_close(scales[2.0][:2], scales[1.0][:2], rtol=0, atol=0)
+    torch.testing.assert_close(scales[2.0][2:], scales[1.0][2:] / 2, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="pooled_colour"):
+        FrameAutoencoder(channels=2, factor=4, hidden=8, colour_gain=2.0)
+
+
 def test_autoencoder_reconstructs_balls_with_the_default_settings():
     """The default fit schedule (lr, warm-up, clipping) on real stream frames must beat "predict the mean
     frame" by far: ~90% of a balls frame is black, and an unstable fit settles on the mean colour (seen

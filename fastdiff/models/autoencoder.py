@@ -27,11 +27,15 @@ def unit_to_pixels(x: torch.Tensor) -> torch.Tensor:
 class FrameAutoencoder(nn.Module):
     """`pooled_colour` (autoencoder.colour=pooled): the encoder sees each pixel's brightest channel only, and the
     latent appends three channels of each factor x factor block's mean RGB (fixed, linear), from which the decoder
-    must take colour. The latent then has channels + 3 channels."""
+    must take colour. The latent then has channels + 3 channels; `colour_gain` (autoencoder.colour_gain) divides
+    their shared scale, so that colour weighs more in the latent's squared distances."""
 
-    def __init__(self, channels: int = 4, factor: int = 4, hidden: int = 32, pooled_colour: bool = False):
+    def __init__(self, channels: int = 4, factor: int = 4, hidden: int = 32, pooled_colour: bool = False,
+                 colour_gain: float = 1.0):
         super().__init__()
-        self.pooled_colour = pooled_colour
+        if colour_gain != 1.0 and not pooled_colour:
+            raise ValueError("colour_gain needs pooled_colour: the learned code has no colour channels to weigh")
+        self.pooled_colour, self.colour_gain = pooled_colour, colour_gain
         self.factor = factor
         self.channels = channels + (3 if self.pooled_colour else 0)
         downs = int(math.log2(factor))
@@ -102,7 +106,7 @@ class FrameAutoencoder(nn.Module):
             if self.pooled_colour:
                 # One scale for the three colour channels, so that colour distances stay pixel distances (a
                 # channel that barely varies in the warm-up, as blue in balls, is not blown up).
-                self.scale[-3:] = z[:, -3:].var(dim=(0, 2, 3)).mean().sqrt().clamp_min(1e-3)
+                self.scale[-3:] = z[:, -3:].var(dim=(0, 2, 3)).mean().sqrt().clamp_min(1e-3) / self.colour_gain
             recon = torch.cat([self.decoder(self._raw_encode(pixels_to_unit(c))) for c in data[:512].split(256)])
             loss_value = F.mse_loss(recon, pixels_to_unit(data[:512])).item()
         for p in self.parameters():
