@@ -81,8 +81,10 @@ class AutoencoderConfig:
     colour: str = "learned"
     # colour=pooled: the three colour channels' scale is divided by this, so that a colour change weighs more in the
     # latent diffusion loss (and is drawn at higher noise) against the learned channels' shape. At 1, red against
-    # green is 0.8x a ball against black (pixels: 2x); at 2, 1.5x; the ratio cannot reach 2 while the learned
-    # channels also see the ball.
+    # green is 0.8x a ball against black (pixels: 2x); at 2, 1.44x; the ratio cannot reach 2 while the learned
+    # channels also see the ball. On balls at 4,500 frames (gain 2, width 16, 2 seeds): ColorKL 0.19-0.25 against
+    # 0.63-1.63, but 14-17 points fewer two-ball frames and minADE 0.8 px worse (profiles/learning/README.md,
+    # thirteenth session), so 1.
     colour_gain: float = 1.0
     hidden: int = 32
     warmup_frames: int = 1000  # stream prefix the autoencoder is fitted on, then frozen
