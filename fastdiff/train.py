@@ -11,6 +11,7 @@ import json
 import random
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,9 @@ class OnlineTrainer:
         self.final_sample_seconds: float | None = None  # run.minutes: the final sample's estimated time
         self.final_sample_pace: float | None = None  # run.minutes: the recent seconds a frame when it was estimated
         self.final_sample_planned: float | None = None  # run.minutes: the estimate at the recent pace, last planned
-        self.pace_marks: deque[tuple[float, int]] = deque()  # run.minutes: (clock, frames) at recent checks
+        # run.minutes: (clock less the time off pace, frames) at recent checks
+        self.pace_marks: deque[tuple[float, int]] = deque()
+        self.off_pace_seconds = 0.0
         self.checkpoint_failures = 0
         self._tb = None
         self.resumed_at: int | None = None  # the checkpoint's frame, when this process resumed the run
@@ -289,6 +292,7 @@ class OnlineTrainer:
         cfg = self.cfg.run
         window_start = time.perf_counter()
         paced_from = (self.clock(), self.frames_seen)  # run.minutes: the pace is measured from here
+        self.pace_marks = deque([(paced_from[0] - self.off_pace_seconds, self.frames_seen)])
         while self.frames_seen < self.total_frames and stop.signal is None:
             if not self.advance():
                 self.log(f"stream ended after {self.frames_seen} frames")
@@ -296,8 +300,9 @@ class OnlineTrainer:
             if not self.step.ready:
                 continue  # not a full live window yet
             if cfg.milestone_every and self.frames_seen % cfg.milestone_every == 0:
-                self.save_milestone()
-                self._score_milestone(metrics)
+                with self._off_pace():
+                    self.save_milestone()
+                    self._score_milestone(metrics)
             if self.deadline is not None and self.frames_seen % cfg.log_every == 0:
                 self._fit_to_deadline(*paced_from)
             if self.frames_seen % cfg.log_every == 0:
@@ -314,29 +319,40 @@ class OnlineTrainer:
             if bar is not None:
                 bar.update(1)
             if self.frames_seen % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
+                with self._off_pace():
+                    self.save_checkpoint()
             if cfg.sample_every and self.frames_seen % cfg.sample_every == 0:
-                self.write_samples(f"frame{self.frames_seen:08d}")
+                with self._off_pace():
+                    self.write_samples(f"frame{self.frames_seen:08d}")
+
+    @contextmanager
+    def _off_pace(self):
+        """run.minutes: time spent here (checkpoints, samples, milestones) is left out of the recent pace, which
+        gauges the machine's speed; the mean pace keeps it, as those recur over the run."""
+        started = self.clock()
+        try:
+            yield
+        finally:
+            self.off_pace_seconds += self.clock() - started
 
     def _fit_to_deadline(self, since: float, frames_then: int) -> None:
         """run.minutes: plan the run's last frame so that the rest of training and the final sample end by the
         deadline, between now and the frame limit. Frames go at the slower of the pace since `since` (checkpoints
-        and samples included) and the pace over the last RECENT_FRAMES; the final sample's estimate grows as the
-        recent pace slows from where it was when the sample was timed. The cool-down is replanned with it. Rank 0
-        decides for every rank."""
+        and samples included) and the training pace over the last RECENT_FRAMES (without them: a milestone's sample
+        is not the machine slowing); the final sample's estimate grows as the recent pace slows from where it was
+        when the sample was timed. The cool-down is replanned with it. Rank 0 decides for every rank."""
         now = self.clock()
         marks = self.pace_marks
-        if not marks:
-            marks.append((since, frames_then))
-        marks.append((now, self.frames_seen))
+        marks.append((now - self.off_pace_seconds, self.frames_seen))
         while len(marks) > 2 and self.frames_seen - marks[1][1] >= RECENT_FRAMES:
             marks.popleft()
         trained = self.frames_seen - frames_then
         if trained < PACE_FRAMES:
             return
-        recent = (now - marks[0][0]) / max(self.frames_seen - marks[0][1], 1)
+        recent = (marks[-1][0] - marks[0][0]) / max(self.frames_seen - marks[0][1], 1)
         if self.final_sample_seconds is None:
-            self.final_sample_seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
+            with self._off_pace():
+                self.final_sample_seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
             now = self.clock()
         if self.final_sample_pace is None:
             self.final_sample_pace = recent

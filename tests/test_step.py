@@ -257,6 +257,28 @@ def test_a_time_limited_run_follows_a_machine_that_slows_down(tmp_path, monkeypa
     assert trainer.final_sample_pace == pytest.approx(1.0) and trainer.final_sample_planned == pytest.approx(10.0)
 
 
+def test_a_milestone_sample_is_not_taken_for_a_machine_that_slows_down(tmp_path, monkeypatch):
+    """One second a frame, and a sample at frame 20 that takes 60 s (a milestone's, say): the recent pace that
+    scales the final sample's estimate leaves that time out, so the plan keeps its 5 s for the final sample and
+    trains on to frame 53 (at 113 s, the mean pace of 2.1 s a frame, which keeps the 60 s, leaves no room for
+    another frame before 120 - 5). Counting the 60 s as the machine slowing would see 7 s a frame, plan 35 s for
+    the final sample and end the run at frame 21."""
+    import fastdiff.train as train_module
+
+    monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
+    monkeypatch.setattr(train_module, "RECENT_FRAMES", 10)
+    extra = {"optim__warmup": 0, "run__frames": 100, "run__log_every": 1, "run__minutes": 2.0,
+             "run__sample_every": 20}
+    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
+    sampled = []
+    trainer.clock = lambda: float(trainer.frames_seen + 60 * len(sampled))
+    trainer.write_samples = lambda tag: trainer.frames_seen == 20 and sampled.append(tag)  # the one at 40 is free
+    trainer.final_sample_seconds = 5.0
+    summary = trainer.train()
+    assert sampled == ["frame00000020"] and summary["frames"] == 53
+    assert trainer.final_sample_planned == pytest.approx(5.0)
+
+
 def test_a_time_limit_that_the_run_fits_in_changes_nothing(tmp_path):
     """The same run with 5 minutes: all 60 frames, the cool-down planned over them from the first step."""
     extra = {"optim__warmup": 0, "optim__cooldown": 1.0, "run__frames": 60, "run__log_every": 1, "run__minutes": 5}
