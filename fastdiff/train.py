@@ -405,9 +405,8 @@ class OnlineTrainer:
             seconds.append(time.perf_counter() - started)
         # the median of the other three: a call's time varies by 10-40% from one moment to the next on a CPU (a
         # latent default job: one call read 0.43 s where the sample's calls took 0.30 s each). A machine that
-        # slows down later is the caller's to follow: the slowest of three, tried before the caller did, read
-        # 0.56 s where the pixel default job's calls took 0.41 s, and with the caller's scaling the job ended
-        # two minutes early.
+        # slows down later is the caller's to follow; the slowest of three, tried with the caller's scaling,
+        # read 0.56 s where the pixel default job's calls took 0.41 s, and the job ended two minutes early.
         return calls * statistics.median(seconds[1:])
 
     def _fill_text(self) -> str:
