@@ -211,6 +211,15 @@ def test_graph_step_never_syncs(tmp_path, compile_model):
     assert torch.isfinite(torch.tensor(trainer.step.result().loss))
 
 
+def _trainer_on_a_clock(tmp_path, seconds_at, **extra) -> OnlineTrainer:
+    """A run.minutes trainer whose clock reads seconds_at(frames seen) from a start at 0, and whose final sample
+    is taken to need 5 s (as if timed when frames took the clock's first pace)."""
+    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
+    trainer.clock = lambda: float(seconds_at(trainer.frames_seen))
+    trainer.final_sample_seconds = 5.0
+    return trainer
+
+
 @pytest.mark.parametrize("step", ["eager", "device"])
 def test_a_time_limited_run_ends_where_its_pace_says_and_replans_its_cool_down(tmp_path, step, monkeypatch):
     """run.minutes with a clock that runs one second a frame: 30 s from the start, less the final sample's 5 s,
@@ -221,9 +230,7 @@ def test_a_time_limited_run_ends_where_its_pace_says_and_replans_its_cool_down(t
     monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
     extra = {"optim__warmup": 0, "optim__cooldown": 1.0, "run__step": step, "optim__name": "adamw8bit-fused",
              "run__frames": 60, "run__log_every": 1, "run__minutes": 0.5}
-    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
-    trainer.clock = lambda: float(trainer.frames_seen)
-    trainer.final_sample_seconds = 5.0
+    trainer = _trainer_on_a_clock(tmp_path, lambda frames: frames, **extra)
     summary = trainer.train()
     assert summary["frames"] == 25 and summary["steps"] == 16
     assert summary["time_limit"]["shortened"] and summary["time_limit"]["frame_limit"] == 60
@@ -244,9 +251,7 @@ def test_a_time_limited_run_follows_a_machine_that_slows_down(tmp_path, monkeypa
     monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
     monkeypatch.setattr(train_module, "RECENT_FRAMES", 10)
     extra = {"optim__warmup": 0, "run__frames": 100, "run__log_every": 1, "run__minutes": 1.0}
-    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
-    trainer.clock = lambda: float(min(trainer.frames_seen, 20) + 2 * max(trainer.frames_seen - 20, 0))
-    trainer.final_sample_seconds = 5.0
+    trainer = _trainer_on_a_clock(tmp_path, lambda frames: min(frames, 20) + 2 * max(frames - 20, 0), **extra)
     plans = {}  # frame -> the last frame planned there
     plan = trainer.step.plan
     trainer.step.plan = lambda total: plans.__setitem__(trainer.frames_seen, total) or plan(total)
@@ -269,11 +274,9 @@ def test_a_milestone_sample_is_not_taken_for_a_machine_that_slows_down(tmp_path,
     monkeypatch.setattr(train_module, "RECENT_FRAMES", 10)
     extra = {"optim__warmup": 0, "run__frames": 100, "run__log_every": 1, "run__minutes": 2.0,
              "run__sample_every": 20}
-    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
     sampled = []
-    trainer.clock = lambda: float(trainer.frames_seen + 60 * len(sampled))
+    trainer = _trainer_on_a_clock(tmp_path, lambda frames: frames + 60 * len(sampled), **extra)
     trainer.write_samples = lambda tag: trainer.frames_seen == 20 and sampled.append(tag)  # the one at 40 is free
-    trainer.final_sample_seconds = 5.0
     summary = trainer.train()
     assert sampled == ["frame00000020"] and summary["frames"] == 53
     assert trainer.final_sample_planned == pytest.approx(5.0)
@@ -282,9 +285,7 @@ def test_a_milestone_sample_is_not_taken_for_a_machine_that_slows_down(tmp_path,
 def test_a_time_limit_that_the_run_fits_in_changes_nothing(tmp_path):
     """The same run with 5 minutes: all 60 frames, the cool-down planned over them from the first step."""
     extra = {"optim__warmup": 0, "optim__cooldown": 1.0, "run__frames": 60, "run__log_every": 1, "run__minutes": 5}
-    trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
-    trainer.clock = lambda: float(trainer.frames_seen)
-    trainer.final_sample_seconds = 5.0
+    trainer = _trainer_on_a_clock(tmp_path, lambda frames: frames, **extra)
     summary = trainer.train()
     assert summary["frames"] == 60 and not summary["time_limit"]["shortened"]
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
