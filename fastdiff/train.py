@@ -34,6 +34,11 @@ PACE_FRAMES = 100
 # latent default job on 2 idle cores: 11 frames/s at its start, 8.3 at its end, and the sample's model calls 1.33x
 # slower than when they were timed at frame 100), so the plan follows the recent pace, not only the mean.
 RECENT_FRAMES = 250
+# run.minutes: the final sample is timed again, once, when the training left in the plan falls to this share of the
+# training done. A shared CPU's speed drifts by 30% from one minute to the next (the pixel default job: its calls
+# timed at 0.53 s at frame 90 took 0.40 s in the sample, and the run ended 98 s early), so the timing that plans the
+# run's end is taken near it, with a third of the run left to act on it.
+RETIME_SHARE = 0.5
 
 
 class OnlineTrainer:
@@ -124,6 +129,7 @@ class OnlineTrainer:
             autoencoder=self.autoencoder, world=self.world, log=self.log)
         self.frame_limit = self.total_frames  # what run.minutes may shorten the run from, never exceed
         self.final_sample_seconds: float | None = None  # run.minutes: the final sample's estimated time
+        self.final_sample_timed_at: list[int] = []  # run.minutes: the frames where it was timed
         self.final_sample_pace: float | None = None  # run.minutes: the recent seconds a frame when it was estimated
         self.final_sample_planned: float | None = None  # run.minutes: the estimate at the recent pace, last planned
         # run.minutes: (clock less the time off pace, frames) at recent checks
@@ -280,6 +286,7 @@ class OnlineTrainer:
             summary["time_limit"] = {"minutes": self.cfg.run.minutes, "frame_limit": self.frame_limit,
                                      "shortened": self.total_frames < self.frame_limit,
                                      "final_sample_estimate_seconds": self.final_sample_seconds,
+                                     "final_sample_timed_at_frames": self.final_sample_timed_at,
                                      "final_sample_planned_seconds": self.final_sample_planned,
                                      "seconds_left": round(self.deadline - self.clock(), 1)}
         if self.world.is_main:
@@ -351,12 +358,17 @@ class OnlineTrainer:
         if trained < PACE_FRAMES:
             return
         recent = (marks[-1][0] - marks[0][0]) / max(self.frames_seen - marks[0][1], 1)
-        if self.final_sample_seconds is None:
+        if self.final_sample_seconds is None or self._sample_timing_due(now, since):
             with self._off_pace():
-                self.final_sample_seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
-            now = self.clock()
-        if self.final_sample_pace is None:
+                seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
+            if self.final_sample_seconds is not None:
+                self.log(f"run.minutes={self.cfg.run.minutes:g}: the final sample timed again at frame "
+                         f"{self.frames_seen}: {seconds:.0f} s (at frame {self.final_sample_timed_at[0]}: "
+                         f"{self.final_sample_seconds:.0f} s)")
+            self.final_sample_seconds = seconds
+            self.final_sample_timed_at.append(self.frames_seen)
             self.final_sample_pace = recent
+            now = self.clock()
         # the sample's calls slow down with the training steps, the plan's frames go at the slower of the mean
         # and the recent pace
         sample_seconds = self.final_sample_seconds * max(1.0, recent / self.final_sample_pace)
@@ -372,6 +384,14 @@ class OnlineTrainer:
                      f"(run.frames={self.frame_limit})")
         self.total_frames = total
         self.step.plan(total)
+
+    def _sample_timing_due(self, now: float, since: float) -> bool:
+        """run.minutes: whether to time the final sample again (once, RETIME_SHARE). Rank 0 decides for every rank,
+        as the timing is a collective call."""
+        if len(self.final_sample_timed_at) != 1:
+            return False
+        training_left = self.deadline - now - self.final_sample_planned
+        return self.world.broadcast_object(training_left <= RETIME_SHARE * (now - since))
 
     @torch.no_grad()
     def estimate_final_sample_seconds(self) -> float:

@@ -211,12 +211,13 @@ def test_graph_step_never_syncs(tmp_path, compile_model):
     assert torch.isfinite(torch.tensor(trainer.step.result().loss))
 
 
-def _trainer_on_a_clock(tmp_path, seconds_at, **extra) -> OnlineTrainer:
-    """A run.minutes trainer whose clock reads seconds_at(frames seen) from a start at 0, and whose final sample
-    is taken to need 5 s (as if timed when frames took the clock's first pace)."""
+def _trainer_on_a_clock(tmp_path, seconds_at, sample_seconds_at=lambda frames: 5.0, **extra) -> OnlineTrainer:
+    """A run.minutes trainer whose clock reads seconds_at(frames seen) from a start at 0, and whose final sample,
+    timed with frames seen, reads sample_seconds_at(frames seen); the frames where it was timed are in
+    trainer.final_sample_timed_at."""
     trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
     trainer.clock = lambda: float(seconds_at(trainer.frames_seen))
-    trainer.final_sample_seconds = 5.0
+    trainer.estimate_final_sample_seconds = lambda: float(sample_seconds_at(trainer.frames_seen))
     return trainer
 
 
@@ -241,25 +242,45 @@ def test_a_time_limited_run_ends_where_its_pace_says_and_replans_its_cool_down(t
 
 
 def test_a_time_limited_run_follows_a_machine_that_slows_down(tmp_path, monkeypatch):
-    """A clock that runs one second a frame to frame 20 and two after it, the final sample timed at 5 s while
-    frames took one second. Once the last RECENT_FRAMES (10 here) all took two seconds, the sample is planned at
-    10 s and the remaining frames at 2 s: at frame 30 (40 s gone) 60 - 40 - 10 s leave 5 frames, and the run ends
-    at frame 35. Planning with the mean pace and the sample as timed ends at frame 37, 54 s gone, and the 10 s
-    sample runs 4 s past the limit."""
+    """A clock that runs one second a frame to frame 20 and two after it; the final sample reads 5 s when timed
+    while frames take one second and 10 s after. Its second timing comes at frame 28 (36 s gone, 60 - 36 - 8.5 s
+    leave 15.5 s of training, under half of 36) and reads 10 s, the recent pace (the last RECENT_FRAMES, 10 here)
+    1.8 s a frame; by frame 30 all recent frames took 2 s, the sample is planned at 10 x 2 / 1.8 = 11.1 s and the
+    remaining frames at 2 s: the run ends at frame 34 (48 s gone). Planning with the mean pace and the sample as
+    first timed ends at frame 37, 54 s gone, and the 10 s sample runs 4 s past the limit."""
     import fastdiff.train as train_module
 
     monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
     monkeypatch.setattr(train_module, "RECENT_FRAMES", 10)
     extra = {"optim__warmup": 0, "run__frames": 100, "run__log_every": 1, "run__minutes": 1.0}
-    trainer = _trainer_on_a_clock(tmp_path, lambda frames: min(frames, 20) + 2 * max(frames - 20, 0), **extra)
+    trainer = _trainer_on_a_clock(tmp_path, lambda frames: min(frames, 20) + 2 * max(frames - 20, 0),
+                                  lambda frames: 5.0 if frames <= 20 else 10.0, **extra)
     plans = {}  # frame -> the last frame planned there
     plan = trainer.step.plan
     trainer.step.plan = lambda total: plans.__setitem__(trainer.frames_seen, total) or plan(total)
     summary = trainer.train()
     last_change = max(plans)
-    assert summary["frames"] == 35 and plans[last_change] == 35
-    assert last_change <= 30  # planned once the recent frames all took 2 s; the mean pace kept replanning to 35
-    assert trainer.final_sample_pace == pytest.approx(1.0) and trainer.final_sample_planned == pytest.approx(10.0)
+    assert summary["frames"] == 34 and plans[last_change] == 34
+    assert last_change <= 30  # planned once the recent frames all took 2 s; the mean pace kept replanning
+    assert trainer.final_sample_timed_at == [10, 28] and trainer.final_sample_pace == pytest.approx(1.8)
+    assert trainer.final_sample_planned == pytest.approx(10 * 2 / 1.8)
+
+
+def test_a_time_limited_run_times_its_final_sample_again_near_its_end(tmp_path, monkeypatch):
+    """One second a frame; the final sample reads 20 s when first timed (frame 10: the run would end at frame
+    40) and 10 s after frame 20, as a shared CPU's speed drifts. It is timed again once, at frame 27, the first
+    check where the training left in the plan (60 - 27 - 20 = 13 s) is at most RETIME_SHARE of the 27 s done, and
+    the run trains to frame 50. Without the second timing it ends at frame 40, 10 s early."""
+    import fastdiff.train as train_module
+
+    monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
+    extra = {"optim__warmup": 0, "run__frames": 100, "run__log_every": 1, "run__minutes": 1.0}
+    trainer = _trainer_on_a_clock(tmp_path, lambda frames: frames, lambda frames: 20.0 if frames <= 20 else 10.0,
+                                  **extra)
+    summary = trainer.train()
+    assert trainer.final_sample_timed_at == [10, 27] and summary["frames"] == 50
+    assert summary["time_limit"]["final_sample_timed_at_frames"] == [10, 27]
+    assert summary["time_limit"]["final_sample_estimate_seconds"] == 10.0
 
 
 def test_a_milestone_sample_is_not_taken_for_a_machine_that_slows_down(tmp_path, monkeypatch):
