@@ -35,9 +35,9 @@ PACE_FRAMES = 100
 # slower than when they were timed at frame 100), so the plan follows the recent pace, not only the mean.
 RECENT_FRAMES = 250
 # run.minutes: the final sample is timed again, once, when the training left in the plan falls to this share of the
-# training done. A shared CPU's speed drifts by 30% from one minute to the next (the pixel default job: its calls
-# timed at 0.53 s at frame 90 took 0.40 s in the sample, and the run ended 98 s early), so the timing that plans the
-# run's end is taken near it, with a third of the run left to act on it.
+# training done. A shared CPU's speed drifts (this box: the pixel model trained at 10 frames/s, then at 5 ten minutes
+# later; a default job's calls timed at 0.53 s at frame 90 took 0.40 s in its sample, and it ended 98 s early), so
+# the timing that plans the run's end is taken nearer to it, with a third of the training left to act on it.
 RETIME_SHARE = 0.5
 
 
