@@ -35,9 +35,10 @@ PACE_FRAMES = 100
 # slower than when they were timed at frame 100), so the plan follows the recent pace, not only the mean.
 RECENT_FRAMES = 250
 # run.minutes: the final sample is timed again, once, when the training left in the plan falls to this share of the
-# training done. A shared CPU's speed drifts (this box: the pixel model trained at 10 frames/s, then at 5 ten minutes
-# later; a default job's calls timed at 0.53 s at frame 90 took 0.40 s in its sample, and it ended 98 s early), so
-# the timing that plans the run's end is taken nearer to it, with a third of the training left to act on it.
+# training done, and the plan keeps the slower of the two timings. A shared CPU's speed drifts (this box: the pixel
+# model trained at 10 frames/s, then at 5 ten minutes later), so a timing taken nearer the end catches a machine
+# that slowed since the first; keeping a faster second timing instead let a pixel default job plan 191 s for a
+# sample that took 248 (its first timing: 244 s), and it ran 57 s past its limit.
 RETIME_SHARE = 0.5
 
 
@@ -129,7 +130,7 @@ class OnlineTrainer:
             autoencoder=self.autoencoder, world=self.world, log=self.log)
         self.frame_limit = self.total_frames  # what run.minutes may shorten the run from, never exceed
         self.final_sample_seconds: float | None = None  # run.minutes: the final sample's estimated time
-        self.final_sample_timed_at: list[int] = []  # run.minutes: the frames where it was timed
+        self.final_sample_timings: list[tuple[int, float]] = []  # run.minutes: (frames seen, seconds) of each timing
         self.final_sample_pace: float | None = None  # run.minutes: the recent seconds a frame when it was estimated
         self.final_sample_planned: float | None = None  # run.minutes: the estimate at the recent pace, last planned
         # run.minutes: (clock less the time off pace, frames) at recent checks
@@ -286,7 +287,7 @@ class OnlineTrainer:
             summary["time_limit"] = {"minutes": self.cfg.run.minutes, "frame_limit": self.frame_limit,
                                      "shortened": self.total_frames < self.frame_limit,
                                      "final_sample_estimate_seconds": self.final_sample_seconds,
-                                     "final_sample_timed_at_frames": self.final_sample_timed_at,
+                                     "final_sample_timings": self.final_sample_timings,
                                      "final_sample_planned_seconds": self.final_sample_planned,
                                      "seconds_left": round(self.deadline - self.clock(), 1)}
         if self.world.is_main:
@@ -363,11 +364,10 @@ class OnlineTrainer:
                 seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
             if self.final_sample_seconds is not None:
                 self.log(f"run.minutes={self.cfg.run.minutes:g}: the final sample timed again at frame "
-                         f"{self.frames_seen}: {seconds:.0f} s (at frame {self.final_sample_timed_at[0]}: "
-                         f"{self.final_sample_seconds:.0f} s)")
-            self.final_sample_seconds = seconds
-            self.final_sample_timed_at.append(self.frames_seen)
-            self.final_sample_pace = recent
+                         f"{self.frames_seen}: {seconds:.0f} s (planned: {self.final_sample_planned:.0f} s)")
+            self.final_sample_timings.append((self.frames_seen, seconds))
+            if self.final_sample_seconds is None or seconds > self.final_sample_planned:  # the slower one plans
+                self.final_sample_seconds, self.final_sample_pace = seconds, recent
             now = self.clock()
         # the sample's calls slow down with the training steps, the plan's frames go at the slower of the mean
         # and the recent pace
@@ -388,7 +388,7 @@ class OnlineTrainer:
     def _sample_timing_due(self, now: float, since: float) -> bool:
         """run.minutes: whether to time the final sample again (once, RETIME_SHARE). Rank 0 decides for every rank,
         as the timing is a collective call."""
-        if len(self.final_sample_timed_at) != 1:
+        if len(self.final_sample_timings) != 1:
             return False
         training_left = self.deadline - now - self.final_sample_planned
         return self.world.broadcast_object(training_left <= RETIME_SHARE * (now - since))

@@ -213,8 +213,8 @@ def test_graph_step_never_syncs(tmp_path, compile_model):
 
 def _trainer_on_a_clock(tmp_path, seconds_at, sample_seconds_at=lambda frames: 5.0, **extra) -> OnlineTrainer:
     """A run.minutes trainer whose clock reads seconds_at(frames seen) from a start at 0, and whose final sample,
-    timed with frames seen, reads sample_seconds_at(frames seen); the frames where it was timed are in
-    trainer.final_sample_timed_at."""
+    timed with frames seen, reads sample_seconds_at(frames seen); trainer.final_sample_timings lists (frames,
+    seconds) of each timing."""
     trainer = OnlineTrainer(_cfg(tmp_path, **extra), tmp_path / "run", log=QUIET, started=0.0)
     trainer.clock = lambda: float(seconds_at(trainer.frames_seen))
     trainer.estimate_final_sample_seconds = lambda: float(sample_seconds_at(trainer.frames_seen))
@@ -262,25 +262,30 @@ def test_a_time_limited_run_follows_a_machine_that_slows_down(tmp_path, monkeypa
     last_change = max(plans)
     assert summary["frames"] == 34 and plans[last_change] == 34
     assert last_change <= 30  # planned once the recent frames all took 2 s; the mean pace kept replanning
-    assert trainer.final_sample_timed_at == [10, 28] and trainer.final_sample_pace == pytest.approx(1.8)
+    assert trainer.final_sample_timings == [(10, 5.0), (28, 10.0)]
+    assert trainer.final_sample_pace == pytest.approx(1.8)
     assert trainer.final_sample_planned == pytest.approx(10 * 2 / 1.8)
 
 
-def test_a_time_limited_run_times_its_final_sample_again_near_its_end(tmp_path, monkeypatch):
-    """One second a frame; the final sample reads 20 s when first timed (frame 10: the run would end at frame
-    40) and 10 s after frame 20, as a shared CPU's speed drifts. It is timed again once, at frame 27, the first
-    check where the training left in the plan (60 - 27 - 20 = 13 s) is at most RETIME_SHARE of the 27 s done, and
-    the run trains to frame 50. Without the second timing it ends at frame 40, 10 s early."""
+@pytest.mark.parametrize("first, later, timed_again_at", [(10.0, 20.0, 34), (20.0, 10.0, 27)])
+def test_a_time_limited_run_plans_with_the_slower_of_two_timings_of_its_final_sample(
+        tmp_path, monkeypatch, first, later, timed_again_at):
+    """One second a frame; the final sample reads `first` seconds when timed at frame 10 and `later` after frame 20,
+    as a shared CPU's speed drifts. It is timed again once, at the first check where the training left in the plan
+    is at most RETIME_SHARE of the training done (10 s planned: 60 - 34 - 10 = 16 <= 17; 20 s: 60 - 27 - 20 = 13 <=
+    13.5), and the slower timing, 20 s, plans the end: frame 40 either way. Without the second timing a sample
+    that slowed to 20 s would have run from frame 50 to 10 s past the limit; keeping a faster second timing would
+    plan 10 s for a sample that may take 20."""
     import fastdiff.train as train_module
 
     monkeypatch.setattr(train_module, "PACE_FRAMES", 5)
     extra = {"optim__warmup": 0, "run__frames": 100, "run__log_every": 1, "run__minutes": 1.0}
-    trainer = _trainer_on_a_clock(tmp_path, lambda frames: frames, lambda frames: 20.0 if frames <= 20 else 10.0,
+    trainer = _trainer_on_a_clock(tmp_path, lambda frames: frames, lambda frames: first if frames <= 20 else later,
                                   **extra)
     summary = trainer.train()
-    assert trainer.final_sample_timed_at == [10, 27] and summary["frames"] == 50
-    assert summary["time_limit"]["final_sample_timed_at_frames"] == [10, 27]
-    assert summary["time_limit"]["final_sample_estimate_seconds"] == 10.0
+    assert trainer.final_sample_timings == [(10, first), (timed_again_at, later)] and summary["frames"] == 40
+    assert summary["time_limit"]["final_sample_timings"] == [(10, first), (timed_again_at, later)]
+    assert summary["time_limit"]["final_sample_estimate_seconds"] == 20.0
 
 
 def test_a_milestone_sample_is_not_taken_for_a_machine_that_slows_down(tmp_path, monkeypatch):
