@@ -359,14 +359,15 @@ class OnlineTrainer:
         if trained < PACE_FRAMES:
             return
         recent = (marks[-1][0] - marks[0][0]) / max(self.frames_seen - marks[0][1], 1)
-        if self.final_sample_seconds is None or self._sample_timing_due(now, since):
+        first = self.final_sample_seconds is None
+        if first or self._sample_timing_due(now, since):
             with self._off_pace():
                 seconds = self.world.run_on_main(self.estimate_final_sample_seconds)
-            if self.final_sample_seconds is not None:
+            self.final_sample_timings.append((self.frames_seen, seconds))
+            if not first:
                 self.log(f"run.minutes={self.cfg.run.minutes:g}: the final sample timed again at frame "
                          f"{self.frames_seen}: {seconds:.0f} s (planned: {self.final_sample_planned:.0f} s)")
-            self.final_sample_timings.append((self.frames_seen, seconds))
-            if self.final_sample_seconds is None or seconds > self.final_sample_planned:  # the slower one plans
+            if first or seconds > self.final_sample_planned:  # the slower timing plans
                 self.final_sample_seconds, self.final_sample_pace = seconds, recent
             now = self.clock()
         # the sample's calls slow down with the training steps, the plan's frames go at the slower of the mean
