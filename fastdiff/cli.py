@@ -9,6 +9,8 @@ import importlib
 import os
 import sys
 
+from fastdiff import host
+
 COMMANDS = ("train", "sample", "eval", "streams", "experiment", "bench", "profile", "tune")
 
 
@@ -29,22 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def openmp_wait_policy() -> str:
-    """How OpenMP threads wait for work, unless the user set OMP_WAIT_POLICY: spinning (ACTIVE) on a quiet machine,
-    sleeping (PASSIVE) on a busy one. Measured on 2 cores with the tiny step at 2 threads: on an idle machine
-    spinning waits take 75 ms a step against 101 ms for sleeping ones (which then gain nothing over 1 thread);
-    with both cores busy, spinning threads take the cores the working ones need (2x the CPU and 1.7x the wall
-    time). Quiet means a 1-minute load average under half a core, before this process has done any work."""
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # no load average on this platform: the safe choice
-        return "PASSIVE"
-    return "ACTIVE" if busy < 0.5 else "PASSIVE"
-
-
 def main(argv: list[str] | None = None) -> int:
     # Must be set before torch (and its OpenMP runtime) loads; the commands import torch only inside run().
-    os.environ.setdefault("OMP_WAIT_POLICY", openmp_wait_policy())
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = host.openmp_wait_policy()
+    host.keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

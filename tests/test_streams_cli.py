@@ -107,13 +107,14 @@ def test_media_writers(tmp_path):
 
 def test_cli_sets_openmp_waits_before_torch_loads():
     """OMP_WAIT_POLICY only counts if it is set before torch's OpenMP runtime starts: the CLI sets it (unless the
-    user chose) while torch is still unloaded, and the command then runs with it. The load is faked to be low:
-    the probe's own choice then must be ACTIVE."""
+    user chose) while torch is still unloaded, and the command then runs with it. The machine is faked to be
+    quiet: the probe's own choice then must be ACTIVE."""
     import os
     import subprocess
     import sys
 
-    probe = ("import os, sys; os.getloadavg = lambda: (0.1, 0.1, 0.1); from fastdiff import cli; cli.build_parser(); "
+    probe = ("import os, sys; from fastdiff import cli, host; host.busy_cores = lambda: 0.1; "
+             "host.openmp_wait_policy.__defaults__ = (host.busy_cores,); cli.build_parser(); "
              "loaded = 'torch' in sys.modules; "
              "cli.main(['streams', 'list']); print('POLICY', os.environ['OMP_WAIT_POLICY'], loaded)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -124,22 +125,90 @@ def test_cli_sets_openmp_waits_before_torch_loads():
     assert "POLICY PASSIVE False" in out  # the user's choice wins over a quiet machine
 
 
-def test_openmp_threads_spin_only_on_a_quiet_machine(monkeypatch):
-    """Spinning waits are 1.35x faster on an idle machine and much slower on a busy one: the choice follows the
-    1-minute load average, and falls back to sleeping waits where there is none."""
+def _stat_file(path, ticks_by_cpu):
+    """A /proc/stat with one line per cpu: (busy, idle[, waiting for I/O]) ticks, busy split over user and
+    system."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    for cpu, (busy, idle, *iowait) in enumerate(ticks_by_cpu):
+        lines.append(f"cpu{cpu} {busy - busy // 3} 0 {busy // 3} {idle} {sum(iowait)} 0 0 0 0 0")
+    path.write_text("\n".join(lines + ["intr 0", "ctxt 0"]) + "\n")
+
+
+def test_openmp_threads_spin_only_while_no_other_process_uses_the_cores(tmp_path, monkeypatch):
+    """Spinning waits are 1.35x faster on an idle machine and much slower on a busy one. The choice follows what
+    the cores this process may run on do now (/proc/stat sampled while it sleeps), not the 1-minute load average,
+    which still counts a job that has just ended; where neither exists, it sleeps."""
     import os
 
-    from fastdiff import cli
+    from fastdiff import host
 
-    for load, policy in ((0.0, "ACTIVE"), (0.4, "ACTIVE"), (0.6, "PASSIVE"), (3.0, "PASSIVE")):
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        assert cli.openmp_wait_policy() == policy, load
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # a job ended a moment ago
+
+    def busy_over(after_ticks):
+        _stat_file(stat, [(1000, 5000), (1000, 5000), (0, 0)])
+        return host.busy_cores(1.0, str(stat), sleep=lambda s: _stat_file(stat, after_ticks))
+
+    # 100 ticks a core pass; cpu2 is outside this process's affinity, and its work does not count
+    assert busy_over([(1000, 5100), (1000, 5100), (1100, 0)]) == 0.0
+    assert busy_over([(1100, 5000), (1000, 5100), (0, 0)]) == 1.0  # one core busy
+    assert busy_over([(1030, 5070), (1000, 5100), (0, 0)]) == 0.3
+    assert busy_over([(1000, 5000, 100), (1000, 5100), (0, 0)]) == 0.0  # waiting for a disk is not using a core
+    for after, policy in (([(1000, 5100), (1000, 5100), (1100, 0)], "ACTIVE"),
+                          ([(1030, 5070), (1010, 5090), (0, 0)], "ACTIVE"),
+                          ([(1030, 5070), (1030, 5070), (0, 0)], "PASSIVE"),
+                          ([(1100, 5000), (1100, 5000), (0, 0)], "PASSIVE")):
+        assert host.openmp_wait_policy(lambda after=after: busy_over(after)) == policy, after
+
+    assert host.busy_cores(0.0, str(tmp_path / "missing")) is None  # no /proc/stat: the load average decides
+    assert host.openmp_wait_policy(lambda: None) == "PASSIVE"
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert host.openmp_wait_policy(lambda: None) == "ACTIVE"
 
     def unavailable():
         raise OSError("no load average")
 
     monkeypatch.setattr(os, "getloadavg", unavailable)
-    assert cli.openmp_wait_policy() == "PASSIVE"
+    assert host.openmp_wait_policy(lambda: None) == "PASSIVE"
+
+
+def test_the_cli_keeps_freed_memory_instead_of_faulting_it_in_again(tmp_path):
+    """The training step frees and reallocates its activations every step; glibc's default thresholds hand them
+    back to the OS and the kernel faults in fresh pages each time (the latent default job: 30 million faults).
+    After the CLI's setting, freeing and allocating a 64 MiB block again faults a fraction of its pages, in the
+    process and in one it starts; a user's own MALLOC_ setting is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, resource, subprocess, sys\n"
+             "from fastdiff import host\n"
+             "took = host.keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
+             "def faults():\n"
+             "    import numpy as np\n"
+             "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "    for _ in range(10):\n"
+             "        block = np.ones(8 * 2**20); del block\n"
+             "    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10\n"
+             "child = subprocess.run([sys.executable, '-c', 'import sys; sys.argv = [0, \"child\"]; ' + "
+             "open(__file__).read()], capture_output=True, text=True).stdout if sys.argv[1] == 'keep' else ''\n"
+             "print('RESULT', took, faults(), child.strip().split()[-1] if child else '')\n")
+    script = tmp_path / "probe.py"
+    script.write_text(probe)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def run(mode, extra=None):
+        out = subprocess.run([sys.executable, str(script), mode], env={**env, **(extra or {})}, capture_output=True,
+                             text=True, check=True).stdout
+        return out.split("RESULT")[-1].split()
+
+    took, kept, child = run("keep")
+    if took != "True":
+        pytest.skip("not glibc: its malloc thresholds cannot be set")
+    default = float(run("plain")[1])
+    assert float(kept) * 4 < default and float(child) * 4 < default, (kept, child, default)
+    assert run("keep", {"MALLOC_TRIM_THRESHOLD_": "131072"})[0] == "False"
 
 
 def test_cpu_threads_follow_the_cores_this_process_may_use(monkeypatch):
