@@ -32,15 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --help and bad arguments end here, before the quarter second of sampling below
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
     # Must be set before torch (and its OpenMP runtime) loads; the commands import torch only inside run().
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = host.openmp_wait_policy()
     host.keep_freed_memory()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
