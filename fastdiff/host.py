@@ -1,7 +1,7 @@
 """How a fastdiff process uses its CPU host: how OpenMP threads wait, and whether freed memory goes back to the OS.
 
 Both must be decided before the work starts (OpenMP's policy before torch loads), so `fastdiff.cli.main` calls
-them first. Neither module nor function imports torch.
+them once the arguments parse, before the command runs. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def cpu_ticks(cpus: set[int] | None, stat_path: str = "/proc/stat") -> tuple[int
     busy = total = 0
     found = False
     for line in lines:
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if not name.startswith("cpu") or name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
             continue
         ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
@@ -56,7 +56,7 @@ def busy_cores(seconds: float = SAMPLE_SECONDS, stat_path: str = "/proc/stat", s
     return cores * (after[0] - before[0]) / (after[1] - before[1])
 
 
-def openmp_wait_policy(busy=busy_cores) -> str:
+def openmp_wait_policy(busy_now=None) -> str:
     """How OpenMP threads wait for work, unless the user set OMP_WAIT_POLICY: spinning (ACTIVE) on a quiet machine,
     sleeping (PASSIVE) on a busy one. Measured on 2 cores with the tiny step at 2 threads: on an idle machine
     spinning waits take 75 ms a step against 101 ms for sleeping ones (which then gain nothing over 1 thread);
@@ -65,8 +65,9 @@ def openmp_wait_policy(busy=busy_cores) -> str:
     average, which this chose from before: it still counts a job that ended a minute ago (an install, the
     previous run), and a default job started right after one ran with sleeping waits at 1.6x the time (400
     frames of `tiny` at 2 threads: 47 s against 29 s, 2026-12-07). Where /proc/stat is missing, the load
-    average decides; where that is missing too, sleeping waits, the safe choice."""
-    now = busy()
+    average decides; where that is missing too, sleeping waits, the safe choice. `busy_now`: a callable in place
+    of busy_cores (tests)."""
+    now = (busy_now or busy_cores)()
     if now is None:
         try:
             now = os.getloadavg()[0]

@@ -113,8 +113,7 @@ def test_cli_sets_openmp_waits_before_torch_loads():
     import subprocess
     import sys
 
-    probe = ("import os, sys; from fastdiff import cli, host; host.busy_cores = lambda: 0.1; "
-             "host.openmp_wait_policy.__defaults__ = (host.busy_cores,); cli.build_parser(); "
+    probe = ("import os, sys; from fastdiff import cli, host; host.busy_cores = lambda: 0.1; cli.build_parser(); "
              "loaded = 'torch' in sys.modules; "
              "cli.main(['streams', 'list']); print('POLICY', os.environ['OMP_WAIT_POLICY'], loaded)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -176,8 +175,8 @@ def test_openmp_threads_spin_only_while_no_other_process_uses_the_cores(tmp_path
 def test_the_cli_keeps_freed_memory_instead_of_faulting_it_in_again(tmp_path):
     """The training step frees and reallocates its activations every step; glibc's default thresholds hand them
     back to the OS and the kernel faults in fresh pages each time (the latent default job: 30 million faults).
-    After the CLI's setting, freeing and allocating a 64 MiB block again faults a fraction of its pages, in the
-    process and in one it starts; a user's own MALLOC_ setting is left alone."""
+    After the CLI's setting, freeing and allocating a 64 MiB block again faults under a quarter as often as with
+    glibc's defaults, in the process and in one it starts; a user's own MALLOC_ setting is left alone."""
     import os
     import subprocess
     import sys
