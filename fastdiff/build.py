@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from fastdiff import host
 from fastdiff.config import AutoencoderConfig, Config, DiffusionConfig, ModelConfig, ReplayConfig
 from fastdiff.diffusion import Schedule
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
@@ -35,10 +36,8 @@ def cpu_threads(requested: int) -> int | None:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    cpus = host.usable_cpus()
+    return max(1, len(cpus)) if cpus is not None else (os.cpu_count() or 1)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -38,13 +38,19 @@ def cpu_ticks(cpus: set[int] | None, stat_path: str = "/proc/stat") -> tuple[int
     return (busy, total) if found else None
 
 
+def usable_cpus() -> set[int] | None:
+    """The CPUs this process may run on (its affinity: a container or taskset gives fewer than the machine has);
+    None where the platform does not say (not Linux)."""
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:
+        return None
+
+
 def busy_cores(seconds: float = SAMPLE_SECONDS, stat_path: str = "/proc/stat", sleep=time.sleep) -> float | None:
     """Cores that other processes keep busy now, among those this process may run on (its affinity), sampled over
     `seconds` while this process sleeps; None where it cannot be measured."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        cpus = None
+    cpus = usable_cpus()
     before = cpu_ticks(cpus, stat_path)
     if before is None:
         return None

@@ -190,8 +190,8 @@ def test_the_cli_keeps_freed_memory_instead_of_faulting_it_in_again(tmp_path):
              "    for _ in range(10):\n"
              "        block = np.ones(8 * 2**20); del block\n"
              "    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10\n"
-             "child = subprocess.run([sys.executable, '-c', 'import sys; sys.argv = [0, \"child\"]; ' + "
-             "open(__file__).read()], capture_output=True, text=True).stdout if sys.argv[1] == 'keep' else ''\n"
+             "child = subprocess.run([sys.executable, __file__, 'child'], capture_output=True, text=True).stdout "
+             "if sys.argv[1] == 'keep' else ''\n"
              "print('RESULT', took, faults(), child.strip().split()[-1] if child else '')\n")
     script = tmp_path / "probe.py"
     script.write_text(probe)
