@@ -25,6 +25,8 @@ from pathlib import Path
 
 import utils
 
+from fastdiff.experiment import experiment_preset
+
 QUIET_RUN = ("run.final_clips=0", "run.milestone_clips=0", "run.sample_every=0", "run.progress=false",
              "run.minutes=0", "run.log_every=100000", "run.sample_frames=12")
 SMOKE_MODEL = ("model.width=32", "model.depth=1", "model.heads=1")
@@ -35,8 +37,9 @@ def cores() -> list[int]:
 
 
 def start_run(out: Path, name: str, frames: int, threads: int, core: int | None, extra=()) -> subprocess.Popen:
-    """One `fastdiff train` process; `core` pins it (Linux affinity) before it starts."""
-    command = [sys.executable, "-m", "fastdiff", "train", "--frames", str(frames), "--out", str(out), "--name", name]
+    """One `fastdiff train` process of the experiment's preset; `core` pins it (Linux affinity) before it starts."""
+    command = [sys.executable, "-m", "fastdiff", "train", "--frames", str(frames), "--out", str(out), "--name", name,
+               "--preset", experiment_preset()]
     for setting in (*QUIET_RUN, f"run.threads={threads}", *extra):
         command += ["--set", setting]
     pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None

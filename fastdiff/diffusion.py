@@ -456,10 +456,13 @@ def sample_window(model, clip: torch.Tensor, observed: torch.Tensor, schedule: S
 @torch.no_grad()
 def rollout_chunks(model, context: torch.Tensor, window: int, schedule: Schedule, cfg: DiffusionConfig, *,
                    n_observed: int | None = None, generator: torch.Generator | None = None,
-                   clip_x0: float | None = None, sampler: str | None = None) -> Iterator[torch.Tensor]:
+                   clip_x0: float | None = None, sampler: str | None = None,
+                   observe=None) -> Iterator[torch.Tensor]:
     """The paper's autoregressive sliding rollout, endless: observe the last n frames (`observed_frames`), generate
     the rest of the window, slide. context (B, n0, C, H, W) clean frames; yields the new frames of each window
-    (B, K - n, C, H, W). Only the observed frames are kept, so memory does not grow with the video."""
+    (B, K - n, C, H, W). Only the observed frames are kept, so memory does not grow with the video. `observe`
+    (B, n, C, H, W) -> same: what the later windows observe of the new frames in place of the frames as sampled
+    (e.g. the autoencoder's round trip, `models.autoencoder.reencoder`); the yielded frames are the sampled ones."""
     b, n0 = context.shape[:2]
     n_obs = observed_frames(cfg, window) if n_observed is None else n_observed
     if not 0 < n_obs < window:
@@ -475,18 +478,19 @@ def rollout_chunks(model, context: torch.Tensor, window: int, schedule: Schedule
         new = sample_window(model, clip, observed, schedule, cfg, generator=generator, clip_x0=clip_x0,
                             sampler=sampler)[:, n_ctx:]
         yield new
-        recent = torch.cat([recent, new], dim=1)[:, -n_obs:]
+        recent = torch.cat([recent, new if observe is None else observe(new)], dim=1)[:, -n_obs:]
 
 
 @torch.no_grad()
 def rollout(model, context: torch.Tensor, total: int, window: int, schedule: Schedule, cfg: DiffusionConfig, *,
             n_observed: int | None = None, generator: torch.Generator | None = None,
-            clip_x0: float | None = None, sampler: str | None = None, on_frames=None) -> torch.Tensor:
+            clip_x0: float | None = None, sampler: str | None = None, on_frames=None,
+            observe=None) -> torch.Tensor:
     """:func:`rollout_chunks` collected: (B, total, C, H, W), the context included. `on_frames(n)` is told how
     many frames (per video) each chunk added, for a progress bar."""
     frames = list(context.unbind(1))
     chunks = rollout_chunks(model, context, window, schedule, cfg, n_observed=n_observed, generator=generator,
-                            clip_x0=clip_x0, sampler=sampler)
+                            clip_x0=clip_x0, sampler=sampler, observe=observe)
     while len(frames) < total:
         new = next(chunks)
         frames.extend(new.unbind(1))

@@ -17,7 +17,7 @@ from fastdiff.config import SAMPLE_MODES, Config
 from fastdiff.diffusion import Schedule, rollout_chunks
 from fastdiff.fifo import FifoPlan, default_partitions, fifo_frames
 from fastdiff.lora import FastLearner, remove_temporal_lora
-from fastdiff.models.autoencoder import encode_frames
+from fastdiff.models.autoencoder import encode_frames, reencoder
 from fastdiff.models.dit import VideoDiT
 from fastdiff.streams import make_stream, parse_stream_options
 
@@ -118,7 +118,8 @@ def generate_latents(run: LoadedRun, context: torch.Tensor, opts: SampleOptions,
         learner.previous = context[:, -chunk:]
     if opts.mode == "autoregressive":
         for new in rollout_chunks(run.model, context, run.window, run.schedule, run.cfg.diffusion,
-                                  generator=generator, clip_x0=clip_x0):
+                                  generator=generator, clip_x0=clip_x0,
+                                  observe=reencoder(run.autoencoder, run.cfg.diffusion.sample_reencode)):
             if learner is not None:
                 learner.observe(new)
             yield from new.unbind(1)

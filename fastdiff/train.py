@@ -23,8 +23,9 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.config import Config
 from fastdiff.diffusion import rollout
 from fastdiff.ingest import FrameFeed
+from fastdiff.models.autoencoder import reencoder
 from fastdiff.replay import merge_shards, resize_reservoir
-from fastdiff.step import OnlineStep, StepResult
+from fastdiff.step import OnlineStep, StepResult, check_mode
 from fastdiff.strategies import GenerativeDistillation, StreamBank
 from fastdiff.streams import make_stream, parse_stream_options
 
@@ -100,6 +101,7 @@ class OnlineTrainer:
         buffer_plan = self._buffer_plan(stream_frames, saved[0] if saved else None, resize_buffer)
         if buffer_plan is not None:  # an impossible buffer is refused before the autoencoder is fitted
             build.check_memory(build.buffer_bytes(buffer_plan), "replay buffer", self.device)
+        check_mode(cfg, self.device, config.optimizer_name(cfg, self.device.type))  # so is a step it cannot take
         if not resume:  # what the run is created with, kept in its config.json: the stream's length, the capacity
             cfg.run.stream_frames = stream_frames
             if buffer_plan is not None and cfg.replay.strategy != "full":
@@ -613,7 +615,8 @@ class OnlineTrainer:
         context = step.ring[-context_frames:][None]
         clip_x0 = 1.0 if self.cfg.autoencoder.latent == "none" else None
         video = rollout(step.ema, context, total, self.window, step.schedule, self.cfg.diffusion,
-                        generator=gen, clip_x0=clip_x0)
+                        generator=gen, clip_x0=clip_x0,
+                        observe=reencoder(self.autoencoder, self.cfg.diffusion.sample_reencode))
         return self.autoencoder.decode(video[0]).cpu().numpy()
 
     def write_samples(self, tag: str) -> Path | None:

@@ -83,3 +83,24 @@ def test_tiny_long_is_tiny_with_the_measured_long_run_changes():
                        ("run", "milestone_every"), ("run", "milestone_clips")}
     assert (long["optim"]["name"], long["diffusion"]["ddim_eta"], long["run"]["frames"], long["run"]["minutes"]) == (
         "muon", 0.0, 20_000, 0.0)
+
+
+def test_tiny_latent_is_tiny_with_the_measured_latent_changes_and_the_cpu_default(monkeypatch):
+    """tiny-latent (the default job on a CPU) is `tiny` with exactly the measured changes: the pooled-colour latent
+    in 1x1 patches, a 1,200-step fit, 10 sampler steps, 6,500 frames; on a machine without a GPU it is the default
+    preset of `fastdiff train`, while `fastdiff experiment` (colours are what balls-c forgets) trains `tiny`."""
+    from dataclasses import asdict
+
+    import torch
+
+    from fastdiff.experiment import experiment_preset
+
+    tiny, latent = asdict(build_config("tiny")), asdict(build_config("tiny-latent"))
+    changed = {(section, key): fields[key] for section, fields in latent.items() if isinstance(fields, dict)
+               for key in fields if fields[key] != tiny[section][key]}
+    assert changed == {("model", "patch"): 1, ("autoencoder", "latent"): "ae", ("autoencoder", "colour"): "pooled",
+                       ("autoencoder", "fit_steps"): 1200, ("diffusion", "sample_steps"): 10,
+                       ("run", "frames"): 6500}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_config(None).preset == "tiny-latent"
+    assert experiment_preset() == "tiny"

@@ -294,6 +294,32 @@ def test_samplers_keep_observed_frames():
         assert torch.equal(out[observed], clip[observed])
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "heun"])
+def test_rollout_windows_observe_what_observe_returns(sampler):
+    """With `observe`, every later window's observed frames are observe(new frames), not the sampled frames, and
+    the frames yielded (the video) are the sampled ones; without it, the window observes the sampled frames."""
+    schedule = Schedule.make("linear", 1000)
+    denoiser = _gaussian_denoiser(schedule, 0.0, 1.0)
+    seen = []
+
+    def model(x, t, observed):
+        seen.append((x.clone(), observed.clone()))
+        return denoiser(x, t, observed)
+
+    cfg = DiffusionConfig(sample_steps=3, sampler=sampler)
+    context = torch.randn(2, 3, 1, 2, 2)
+    for observe in (lambda z: torch.full_like(z, 7.0), None):
+        seen.clear()
+        chunks = rollout_chunks(model, context, 6, schedule, cfg, generator=torch.Generator().manual_seed(0),
+                                observe=observe)
+        first, second = next(chunks), next(chunks)
+        assert not torch.any(first == 7.0) and not torch.any(second == 7.0)
+        x, observed = seen[-1]  # a call of the second window
+        assert observed[:, :3].all() and not observed[:, 3:].any()
+        expected = torch.full_like(first, 7.0) if observe is not None else first
+        assert torch.equal(x[:, :3], expected)
+
+
 def test_rollout_length_and_context():
     schedule = Schedule.make("linear", 1000)
     model = _gaussian_denoiser(schedule, 0.0, 1.0)

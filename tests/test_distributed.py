@@ -214,7 +214,7 @@ def _checkpoint(run_dir, frame: int) -> dict:
 
 @pytest.mark.timeout(300)
 def test_torchrun_checkpoint_resumes_on_two_ranks_and_on_one(tmp_path):
-    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    sets = ["--preset", "tiny", *(a for k, v in TINY.items() for a in ("--set", f"{k}={v}"))]  # as _cfg builds
     done = _torchrun("--out", str(tmp_path), "--name", "r", "--frames", "13", *sets)
     assert done.stdout.count("run directory:") == 1 and "(2 ranks)" in done.stdout  # rank 0 speaks
     run_dir = tmp_path / "r"
@@ -285,7 +285,7 @@ def test_seeds_differ_per_rank_and_rank0_keeps_the_run_seed():
 
 @pytest.mark.timeout(240)
 def test_torchrun_one_stream_per_rank(tmp_path):
-    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    sets = ["--preset", "tiny", *(a for k, v in TINY.items() for a in ("--set", f"{k}={v}"))]  # as _cfg builds
     _torchrun("--out", str(tmp_path), "--name", "s", "--frames", "12", "--streams", "balls-o", "balls-c", *sets)
     state = _checkpoint(tmp_path / "s", 12)
     saved = state["distributed"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, unit_to_pixels
+from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, reencoder, unit_to_pixels
 from fastdiff.models.dit import (
     LocalMixMLP,
     SpatialAttention,
@@ -283,6 +283,26 @@ def test_the_config_builds_the_pooled_colour_autoencoder_and_its_latent_shape():
     assert model(z[:1, None].expand(1, 10, 7, 8, 8).contiguous(), torch.zeros(1, 10, dtype=torch.long),
                  torch.zeros(1, 10, dtype=torch.bool)).shape == (1, 10, 7, 8, 8)
     assert estimate(cfg, (32, 32), 10, "cpu")["total"] > 0
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_reencoder_is_the_autoencoders_round_trip_through_uint8_frames(pooled):
+    """reencoder(ae) maps latents (B, n, C, h, w) to encode(decode(.)) frame by frame, through the uint8 frames a
+    video shows; disabled, there is nothing to call."""
+    torch.manual_seed(0)
+    ae = FrameAutoencoder(channels=4, factor=4, hidden=8, pooled_colour=pooled).eval()
+    ae.scale.uniform_(0.5, 2.0)
+    ae.shift.uniform_(-0.3, 0.3)
+    latents = torch.randn(2, 3, ae.channels, 4, 5)
+    out = reencoder(ae)(latents)
+    assert out.shape == latents.shape
+    for b in range(2):
+        for n in range(3):
+            frame = ae.decode(latents[b, n][None])
+            assert frame.dtype == torch.uint8
+            assert torch.allclose(out[b, n], ae.encode(frame)[0], atol=1e-6)
+    assert not torch.allclose(out, latents, atol=1e-2)
+    assert reencoder(ae, False) is None
 
 
 def test_pooled_colour_autoencoder_fits_colours():

@@ -165,3 +165,23 @@ def test_the_autoencoder_fit_shows_a_progress_bar(tmp_path, monkeypatch):
     OnlineTrainer(cfg, tmp_path / "r", log=lambda *_: None).train()
     drawn = "".join(terminal.text)
     assert "autoencoder fit" in drawn and re.search(r"\d\d:\d\d<(\d\d:\d\d|\?)", drawn)
+
+
+def test_sample_reencode_changes_what_later_windows_observe_not_the_first_window(run_dir):
+    """diffusion.sample_reencode, in `fastdiff sample`'s rollout and in the evaluation's continuations: the first
+    window (real context only) is the same video with and without it, later windows differ, as they observe the
+    autoencoder's round trip of the frames drawn instead of the sampled latents."""
+    from fastdiff.evaluate import EvalOptions, continuations, evaluation_clips
+
+    run = load_run(run_dir, device="cpu")
+    context = make_stream("balls-o", split="test").read(5)
+    opts = EvalOptions(clips=2, samples=1, length=16, sample_steps=4)
+    clips = evaluation_clips(run, opts.clips, opts.length)
+    videos = {}
+    for reencode in (False, True):
+        run.cfg.diffusion.sample_reencode = reencode
+        videos[reencode] = (sample_video(run, 16, context=context, options=SampleOptions(seed=1)).astype(int),
+                            continuations(run, clips, opts).astype(int))
+    for plain, reencoded in zip(videos[False], videos[True], strict=True):
+        assert np.array_equal(plain[..., :10, :, :, :], reencoded[..., :10, :, :, :])
+        assert not np.array_equal(plain[..., 10:, :, :, :], reencoded[..., 10:, :, :, :])

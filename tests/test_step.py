@@ -11,6 +11,7 @@ from test_train import _cfg, _params
 import fastdiff.step as step_module
 from fastdiff.cli import main
 from fastdiff.config import ConfigError
+from fastdiff.models.autoencoder import FrameAutoencoder
 from fastdiff.step import StepModeError
 from fastdiff.train import OnlineTrainer
 
@@ -158,12 +159,15 @@ def test_compiled_model_trains_like_eager(tmp_path):
     torch._dynamo.reset()
 
 
-def test_step_mode_refusals(tmp_path, capsys):
+def test_step_mode_refusals(tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError, match="cannot skip a non-finite step on the device"):
         _cfg(tmp_path, optim__name="adamw8bit-bnb", run__step="device")
     if not torch.cuda.is_available():
         with pytest.raises(StepModeError, match="CUDA graphs need a CUDA device"):
             OnlineTrainer(_cfg(tmp_path, run__step="graph"), tmp_path / "b", log=QUIET)
+        # the default preset fits an autoencoder for minutes first: the refusal comes before it
+        monkeypatch.setattr(FrameAutoencoder, "fit",
+                            lambda *a, **k: pytest.fail("the autoencoder was fitted before the refusal"))
         code = main(["train", "--out", str(tmp_path), "--set", "run.step=graph", "--no-progress"])
         assert code == 2 and "CUDA graphs need a CUDA device" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="teacher is replaced"):

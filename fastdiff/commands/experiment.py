@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     p.add_argument("--strategies", default="offline,er,none",
                    help="comma-separated: offline, er, none, full, gen-distill (default offline,er,none)")
-    p.add_argument("--preset", help="model preset (default: fits the machine)")
+    p.add_argument("--preset", help="model preset (default: fits the machine; on a CPU tiny, in pixels)")
     p.add_argument("--out", help="experiment directory (default runs/experiment-STREAM-FRAMES)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="config override (repeatable)")
     p.add_argument("--curve-points", type=int, default=8, help="milestones along the stream per run")

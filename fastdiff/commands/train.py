@@ -1,7 +1,7 @@
 """Train a video diffusion model online from a stream: one gradient step per arriving frame.
 
 With no arguments, trains on the generated Lifelong Bouncing Balls stream (balls-o) with the preset
-that fits this machine (`tiny` on a CPU). Every setting can come from a preset, a TOML file
+that fits this machine (`tiny-latent` on a CPU). Every setting can come from a preset, a TOML file
 (--config) and --set section.field=value, later ones winning; `--set` names are the fields of
 fastdiff/config.py, e.g. optim.lr=3e-4, replay.strategy=none, autoencoder.latent=none.
 
@@ -37,9 +37,10 @@ def add_arguments(p) -> None:
     p.add_argument("--minutes", type=float,
                    help="run.minutes: a wall-clock limit on the whole job (set-up, training, final sample), which "
                         "ends the run before --frames where the rest would not fit; 0: none. Default: the "
-                        "preset's (tiny: 9.5, for the default job's 10 minutes), or none where --frames is given")
-    p.add_argument("--preset", help="tiny (CPU default), small (~8M params), base (~75M), gpu-8gb, gpu-12gb, gpu-24gb, "
-                                    "h100; default: fits the machine")
+                        "preset's (tiny, tiny-latent: 9.5, for the default job's 10 minutes), or none where "
+                        "--frames is given")
+    p.add_argument("--preset", help="tiny-latent (CPU default), tiny (pixels), tiny-long, small (~8M params), base "
+                                    "(~75M), gpu-8gb, gpu-12gb, gpu-24gb, h100; default: fits the machine")
     p.add_argument("--strategy", choices=CHOICES["replay.strategy"],
                    help="replay strategy (replay.strategy); default er")
     p.add_argument("--step", choices=CHOICES["run.step"],

@@ -126,6 +126,21 @@ class PixelSpace(nn.Module):
         return unit_to_pixels(latents.clamp(-1, 1))
 
 
+def reencoder(ae, enabled: bool = True):
+    """The autoencoder's round trip for a rollout's observed frames (diffusion.sample_reencode), or None when not
+    `enabled`: latents (B, n, C, h, w) are decoded to uint8 frames and encoded again, so that a later window observes
+    the frames the video shows, encoded as a real frame is, not the sampler's latents."""
+    if not enabled:
+        return None
+
+    @torch.no_grad()
+    def observe(latents: torch.Tensor) -> torch.Tensor:
+        flat = latents.flatten(0, 1)
+        return ae.encode(ae.decode(flat)).view_as(latents)
+
+    return observe
+
+
 ENCODE_BATCH = 256  # frames per encoder call; fixed from each chunk's start, so a resumed chunk is bit-identical
 
 
