@@ -30,7 +30,7 @@ import torch
 from fastdiff import metrics, ops
 from fastdiff.config import DiffusionConfig
 from fastdiff.diffusion import Schedule, loss_at_levels, masked_diffusion_loss, observed_frames, predict_x0_eps, rollout
-from fastdiff.models.autoencoder import encode_frames, reencoder
+from fastdiff.models.autoencoder import encode_frames, rollout_space
 from fastdiff.sampling import LoadedRun
 
 QUARTERS = 4
@@ -147,8 +147,7 @@ def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.
     context = context.repeat_interleave(opts.samples, dim=0)
     diffusion = dataclasses.replace(run.cfg.diffusion, sample_steps=opts.sample_steps or run.cfg.diffusion.sample_steps)
     gen = torch.Generator(device=run.device).manual_seed(opts.seed + 1)
-    clip_x0 = 1.0 if run.cfg.autoencoder.latent == "none" else None
-    observe = reencoder(run.autoencoder, diffusion.sample_reencode)
+    space = rollout_space(run.autoencoder, diffusion.sample_reencode)
     out = []
     from tqdm import tqdm
 
@@ -158,8 +157,7 @@ def continuations(run: LoadedRun, clips: HeldoutClips, opts: EvalOptions) -> np.
             batch = context[i:i + opts.batch]
             count = len(batch)
             video = rollout(run.model, batch, opts.length, run.window, run.schedule, diffusion,
-                            generator=gen, clip_x0=clip_x0, on_frames=lambda n: bar.update(n * count),  # noqa: B023
-                            observe=observe)
+                            generator=gen, on_frames=lambda n: bar.update(n * count), **space)  # noqa: B023
             n, t = video.shape[:2]
             out.append(run.autoencoder.decode(video.flatten(0, 1)).view(n, t, *run.frame_shape).cpu().numpy())
     return np.concatenate(out).reshape(len(clips.frames), opts.samples, opts.length, *run.frame_shape)

@@ -17,7 +17,7 @@ from fastdiff.config import SAMPLE_MODES, Config
 from fastdiff.diffusion import Schedule, rollout_chunks
 from fastdiff.fifo import FifoPlan, default_partitions, fifo_frames
 from fastdiff.lora import FastLearner, remove_temporal_lora
-from fastdiff.models.autoencoder import encode_frames, reencoder
+from fastdiff.models.autoencoder import encode_frames, rollout_space
 from fastdiff.models.dit import VideoDiT
 from fastdiff.streams import make_stream, parse_stream_options
 
@@ -112,21 +112,20 @@ def generate_latents(run: LoadedRun, context: torch.Tensor, opts: SampleOptions,
                      generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Endless clean latent frames (B, C, H, W) continuing `context` (B, n, C, H, W). With a learner, every
     K/2 new frames are handed to it as a chunk (it adapts the temporal LoRA on previous + new chunk)."""
-    clip_x0 = 1.0 if run.cfg.autoencoder.latent == "none" else None
+    space = rollout_space(run.autoencoder, run.cfg.diffusion.sample_reencode)
     chunk = max(1, run.window // 2)
     if learner is not None:
         learner.previous = context[:, -chunk:]
     if opts.mode == "autoregressive":
         for new in rollout_chunks(run.model, context, run.window, run.schedule, run.cfg.diffusion,
-                                  generator=generator, clip_x0=clip_x0,
-                                  observe=reencoder(run.autoencoder, run.cfg.diffusion.sample_reencode)):
+                                  generator=generator, **space):
             if learner is not None:
                 learner.observe(new)
             yield from new.unbind(1)
         return
     pending = []
     for frame in fifo_frames(run.model, context, run.schedule, run.cfg.diffusion, fifo_plan(run, opts),
-                             generator=generator, clip_x0=clip_x0, warmup=opts.warmup):
+                             generator=generator, clip_x0=space["clip_x0"], warmup=opts.warmup):
         yield frame
         if learner is not None:
             pending.append(frame)

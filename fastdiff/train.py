@@ -23,7 +23,7 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.config import Config
 from fastdiff.diffusion import rollout
 from fastdiff.ingest import FrameFeed
-from fastdiff.models.autoencoder import reencoder
+from fastdiff.models.autoencoder import rollout_space
 from fastdiff.replay import merge_shards, resize_reservoir
 from fastdiff.step import OnlineStep, StepResult, check_mode
 from fastdiff.strategies import GenerativeDistillation, StreamBank
@@ -613,10 +613,8 @@ class OnlineTrainer:
         step = self.step
         gen = torch.Generator(device=self.device).manual_seed(seed)
         context = step.ring[-context_frames:][None]
-        clip_x0 = 1.0 if self.cfg.autoencoder.latent == "none" else None
-        video = rollout(step.ema, context, total, self.window, step.schedule, self.cfg.diffusion,
-                        generator=gen, clip_x0=clip_x0,
-                        observe=reencoder(self.autoencoder, self.cfg.diffusion.sample_reencode))
+        video = rollout(step.ema, context, total, self.window, step.schedule, self.cfg.diffusion, generator=gen,
+                        **rollout_space(self.autoencoder, self.cfg.diffusion.sample_reencode))
         return self.autoencoder.decode(video[0]).cpu().numpy()
 
     def write_samples(self, tag: str) -> Path | None:

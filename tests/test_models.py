@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace, pixels_to_unit, reencoder, unit_to_pixels
+from fastdiff.models.autoencoder import (
+    FrameAutoencoder,
+    PixelSpace,
+    pixels_to_unit,
+    reencoder,
+    rollout_space,
+    unit_to_pixels,
+)
 from fastdiff.models.dit import (
     LocalMixMLP,
     SpatialAttention,
@@ -303,6 +310,17 @@ def test_reencoder_is_the_autoencoders_round_trip_through_uint8_frames(pooled):
             assert torch.allclose(out[b, n], ae.encode(frame)[0], atol=1e-6)
     assert not torch.allclose(out, latents, atol=1e-2)
     assert reencoder(ae, False) is None
+
+
+def test_rollout_space_bounds_pixels_only_and_observes_through_the_round_trip_when_asked():
+    """A rollout in pixel space clips its clean estimates to [-1, 1]; a learned latent has no bound. `observe` is
+    the autoencoder's round trip exactly when diffusion.sample_reencode asks for it."""
+    ae = FrameAutoencoder(channels=4, factor=4, hidden=8).eval()
+    assert rollout_space(PixelSpace(), False) == {"clip_x0": 1.0, "observe": None}
+    assert rollout_space(ae, False) == {"clip_x0": None, "observe": None}
+    latents = torch.randn(1, 2, ae.channels, 4, 4)
+    observe = rollout_space(ae, True)["observe"]
+    assert torch.equal(observe(latents), reencoder(ae)(latents))
 
 
 def test_pooled_colour_autoencoder_fits_colours():

@@ -141,6 +141,13 @@ def reencoder(ae, enabled: bool = True):
     return observe
 
 
+def rollout_space(ae, reencode: bool) -> dict:
+    """The keywords a rollout in `ae`'s space takes (diffusion.rollout, rollout_chunks): `clip_x0`, the bound of a
+    clean sample (pixels lie in [-1, 1]; a learned latent has none), and `observe`, the round trip of
+    :func:`reencoder` when `reencode` (diffusion.sample_reencode)."""
+    return {"clip_x0": 1.0 if isinstance(ae, PixelSpace) else None, "observe": reencoder(ae, reencode)}
+
+
 ENCODE_BATCH = 256  # frames per encoder call; fixed from each chunk's start, so a resumed chunk is bit-identical
 
 
