@@ -101,7 +101,8 @@ class OnlineTrainer:
         buffer_plan = self._buffer_plan(stream_frames, saved[0] if saved else None, resize_buffer)
         if buffer_plan is not None:  # an impossible buffer is refused before the autoencoder is fitted
             build.check_memory(build.buffer_bytes(buffer_plan), "replay buffer", self.device)
-        check_mode(cfg, self.device, config.optimizer_name(cfg, self.device.type))  # so is a step it cannot take
+        optimizer_name = config.optimizer_name(cfg, self.device.type)
+        check_mode(cfg, self.device, optimizer_name)  # so is a step it cannot take
         if not resume:  # what the run is created with, kept in its config.json: the stream's length, the capacity
             cfg.run.stream_frames = stream_frames
             if buffer_plan is not None and cfg.replay.strategy != "full":
@@ -120,7 +121,7 @@ class OnlineTrainer:
         # --- the online step: model, EMA, optimizer, schedule, replay, live ring --------------------------------
         self.step = OnlineStep(
             cfg, build.model(cfg.model, self.latent_shape, self.window, self.device, cfg.diffusion),
-            optimizer_name=config.optimizer_name(cfg, self.device.type),
+            optimizer_name=optimizer_name,
             window=self.window, latent_shape=self.latent_shape, frame_shape=self.frame_shape, device=self.device,
             total_frames=self.total_frames, generator=generator,
             autocast=build.autocast_dtype(cfg.run.precision, self.device),
