@@ -12,7 +12,7 @@ import os
 import torch
 
 from fastdiff import host
-from fastdiff.config import AutoencoderConfig, Config, DiffusionConfig, ModelConfig, ReplayConfig
+from fastdiff.config import AutoencoderConfig, Config, DiffusionConfig, ModelConfig, ReplayConfig, resolve_precision
 from fastdiff.diffusion import Schedule
 from fastdiff.models.autoencoder import FrameAutoencoder, PixelSpace
 from fastdiff.models.dit import VideoDiT
@@ -42,9 +42,7 @@ def cpu_threads(requested: int) -> int | None:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """run.precision as the dtype autocast runs the model in (None: plain fp32)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    return torch.bfloat16 if resolve_precision(precision, device.type) == "bf16" else None
 
 
 def storage_dtype(device: torch.device) -> torch.dtype:

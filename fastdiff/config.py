@@ -89,6 +89,9 @@ class AutoencoderConfig:
     hidden: int = 32
     warmup_frames: int = 1000  # stream prefix the autoencoder is fitted on, then frozen
     fit_steps: int = 400
+    # A fitted autoencoder.pt (an earlier run's, of the same stream and these settings) to use instead of fitting
+    # one: runs that differ only after the fit (a sweep, the learning study) skip its minutes. "": fit.
+    load: str = ""
     fit_batch: int = 32
     lr: float = 2e-3
 
@@ -242,7 +245,7 @@ class RunConfig:
     augment: str = "none"
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on a CPU with native bf16, else fp32; resolve_precision)
     kernels: str = "auto"  # auto, triton, reference, sdpa, xformers (see kernels/dispatch.py)
     out: str = "runs"
     name: str = ""
@@ -309,14 +312,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 78% two-ball frames (85%), minADE 8.33 (8.23). Since 2026-12-06: a 9.5-minute limit on the whole job
     # (run.minutes), as the idle box ran 4,500 frames at 8 to 11 frames/s on different days and the final sample
     # takes 2-3 minutes: on a slow day the run ends earlier instead of running past the default job's 10 minutes
-    # (on the idle box on 2026-12-06: all 4,500 frames, 9:09 in all).
+    # (on the idle box on 2026-12-06: all 4,500 frames, 9:09 in all). run.precision is pinned to fp32, the precision
+    # every row of it was measured in (a CPU with bf16 instructions would otherwise take bf16: resolve_precision).
     "tiny": {
         "model": {"width": 96, "depth": 4, "heads": 3, "patch": 4, "pos_embed": "sincos", "frame_pos": True,
                   "local_mix": True},
         "autoencoder": {"latent": "none", "warmup_frames": 1000, "fit_steps": 400},
         "diffusion": {"prediction": "x0", "sample_steps": 20, "sample_frame_lag": 0.5, "ddim_eta": 1.0},
         "optim": {"lr": 2e-3, "warmup": 200, "cooldown": 1.0},
-        "run": {"frames": 4500, "minutes": 9.5, "checkpoint_every": 500, "sample_every": 1500},
+        "run": {"frames": 4500, "minutes": 9.5, "checkpoint_every": 500, "sample_every": 1500, "precision": "fp32"},
         "replay": {"live": 1, "replayed": 1, "fraction": 0.5},
     },
     "small": {
@@ -360,12 +364,17 @@ PRESETS["tiny-long"] = _extended(PRESETS["tiny"], {
 # "Colour in the latent"); at 6,500, 91-100% on four seeds of four (95.4% in the mean, against 83.8% at 4,500),
 # with a better forecast on every seed ("The spare minutes spent on frames"). Its colours are worse than pixels'
 # (ColorKL ~0.5 against ~0.02), so the balls-c experiment, which reads forgetting from colours, trains `tiny`
-# on a CPU (experiment.experiment_preset).
+# on a CPU (experiment.experiment_preset). Since 2026-12-08: run.precision=auto, so bf16 autocast where the CPU has
+# bf16 instructions (the linears in bf16, attention and the local mix in fp32; models.dit.cpu_autocast_fp32): at
+# 3,000 fixed frames on four seeds, 81.6% two-ball frames against fp32's 76.1% (paired -15 to +22 points, noise)
+# with a step 1.4-1.6x as fast at one thread (1.18x in the default job at two), and the default job trained 5,960
+# frames in 9:08 where fp32 trained 5,037 right after it on the same box (profiles/learning/README.md, "One window
+# a step, bf16 matmuls on a CPU"). `tiny` pins fp32.
 PRESETS["tiny-latent"] = _extended(PRESETS["tiny"], {
     "model": {"patch": 1},
     "autoencoder": {"latent": "ae", "colour": "pooled", "fit_steps": 1200},
     "diffusion": {"sample_steps": 10},
-    "run": {"frames": 6500},
+    "run": {"frames": 6500, "precision": "auto"},
 })
 
 # GPU presets: the fast path (bf16, fused 8-bit AdamW, compiled model, the step in one CUDA graph), sized with
@@ -521,6 +530,29 @@ def default_preset() -> str:
     return CPU_PRESET
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX): there oneDNN's bf16 matmuls took
+    0.37x the time of its fp32 ones on tiny-latent's shapes (2 threads). Without them bf16 is emulated, and slower
+    than fp32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID checks
+    try:
+        return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
+    except RuntimeError:
+        return False
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """run.precision with `auto` resolved: bf16 autocast on CUDA and on a CPU with native bf16 (cpu_has_native_bf16);
+    fp32 on other CPUs."""
+    if precision != "auto":
+        return precision
+    if device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16()):
+        return "bf16"
+    return "fp32"
+
+
 def optimizer_name(cfg: Config, device_type: str = "cuda") -> str:
     """optim.name with `auto` resolved. On a GPU: bitsandbytes' 8-bit AdamW for the eager step, ours for the
     sync-free one (it skips a non-finite step on the device). On a CPU: torch's fused AdamW, the fastest there
@@ -544,7 +576,7 @@ def validate(cfg: Config) -> None:
         "model.patch": cfg.model.patch, "autoencoder.channels": cfg.autoencoder.channels,
         "autoencoder.hidden": cfg.autoencoder.hidden, "autoencoder.colour_gain": cfg.autoencoder.colour_gain,
         "diffusion.timesteps": cfg.diffusion.timesteps,
-        "diffusion.sample_steps": cfg.diffusion.sample_steps, "replay.live": cfg.replay.live,
+        "diffusion.sample_steps": cfg.diffusion.sample_steps,
         "run.checkpoint_every": cfg.run.checkpoint_every, "run.keep_checkpoints": cfg.run.keep_checkpoints,
         "run.log_every": cfg.run.log_every, "run.sample_frames": cfg.run.sample_frames,
         "replay.teacher_every": cfg.replay.teacher_every, "replay.distill_steps": cfg.replay.distill_steps,
@@ -554,7 +586,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{dotted}: must be positive, got {value}")
     non_negative = {
         "run.frames": cfg.run.frames, "run.window": cfg.run.window, "run.sample_every": cfg.run.sample_every,
-        "run.stream_frames": cfg.run.stream_frames, "replay.replayed": cfg.replay.replayed,
+        "run.stream_frames": cfg.run.stream_frames, "replay.live": cfg.replay.live,
+        "replay.replayed": cfg.replay.replayed,
         "replay.windows": cfg.replay.windows, "autoencoder.warmup_frames": cfg.autoencoder.warmup_frames,
         "autoencoder.fit_steps": cfg.autoencoder.fit_steps, "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip, "diffusion.ddim_eta": cfg.diffusion.ddim_eta,
@@ -655,6 +688,10 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.diffusion.context_redraw <= 1.0:
         raise ConfigError(f"diffusion.context_redraw: must be in [0, 1], a share of the training windows; got "
                           f"{cfg.diffusion.context_redraw}")
+    if cfg.replay.live == 0 and (cfg.replay.strategy not in ("er", "full") or cfg.replay.replayed == 0):
+        raise ConfigError(f"replay.live=0 with replay.strategy={cfg.replay.strategy} and replay.replayed="
+                          f"{cfg.replay.replayed} not supported because the step's only windows are then drawn from "
+                          "the replay buffer: use replay.strategy=er or full with replay.replayed >= 1")
     if cfg.diffusion.foreground_weight < 0:
         raise ConfigError(f"diffusion.foreground_weight: must be >= 0; got {cfg.diffusion.foreground_weight}")
     if cfg.model.pixel_head < 0:

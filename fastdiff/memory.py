@@ -29,7 +29,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdiff.config import Config, optimizer_name
+from fastdiff.config import Config, optimizer_name, resolve_precision
 from fastdiff.models.dit import overlap_margin
 
 ACTIVATION_BYTES = {"fp32": 124.0, "bf16": 87.0}
@@ -66,9 +66,7 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
     h, w = frame_hw[0] // factor, frame_hw[1] // factor
     patches = (h // cfg.model.patch) * (w // cfg.model.patch)
     params = dit_parameters(cfg, channels, patches, window)
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device_type == "cuda" else "fp32"
+    precision = resolve_precision(cfg.run.precision, device_type)
     optimizer = optimizer_name(cfg, device_type)
     batch = cfg.replay.live + cfg.replay.replayed
     tokens = batch * window * patches
@@ -88,7 +86,7 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
         capacity = cfg.replay.windows or max(1, round(cfg.replay.fraction * stream_frames / window))
         buffer_bytes = 0 if cfg.replay.strategy in ("none", "offline", "gen-distill") else (
             (capacity + 1) * window * (frame_hw[0] * frame_hw[1] * 3 if cfg.replay.storage == "pixel" else latent))
-    ring = (window + cfg.replay.live - 1) * (channels * h * w * 4 + frame_hw[0] * frame_hw[1] * 3)
+    ring = (window + max(cfg.replay.live, 1) - 1) * (channels * h * w * 4 + frame_hw[0] * frame_hw[1] * 3)
     out = {
         "parameters_M": params / 1e6,
         "weights_ema_grads": params * 12 / MiB,

@@ -102,7 +102,7 @@ class OnlineStep:
         self.train_model = world.wrap(model, train_model, cfg.run.compile) if world is not None else train_model
 
         # --- the step's own state: every tensor the (captured) body reads or writes ------------------------------
-        live_frames = window + cfg.replay.live - 1
+        live_frames = window + max(cfg.replay.live, 1) - 1  # replay.live=0 still inserts the newest window
         self.ring = torch.zeros((live_frames, *latent_shape), device=device)
         self.ring_pixels = torch.zeros((live_frames, *frame_shape), dtype=torch.uint8, device=device)
         self.frames = torch.zeros((), dtype=torch.long, device=device)  # frames ingested, on the device
@@ -156,6 +156,8 @@ class OnlineStep:
     def live_windows(self) -> torch.Tensor:
         """The replay.live newest windows (live, K, C, h, w), newest last."""
         k, n = self.window, self.cfg.replay.live
+        if n == 0:  # replay only: every window of the batch comes from the buffer
+            return self.ring[-k:].unsqueeze(0)[:0]
         return torch.stack([self.ring[i : i + k] for i in range(n)])
 
     def batch(self, live: torch.Tensor) -> torch.Tensor:
@@ -172,7 +174,7 @@ class OnlineStep:
             return live[-1:].expand(r.live + r.replayed, *live.shape[1:])
         if r.replayed == 0:
             return live
-        fallback = self.ring_pixels[-self.window :] if r.storage == "pixel" else live[-1]
+        fallback = self.ring_pixels[-self.window :] if r.storage == "pixel" else self.ring[-self.window :]
         replayed = self.buffer.sample(r.replayed, self.generator, fallback)
         if r.storage == "pixel":
             replayed = encode_frames(self.autoencoder, replayed)

@@ -158,6 +158,18 @@ class OnlineTrainer:
             if not path.exists():
                 raise ckpt.CheckpointError(f"{path} is missing: cannot resume a latent run without its autoencoder")
             return build.load_autoencoder(ae_cfg, path, self.device)
+        if ae_cfg.load:
+            if not Path(ae_cfg.load).is_file():
+                raise ValueError(f"autoencoder.load: {ae_cfg.load} is not a file (an earlier run's "
+                                        "autoencoder.pt)")
+            try:
+                ae = build.load_autoencoder(ae_cfg, ae_cfg.load, self.device)
+            except RuntimeError as error:  # another width, channel count or colour code
+                raise ValueError(f"autoencoder.load: {ae_cfg.load} does not fit this run's autoencoder settings "
+                                 f"(hidden, channels, factor, colour): {error}") from error
+            self.log(f"autoencoder loaded from {ae_cfg.load} (not fitted)")
+            ckpt.atomic_torch_save(ae.state_dict(), path)
+            return ae
         ae = build.autoencoder(ae_cfg, self.device)
         prefix = first_frames[: ae_cfg.warmup_frames]
         self.log(f"fitting the frame autoencoder on {len(prefix)} warm-up frames ({ae_cfg.fit_steps} steps)")
@@ -171,7 +183,8 @@ class OnlineTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
             mse = ae.fit(prefix, steps=ae_cfg.fit_steps, batch=ae_cfg.fit_batch, lr=ae_cfg.lr, generator=gen,
-                         device=self.device, progress=progress)
+                         device=self.device, progress=progress,
+                         autocast=build.autocast_dtype(self.cfg.run.precision, self.device))
         self.log(f"autoencoder frozen: reconstruction MSE {mse:.5f} (pixels in [-1, 1])")
         ckpt.atomic_torch_save(ae.state_dict(), path)
         return ae

@@ -87,7 +87,8 @@ def test_tiny_long_is_tiny_with_the_measured_long_run_changes():
 
 def test_tiny_latent_is_tiny_with_the_measured_latent_changes_and_the_cpu_default(monkeypatch):
     """tiny-latent (the default job on a CPU) is `tiny` with exactly the measured changes: the pooled-colour latent
-    in 1x1 patches, a 1,200-step fit, 10 sampler steps, 6,500 frames; on a machine without a GPU it is the default
+    in 1x1 patches, a 1,200-step fit, 10 sampler steps, 6,500 frames, and bf16 where the CPU has it (`tiny` pins
+    fp32, the precision its rows and the experiment were measured in); on a machine without a GPU it is the default
     preset of `fastdiff train`, while `fastdiff experiment` (colours are what balls-c forgets) trains `tiny`."""
     from dataclasses import asdict
 
@@ -100,7 +101,26 @@ def test_tiny_latent_is_tiny_with_the_measured_latent_changes_and_the_cpu_defaul
                for key in fields if fields[key] != tiny[section][key]}
     assert changed == {("model", "patch"): 1, ("autoencoder", "latent"): "ae", ("autoencoder", "colour"): "pooled",
                        ("autoencoder", "fit_steps"): 1200, ("diffusion", "sample_steps"): 10,
-                       ("run", "frames"): 6500}
+                       ("run", "frames"): 6500, ("run", "precision"): "auto"}
+    assert tiny["run"]["precision"] == "fp32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert build_config(None).preset == "tiny-latent"
     assert experiment_preset() == "tiny"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16_only(monkeypatch, native):
+    """run.precision=auto: bf16 on CUDA; on a CPU, bf16 only where it has bf16 instructions (emulated bf16 is slower
+    than fp32); explicit choices are kept; the trainer's autocast and the memory estimate resolve it alike."""
+    import torch
+
+    from fastdiff import build, config, memory
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    assert config.resolve_precision("auto", "cuda") == "bf16"
+    assert config.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert config.resolve_precision("fp32", "cuda") == "fp32" and config.resolve_precision("bf16", "cpu") == "bf16"
+    assert build.autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    cfg = build_config("tiny-latent")
+    copies = memory.estimate(cfg, (32, 32), 10, "cpu")["autocast_copies"]
+    assert (copies > 0) == native

@@ -1,7 +1,11 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastdiff.models import dit
 from fastdiff.models.autoencoder import (
     FrameAutoencoder,
     PixelSpace,
@@ -179,12 +183,71 @@ def test_depthwise_conv3d_matches_conv3d_forward_and_backward(kernel, with_bias)
         torch.testing.assert_close(depthwise_conv3d(volume, weight, bias, padding), reference.detach())
     with pytest.raises(ValueError, match="keeps the size"):
         depthwise_conv3d(volume, weight, bias, (0, 0, 0))
-    # under bf16 autocast (the CPU bf16 benchmark) it trains as F.conv3d does
+    # under CPU bf16 autocast it runs in fp32 (cpu_autocast_fp32): the fp32 result, and fp32 gradients
     leaf = volume.detach().float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = depthwise_conv3d(leaf, weight.detach().float(), None, padding)
-    out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and leaf.grad.dtype == torch.float32
+    out.sum().backward()
+    assert out.dtype == torch.float32 and leaf.grad.dtype == torch.float32
+    torch.testing.assert_close(out, F.conv3d(leaf.detach(), weight.detach().float(), None, padding=padding, groups=c))
+
+
+class _OpDtypes(TorchDispatchMode):
+    """The dtype of the first tensor argument of every aten op dispatched, by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: dict[str, set[torch.dtype]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is not None:
+            self.dtypes.setdefault(func.overloadpacket.__name__, set()).add(first.dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def _dit_output_and_grads(model, x, t, observed, grad_out, autocast):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, t, observed)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach().double()] + [p.grad.double() for p in model.parameters()]
+
+
+def test_cpu_bf16_autocast_runs_the_matmuls_in_bf16_and_attention_and_local_mix_in_fp32(monkeypatch):
+    """run.precision=bf16 on a CPU: the linears run in bf16, the spatial attention and the local mix's depthwise
+    convolution in fp32 (their bf16 CPU kernels are slower than fp32's). Output and every parameter gradient
+    against the fp32 model (its error is ~1e-7, bf16's ~1e-2; the timestep embedding is fp32 by design, so there
+    is no float64 model): within 2x the error of PyTorch's plain bf16 autocast of the same model."""
+    torch.manual_seed(3)
+    model = VideoDiT(4, 8, 8, 10, width=64, depth=2, heads=2, pos_embed="sincos", local_mix=True)
+    with torch.no_grad():  # away from the zero init, so that every path carries signal
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 10, 4, 8, 8)
+    t = torch.randint(0, 1000, (2, 10)).float()
+    observed = torch.rand(2, 10) < 0.4
+    grad_out = torch.randn_like(x)
+    reference = _dit_output_and_grads(copy.deepcopy(model), x, t, observed, grad_out, autocast=False)
+    recorder = _OpDtypes()
+    with recorder:
+        ours = _dit_output_and_grads(model, x, t, observed, grad_out, autocast=True)
+    dtypes = recorder.dtypes
+    attention = [name for name in dtypes if "scaled_dot_product" in name]
+    assert attention and all(dtypes[name] == {torch.float32} for name in attention), {n: dtypes[n] for n in attention}
+    assert dtypes["convolution"] == {torch.float32}
+    assert torch.bfloat16 in dtypes["addmm"] | dtypes.get("mm", set())
+    # PyTorch's own bf16: every op as autocast casts it, the depthwise convolution F.conv3d's
+    monkeypatch.setattr(dit, "cpu_autocast_fp32", lambda fn, *tensors: fn(*tensors))
+    monkeypatch.setattr(dit._DepthwiseConv3d, "apply",
+                        lambda v, w, b, padding: F.conv3d(v, w, b, padding=padding, groups=w.shape[0]))
+    plain = _dit_output_and_grads(model, x, t, observed, grad_out, autocast=True)
+
+    def error(got):
+        return max(((g - r).norm() / r.norm()).item() for g, r in zip(got, reference))
+
+    assert error(ours) <= 2 * error(plain), (error(ours), error(plain))
+    assert error(ours) < 0.05
 
 
 def test_dit_rejects_bad_shapes():
@@ -273,6 +336,24 @@ def test_pooled_colour_latent_is_a_colour_blind_code_plus_block_means():
         raw = z[name][:, 4:] * ae.scale[4:, None, None] + ae.shift[4:, None, None]
         torch.testing.assert_close(raw, means, rtol=0, atol=1e-5)
     assert float((z["red"] - z["green"])[:, 4:].abs().amax()) > 0.5
+
+
+def test_autoencoder_fit_runs_its_forward_in_the_autocast_dtype_and_keeps_fp32_statistics():
+    """fit(autocast=bf16), as a bf16 run fits it: the training convolutions run in bf16, the latents' shift and
+    scale and the returned MSE are computed in fp32 after it (they normalise every latent the DiT sees)."""
+    import numpy as np
+
+    frames = np.random.default_rng(1).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
+    for autocast, expected in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+        ae = FrameAutoencoder(channels=4, factor=4, hidden=8)
+        recorder = _OpDtypes()
+        with recorder:
+            ae.fit(frames, steps=2, batch=8, lr=1e-3, generator=torch.Generator().manual_seed(0),
+                   device=torch.device("cpu"), autocast=autocast)
+        assert expected in recorder.dtypes["convolution"]
+        assert ae.shift.dtype == ae.scale.dtype == torch.float32
+        z = ae.encode(torch.from_numpy(frames))  # normalised by the fit's statistics, to fp32's precision
+        torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
 
 
 def test_the_config_builds_the_pooled_colour_autoencoder_and_its_latent_shape():

@@ -50,6 +50,34 @@ def test_offline_trains_on_the_whole_stream_not_the_prefix(tmp_path):
     assert batch.shape[0] == 1 + 2
 
 
+def test_replay_only_steps_draw_every_window_from_the_buffer(tmp_path):
+    """replay.live=0: one step per frame as before (the newest window still enters the buffer), but every window
+    of the batch is a stored one; before anything is stored, the newest window stands in."""
+    trainer = OnlineTrainer(_cfg(tmp_path, run__frames=40, replay__live=0, replay__replayed=2), tmp_path / "run",
+                            log=QUIET)
+    step = trainer.step
+    assert step.live_frames == 10  # the ring holds one window: the one inserted after each step
+    while not step.ready:
+        trainer.advance()
+    first = step.batch(step.live_windows())  # the buffer is still empty
+    assert first.shape[0] == 2 and torch.equal(first, step.ring[None].expand(2, *step.ring.shape))
+    summary = trainer.train()
+    assert summary["steps"] == 40 - 10 + 1 and summary["skipped_steps"] == 0
+    stored = step.buffer.windows[step.buffer.starts >= 0]
+    batch = step.batch(step.live_windows())
+    assert batch.shape[0] == 2
+    for window in batch:
+        assert any(torch.equal(window, s.float()) for s in stored)
+    newest = step.ring
+    assert any(torch.equal(newest, s.float()) for s in stored)  # the newest window entered the buffer
+
+
+@pytest.mark.parametrize("strategy, replayed", [("none", 1), ("offline", 1), ("gen-distill", 1), ("er", 0)])
+def test_replay_only_needs_a_buffer_to_draw_from(tmp_path, strategy, replayed):
+    with pytest.raises(ConfigError, match="replay.live=0 .* not supported because"):
+        _cfg(tmp_path, replay__live=0, replay__replayed=replayed, replay__strategy=strategy)
+
+
 def test_gen_distill_replays_teacher_windows_and_targets_its_prediction(tmp_path, monkeypatch):
     trainer = OnlineTrainer(_cfg(tmp_path, run__frames=24, replay__strategy="gen-distill", replay__teacher_every=12),
                             tmp_path / "run", log=QUIET)

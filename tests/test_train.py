@@ -10,6 +10,7 @@ from fastdiff import evaluate
 from fastdiff.cli import main
 from fastdiff.config import build_config
 from fastdiff.metrics import rescore_colour_kl
+from fastdiff.models.autoencoder import FrameAutoencoder
 from fastdiff.train import OnlineTrainer
 
 # A trainer small enough for a few seconds on 2 cores: 64-wide DiT, 2 heads of 32, 16-frame AE fit.
@@ -47,6 +48,46 @@ def test_run_directory_holds_everything(tmp_path):
     for name in ("final-frame00000030.png", "final-frame00000030.gif"):
         assert (run_dir / "samples" / name).stat().st_size > 0
     assert (run_dir / "autoencoder.pt").exists()
+
+
+def test_a_fitted_autoencoder_is_loaded_instead_of_fitted(tmp_path, monkeypatch):
+    """autoencoder.load: a second run of the same stream takes the first run's fitted autoencoder and does not fit;
+    one of other settings, or a missing file, is refused by name."""
+    first = tmp_path / "first"
+    OnlineTrainer(_cfg(tmp_path, run__frames=12), first, log=lambda *_: None).train()
+    fitted = torch.load(first / "autoencoder.pt", weights_only=True)
+
+    def no_fit(*_, **__):
+        raise AssertionError("fitted although autoencoder.load names a fitted one")
+
+    monkeypatch.setattr(FrameAutoencoder, "fit", no_fit)
+    logged = []
+    second = OnlineTrainer(_cfg(tmp_path, run__frames=12, autoencoder__load=first / "autoencoder.pt"),
+                           tmp_path / "second", log=logged.append)
+    assert any("autoencoder loaded from" in line for line in logged)
+    for name, value in torch.load(tmp_path / "second" / "autoencoder.pt", weights_only=True).items():
+        assert torch.equal(value, fitted[name])
+        assert torch.equal(second.autoencoder.state_dict()[name], value)
+    with pytest.raises(ValueError, match="does not fit this run's autoencoder settings"):
+        OnlineTrainer(_cfg(tmp_path, run__frames=12, autoencoder__hidden=8, autoencoder__load=first / "autoencoder.pt"),
+                      tmp_path / "third", log=lambda *_: None)
+    with pytest.raises(ValueError, match="is not a file"):
+        OnlineTrainer(_cfg(tmp_path, run__frames=12, autoencoder__load=tmp_path / "missing.pt"),
+                      tmp_path / "fourth", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", None)])
+def test_the_autoencoder_is_fitted_in_the_runs_precision(tmp_path, monkeypatch, precision, dtype):
+    seen = []
+    fit = FrameAutoencoder.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen.append(kwargs.get("autocast"))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(FrameAutoencoder, "fit", recording_fit)
+    OnlineTrainer(_cfg(tmp_path, run__frames=12, run__precision=precision), tmp_path / "run", log=lambda *_: None)
+    assert seen == [dtype]
 
 
 def _stop_at(trainer, frames):

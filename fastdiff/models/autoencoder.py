@@ -72,8 +72,9 @@ class FrameAutoencoder(nn.Module):
         return unit_to_pixels(self.decoder(z).clamp(-1, 1))
 
     def fit(self, frames: np.ndarray, *, steps: int, batch: int, lr: float, generator: torch.Generator,
-            device: torch.device, progress=None) -> float:
-        """Fit on uint8 frames (N, H, W, 3); returns the final reconstruction MSE in [-1,1] units."""
+            device: torch.device, progress=None, autocast: torch.dtype | None = None) -> float:
+        """Fit on uint8 frames (N, H, W, 3); returns the final reconstruction MSE in [-1,1] units. `autocast`: the
+        dtype the fit's forward runs in (None: fp32); the latents' statistics and the returned MSE are fp32's."""
         self.train()
         data = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
@@ -86,7 +87,8 @@ class FrameAutoencoder(nn.Module):
         for step in range(steps):
             idx = torch.randint(0, len(data), (min(batch, len(data)),), generator=generator).to(device)
             x = pixels_to_unit(data[idx])
-            recon = self.decoder(self._raw_encode(x))
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                recon = self.decoder(self._raw_encode(x)).float()
             # Balls are small bright blobs on black: weight error on lit pixels so they are not averaged away.
             weight = 1.0 + 4.0 * (x.amax(dim=1, keepdim=True) > -0.9).float()
             loss = (weight * (recon - x).pow(2)).mean()

@@ -72,6 +72,24 @@ def grid_offsets(grid: tuple[int, int]) -> torch.Tensor:
     return d_row * (2 * grid[1] - 1) + d_col
 
 
+def cpu_autocast_fp32(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors), in fp32 with autocast off where a CPU bf16 autocast region is on; elsewhere fn(*tensors).
+
+    Why: on a CPU under bf16 autocast the matmuls took 0.37x their fp32 time (AVX512-BF16, 2 threads), but
+    PyTorch's bf16 CPU kernels for the spatial attention's backward and the depthwise convolution's backward take
+    3-4x their fp32 time at `tiny-latent`'s training size, more than the matmuls save (2 threads). So on a CPU
+    only the matmuls run in bf16."""
+    if tensors[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return fn(*tensors)
+    with torch.autocast("cpu", enabled=False):
+        return fn(*(t if t is None else t.float() for t in tensors))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention with an optional additive bias, as cpu_autocast_fp32 calls it."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 class SpatialAttention(nn.Module):
     """Attention over the S tokens of every frame; with `joint`, over all K * S tokens of the clip at once, so that a
     token reaches another frame's tokens at other places in one hop (a moving ball), at (K * S)^2 cost.
@@ -114,7 +132,7 @@ class SpatialAttention(nn.Module):
             if bias.shape[-1] != s:
                 raise ValueError(f"spatial attention bias built for {bias.shape[-1]} tokens per frame, got {s}")
             bias = bias.to(qkv.dtype)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)  # (groups, H, length, Dh)
+        out = cpu_autocast_fp32(attend, qkv[0], qkv[1], qkv[2], bias)  # (groups, H, length, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, k, s, d))
 
 
@@ -184,16 +202,16 @@ def depthwise_conv3d(volume: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     more than 10 times its forward for `tiny`'s local mix (bench/bench_local_mix.py); written as two more
     convolutions, forward + backward is 2-2.4 times faster at 2 windows (about 8% of a `tiny` training step at one
     thread; at 24 windows only 6%, as the weight gradient's grouped convolution grows with the batch).
-    Elsewhere (CUDA: cuDNN's own depthwise backward; no gradient needed; bf16 autocast on a CPU) this is F.conv3d."""
+    Elsewhere (CUDA: cuDNN's own depthwise backward; no gradient needed) this is F.conv3d. Under CPU bf16 autocast
+    it runs in fp32 (cpu_autocast_fp32)."""
     if any(2 * p + 1 != k for p, k in zip(padding, weight.shape[2:])):
         raise ValueError(f"depthwise_conv3d keeps the size: padding {padding} must be kernel "
                          f"{tuple(weight.shape[2:])} // 2")
     plain = (volume.device.type != "cpu" or not torch.is_grad_enabled()
-             or not (volume.requires_grad or weight.requires_grad)
-             or torch.is_autocast_enabled("cpu"))  # autocast casts F.conv3d's inputs, and PyTorch's backward follows
+             or not (volume.requires_grad or weight.requires_grad))
     if plain:
         return F.conv3d(volume, weight, bias, padding=padding, groups=weight.shape[0])
-    return _DepthwiseConv3d.apply(volume, weight, bias, tuple(padding))
+    return cpu_autocast_fp32(lambda v, w, b: _DepthwiseConv3d.apply(v, w, b, tuple(padding)), volume, weight, bias)
 
 
 class LocalMixMLP(nn.Module):
