@@ -160,8 +160,7 @@ class OnlineTrainer:
             return build.load_autoencoder(ae_cfg, path, self.device)
         if ae_cfg.load:
             if not Path(ae_cfg.load).is_file():
-                raise ValueError(f"autoencoder.load: {ae_cfg.load} is not a file (an earlier run's "
-                                        "autoencoder.pt)")
+                raise ValueError(f"autoencoder.load: {ae_cfg.load} is not a file (an earlier run's autoencoder.pt)")
             try:
                 ae = build.load_autoencoder(ae_cfg, ae_cfg.load, self.device)
             except RuntimeError as error:  # another width, channel count or colour code
