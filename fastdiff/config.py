@@ -530,6 +530,12 @@ def default_preset() -> str:
     return CPU_PRESET
 
 
+def live_ring_frames(replay: ReplayConfig, window: int) -> int:
+    """Frames the step's live ring holds: its replay.live newest windows, overlapping; one window with replay.live=0,
+    whose newest window still enters the buffer after every step."""
+    return window + max(replay.live, 1) - 1
+
+
 def cpu_has_native_bf16() -> bool:
     """True where this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX): there oneDNN's bf16 matmuls took
     0.37x the time of its fp32 ones on tiny-latent's shapes (2 threads). Without them bf16 is emulated, and slower

@@ -29,7 +29,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdiff.config import Config, optimizer_name, resolve_precision
+from fastdiff.config import Config, live_ring_frames, optimizer_name, resolve_precision
 from fastdiff.models.dit import overlap_margin
 
 ACTIVATION_BYTES = {"fp32": 124.0, "bf16": 87.0}
@@ -86,7 +86,7 @@ def estimate(cfg: Config, frame_hw: tuple[int, int], window: int, device_type: s
         capacity = cfg.replay.windows or max(1, round(cfg.replay.fraction * stream_frames / window))
         buffer_bytes = 0 if cfg.replay.strategy in ("none", "offline", "gen-distill") else (
             (capacity + 1) * window * (frame_hw[0] * frame_hw[1] * 3 if cfg.replay.storage == "pixel" else latent))
-    ring = (window + max(cfg.replay.live, 1) - 1) * (channels * h * w * 4 + frame_hw[0] * frame_hw[1] * 3)
+    ring = live_ring_frames(cfg.replay, window) * (channels * h * w * 4 + frame_hw[0] * frame_hw[1] * 3)
     out = {
         "parameters_M": params / 1e6,
         "weights_ema_grads": params * 12 / MiB,

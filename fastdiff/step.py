@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.augment import symmetry_augment
-from fastdiff.config import DEVICE_SKIP_OPTIMIZERS, Config
+from fastdiff.config import DEVICE_SKIP_OPTIMIZERS, Config, live_ring_frames
 from fastdiff.diffusion import Schedule, training_loss
 from fastdiff.models.autoencoder import encode_frames
 from fastdiff.optim import build_optimizer
@@ -102,7 +102,7 @@ class OnlineStep:
         self.train_model = world.wrap(model, train_model, cfg.run.compile) if world is not None else train_model
 
         # --- the step's own state: every tensor the (captured) body reads or writes ------------------------------
-        live_frames = window + max(cfg.replay.live, 1) - 1  # replay.live=0 still inserts the newest window
+        live_frames = live_ring_frames(cfg.replay, window)
         self.ring = torch.zeros((live_frames, *latent_shape), device=device)
         self.ring_pixels = torch.zeros((live_frames, *frame_shape), dtype=torch.uint8, device=device)
         self.frames = torch.zeros((), dtype=torch.long, device=device)  # frames ingested, on the device

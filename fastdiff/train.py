@@ -112,8 +112,9 @@ class OnlineTrainer:
         generator = torch.Generator(device=self.device).manual_seed(self.world.rank_seed(cfg.run.seed))
         self.feed = FrameFeed(self.stream, None, self.device, async_read=cfg.run.async_ingest)
         first_frames = self.feed.read_first(cfg.autoencoder.warmup_frames)
+        autocast = build.autocast_dtype(cfg.run.precision, self.device)  # the autoencoder's fit and the step's
         with self.world.main_first():  # rank 0 fits and saves the autoencoder, the other ranks load it
-            self.autoencoder = self._fitted_autoencoder(resume, first_frames)
+            self.autoencoder = self._fitted_autoencoder(resume, first_frames, autocast)
         self.feed.autoencoder = self.autoencoder
         self.feed.encode_first()
         self.latent_shape = build.latent_shape(cfg.autoencoder, self.frame_shape[:2])
@@ -124,7 +125,7 @@ class OnlineTrainer:
             optimizer_name=optimizer_name,
             window=self.window, latent_shape=self.latent_shape, frame_shape=self.frame_shape, device=self.device,
             total_frames=self.total_frames, generator=generator,
-            autocast=build.autocast_dtype(cfg.run.precision, self.device),
+            autocast=autocast,
             buffer=self._replay_buffer(buffer_plan),
             bank=self._offline_bank(stream_spec, stream_seed, stream_frames) if cfg.replay.strategy == "offline"
             else None,
@@ -149,7 +150,7 @@ class OnlineTrainer:
             write_config(cfg, self.run_dir)  # with the resolved stream length and buffer capacity
 
     # --- set-up helpers ------------------------------------------------------------------------------------------
-    def _fitted_autoencoder(self, resume: bool, first_frames: np.ndarray):
+    def _fitted_autoencoder(self, resume: bool, first_frames: np.ndarray, autocast: torch.dtype | None):
         ae_cfg = self.cfg.autoencoder
         path = self.run_dir / "autoencoder.pt"
         if ae_cfg.latent == "none":
@@ -182,8 +183,7 @@ class OnlineTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
             mse = ae.fit(prefix, steps=ae_cfg.fit_steps, batch=ae_cfg.fit_batch, lr=ae_cfg.lr, generator=gen,
-                         device=self.device, progress=progress,
-                         autocast=build.autocast_dtype(self.cfg.run.precision, self.device))
+                         device=self.device, progress=progress, autocast=autocast)
         self.log(f"autoencoder frozen: reconstruction MSE {mse:.5f} (pixels in [-1, 1])")
         ckpt.atomic_torch_save(ae.state_dict(), path)
         return ae
